@@ -1,0 +1,318 @@
+"""Typed configuration: dataclasses loaded from YAML, with dotted overrides from the command line.
+
+    cfg = load_config("configs/tiny.yaml", ["train.max_steps=20", "model.memory.kind=rmt"])
+
+Every field is declared once, with its type and a docstring-style comment; the loader checks that each YAML key
+exists and each value has the declared type, then `Config.validate()` checks the values against each other. Any
+failure raises `ConfigError` with one line that names the key and the fix. This module imports no torch, so
+`memscale --help` and config validation stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+MemoryKindName = Literal["none", "rmt", "xl", "memformer", "lamemo", "infinity"]
+MemoryGrad = Literal["detached", "truncated", "replay"]
+DataSource = Literal["corpus", "copy", "reverse", "assoc"]
+
+# Kinds whose memory carries gradient from one segment to the next (global topology, DESIGN.md §2). The per-layer
+# kinds (xl, lamemo, infinity) detach their memory by construction, as in their papers.
+GRAD_CARRYING_KINDS = ("rmt", "memformer")
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class MemoryConfig:
+    kind: MemoryKindName = "none"
+    """Memory mechanism: none (control), rmt, xl, memformer, lamemo, infinity."""
+    num_tokens: int = 16
+    """rmt: memory tokens K; memformer: memory slots K."""
+    mem_len: int = 0
+    """xl / lamemo / infinity (short-term part): cached positions per layer; 0 means `data.segment_len`."""
+    clamp_len: int = -1
+    """xl / lamemo: relative distances beyond this are clamped (-1: no clamp), as in Transformer-XL."""
+    write_temperature: float = 0.5
+    """memformer: softmax temperature of the slot-attention write (< 1 sharpens, as in the paper)."""
+    num_basis: int = 128
+    """infinity: number N of Gaussian radial basis functions of the long-term memory."""
+    ridge_lambda: float = 0.5
+    """infinity: ridge penalty of the basis fit (official code default)."""
+    tau: float = 0.75
+    """infinity: fraction of [0, 1] given to the compressed old signal when new states are appended."""
+    sticky: bool = True
+    """infinity: sample the old signal at positions drawn from the previous attention density (sticky memories)."""
+    num_samples: int = 512
+    """infinity: how many points of the old signal are resampled when the memory is updated."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 16000
+    """Vocabulary size; must equal the tokenizer's (checked when training starts)."""
+    d_model: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    d_ff: int = 0
+    """MLP hidden width; 0 means 4 x d_model."""
+    max_segment_len: int = 0
+    """Size of the learned position table; 0 means `data.segment_len`."""
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/bundled"
+    """Prepared data directory (from `memscale data prepare`): tokenizer.model, train/ and val/ shards."""
+    source: DataSource = "corpus"
+    """corpus: the token shards in `dir`; copy / reverse / assoc: synthetic memory tasks."""
+    segment_len: int = 512
+    num_streams: int = 4
+    """Parallel document streams per rank (the batch size of one segment step)."""
+    num_workers: int = 0
+    """Loader worker processes reading shards (0: read in the training process)."""
+    seed: int = 0
+    task_segments: int = 8
+    """Synthetic tasks: segments per example (information early, question late)."""
+    task_vocab: int = 32
+    """Synthetic tasks: number of distinct symbols."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    bptt_segments: int = 2
+    """Segments per optimizer step; with memory_grad=truncated or replay, gradient crosses all of them."""
+    memory_grad: MemoryGrad = "detached"
+    """detached: no gradient across segments; truncated: BPTT within the window; replay: BPTT by memory replay."""
+    eval_every: int = 50
+    eval_segments: int = 16
+    """Segment steps of held-out data per validation (over all streams)."""
+    log_every: int = 10
+    out_dir: str = "runs/default"
+    overwrite: bool = False
+    """Allow writing into a non-empty out_dir (otherwise the run refuses, so nothing is overwritten)."""
+    seed: int = 1234
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "cpu"
+    threads: int = 0
+    """torch intra-op threads; 0 leaves torch's default."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero_stage: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> Config:
+        m, d, t, p, mem = self.model, self.data, self.train, self.parallel, self.model.memory
+        _positive(d.segment_len, "data.segment_len", "use a positive segment length, e.g. 512")
+        _positive(d.num_streams, "data.num_streams", "use at least one stream")
+        _positive(m.d_model, "model.d_model", "use a positive width")
+        _positive(m.num_layers, "model.num_layers", "use at least one layer")
+        _positive(m.num_heads, "model.num_heads", "use at least one head")
+        _positive(m.vocab_size, "model.vocab_size", "match the tokenizer's vocabulary")
+        _positive(t.max_steps, "train.max_steps", "train for at least one step")
+        _positive(t.bptt_segments, "train.bptt_segments", "use at least one segment per step")
+        _positive(t.eval_segments, "train.eval_segments", "evaluate on at least one segment")
+        _positive(t.log_every, "train.log_every", "log at least every N steps with N >= 1")
+        if m.d_model % m.num_heads:
+            raise ConfigError(f"model.num_heads={m.num_heads} must divide model.d_model={m.d_model}")
+        if m.max_segment_len and m.max_segment_len < d.segment_len:
+            raise ConfigError(
+                f"model.max_segment_len={m.max_segment_len} is smaller than data.segment_len={d.segment_len}: "
+                "raise it or set it to 0"
+            )
+        if d.num_workers < 0:
+            raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
+        if not 0.0 <= m.dropout < 1.0:
+            raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+        if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+            raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+        if t.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+        if mem.kind in ("rmt", "memformer"):
+            _positive(mem.num_tokens, "model.memory.num_tokens", f"{mem.kind} needs at least one memory slot")
+        if mem.kind == "infinity":
+            _positive(mem.num_basis, "model.memory.num_basis", "use N >= 1 basis functions, e.g. 128")
+            _positive(mem.num_samples, "model.memory.num_samples", "resample the old signal at >= 1 points")
+            if not 0.0 < mem.tau < 1.0:
+                raise ConfigError(f"model.memory.tau={mem.tau} must be in (0, 1)")
+            if mem.ridge_lambda <= 0:
+                raise ConfigError(f"model.memory.ridge_lambda={mem.ridge_lambda} must be > 0")
+        if mem.kind == "memformer" and not 0.0 < mem.write_temperature:
+            raise ConfigError(f"model.memory.write_temperature={mem.write_temperature} must be > 0")
+        if mem.mem_len < 0:
+            raise ConfigError(f"model.memory.mem_len={mem.mem_len} must be >= 0 (0 means data.segment_len)")
+        if t.memory_grad != "detached" and mem.kind not in GRAD_CARRYING_KINDS:
+            raise ConfigError(
+                f"train.memory_grad={t.memory_grad} needs a memory that carries gradient ({', '.join(GRAD_CARRYING_KINDS)}); "
+                f"model.memory.kind={mem.kind} detaches its memory: set train.memory_grad=detached"
+            )
+        if t.dtype == "bfloat16" and t.device == "cpu":
+            raise ConfigError("train.dtype=bfloat16 on train.device=cpu is ~100x slower than float32: use float32 on CPU")
+        for name in ("tp", "pp", "dp"):
+            _positive(getattr(p, name), f"parallel.{name}", "use a parallel degree >= 1")
+        if m.num_heads % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} must divide model.num_heads={m.num_heads}")
+        if m.num_layers % p.pp:
+            raise ConfigError(f"parallel.pp={p.pp} must divide model.num_layers={m.num_layers}")
+        if p.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+        if (p.tp, p.pp, p.dp, p.zero_stage) != (1, 1, 1, 0):
+            raise ConfigError(
+                "parallel.tp/pp/dp/zero_stage other than 1/1/1/0 are not available in this release: "
+                "remove the parallel overrides to train on one process"
+            )
+        return self
+
+
+def _positive(value: int, key: str, fix: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}={value} must be > 0: {fix}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading: YAML mapping -> dataclasses, with type checks naming the dotted key.
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _check_type(value, arm, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported config field type {tp} at {key}")  # a bug in this file, not user input
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{dotted}': known keys here are {known}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted)
+        else:
+            kwargs[key] = _check_type(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=3` -> ("a.b", 3); the value is parsed as YAML so numbers, booleans and strings keep their type."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value, e.g. train.max_steps=20")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree = dict(data or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "").validate()
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found: pass a path such as configs/tiny.yaml") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path}{where} is not valid YAML: fix the syntax there") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping (model:, data:, train:, parallel:)")
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
