@@ -10,6 +10,10 @@ from memscale.models.memory.base import MemoryKind, MemoryState, StepContext
 REGISTRY: dict[str, str] = {
     "none": "memscale.models.memory.none:NoMemory",
     "rmt": "memscale.models.memory.rmt:RecurrentMemory",
+    "xl": "memscale.models.memory.xl:TransformerXLMemory",
+    "memformer": "memscale.models.memory.memformer:MemformerMemory",
+    "lamemo": "memscale.models.memory.lamemo:LookAheadMemory",
+    "infinity": "memscale.models.memory.infinity:InfinityMemory",
 }
 
 
