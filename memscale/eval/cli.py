@@ -1,0 +1,60 @@
+"""`memscale eval`: score a checkpoint on held-out data."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from memscale.checkpoint import simple as ckpt
+from memscale.config import ConfigError, config_from_dict, load_config
+from memscale.data.sources import build_loader
+from memscale.eval.evaluate import evaluate_lm
+from memscale.models import MemoryTransformer
+
+
+def resolve_checkpoint(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir() and (p / "manifest.json").exists():
+        return p
+    for root in (p, p / "checkpoints"):
+        found = ckpt.latest(root) if root.is_dir() else None
+        if found is not None:
+            return found
+    raise ConfigError(f"--checkpoint {path}: no checkpoint there; pass a run's out_dir or a step-NNNNNN directory")
+
+
+def load_model(path: Path, *, device: str = "cpu") -> tuple[MemoryTransformer, dict]:
+    ts = ckpt.load(path)
+    saved = config_from_dict({k: ts.config[k] for k in ("model", "data")})
+    model = MemoryTransformer(saved.model, segment_len=saved.data.segment_len)
+    model.load_state_dict(ts.model)
+    return model.to(device).eval(), ts.config
+
+
+def run_eval(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    path = resolve_checkpoint(args.checkpoint)
+    model, saved = load_model(path, device=cfg.train.device)
+    if saved["model"] != dataclasses.asdict(cfg.model):
+        raise ConfigError(f"model.* in {args.config} differs from the checkpoint {path}: use the training config")
+    loader = build_loader(cfg, "val", infinite=False)
+    torch.manual_seed(cfg.train.seed)
+    if cfg.data.source == "corpus":
+        ev = evaluate_lm(model, loader, num_segments=args.segments, num_streams=cfg.data.num_streams,
+                         device=cfg.train.device, buckets=(4096, 32768, 262144))
+        print(f"checkpoint {path}")
+        print(f"validation: loss {ev.loss:.4f} | ppl {ev.ppl:.2f} | {ev.num_tokens} tokens | {ev.num_segments} segments")
+        if ev.unigram_ppl is not None:
+            print(f"unigram baseline ppl {ev.unigram_ppl:.2f}")
+        for label, (loss, n) in ev.by_position.items():
+            print(f"  tokens {label:>15}: loss {loss:.4f} | {n} tokens")
+        return 0
+    from memscale.eval.tasks import evaluate_task
+
+    acc = evaluate_task(model, loader, num_examples=args.segments)
+    print(f"checkpoint {path}")
+    print(f"{cfg.data.source}: answer accuracy {acc.accuracy:.4f} over {acc.num_answers} answers "
+          f"(chance {acc.chance:.4f})")
+    return 0
