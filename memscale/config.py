@@ -42,6 +42,8 @@ class MemoryConfig:
     """xl / lamemo / infinity (short-term part): cached positions per layer; 0 means `data.segment_len`."""
     clamp_len: int = -1
     """xl / lamemo: relative distances beyond this are clamped (-1: no clamp), as in Transformer-XL."""
+    same_length: bool = False
+    """xl / lamemo: every token attends to exactly mem_len keys (Transformer-XL's --same_length; off by default)."""
     write_temperature: float = 0.5
     """memformer: softmax temperature of the slot-attention write (< 1 sharpens, as in the paper)."""
     num_basis: int = 128
@@ -230,6 +232,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} must be a number")
         return float(value)

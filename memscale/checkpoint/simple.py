@@ -101,6 +101,8 @@ def save(ckpt_root: str | os.PathLike, ts: TrainState, *, keep: int = 2) -> Path
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{ts.step:06d}"
+    for stale in root.glob(".step-*.tmp-*"):  # left by a writer killed mid-save; one writer per run owns root
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         model, aliases = _dedup_shared(ts.model)

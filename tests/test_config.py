@@ -1,0 +1,57 @@
+"""Config loading: types, unknown keys, inconsistent values, dotted overrides; one clear line each."""
+
+import pytest
+
+from memscale.config import ConfigError, config_from_dict, load_config
+
+
+def test_overrides_apply_with_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  d_model: 64\n  num_heads: 4\ntrain:\n  max_steps: 5\n")
+    cfg = load_config(path, ["train.max_steps=20", "model.memory.kind=rmt", "train.lr=3e-4", "train.overwrite=true"])
+    assert cfg.model.d_model == 64 and cfg.train.max_steps == 20 and cfg.model.memory.kind == "rmt"
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.overwrite is True
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["train.max_stepz=3"], "unknown config key 'train.max_stepz'"),
+        (["model.memory.kind=rmtt"], "model.memory.kind='rmtt' is not one of"),
+        (["train.max_steps=abc"], "train.max_steps='abc' must be an integer"),
+        (["train.max_steps=2.5"], "train.max_steps=2.5 must be an integer"),
+        (["data.segment_len=0"], "data.segment_len=0 must be > 0"),
+        (["data.segment_len=-4"], "data.segment_len=-4 must be > 0"),
+        (["model.num_heads=3"], "model.num_heads=3 must divide model.d_model=512"),
+        (["train.memory_grad=replay"], "train.memory_grad=replay needs a memory that carries gradient"),
+        (["model.memory.kind=memformer", "model.memory.num_tokens=0"], "model.memory.num_tokens=0 must be > 0"),
+        (["model.memory.kind=infinity", "model.memory.num_basis=0"], "model.memory.num_basis=0 must be > 0"),
+        (["parallel.tp=3"], "parallel.tp=3 must divide model.num_heads=8"),
+        (["train.dtype=bfloat16"], "bfloat16 on train.device=cpu"),
+        (["train"], "must look like key.path=value"),
+        (["train.max_steps.x=1"], "train.max_steps={'x': 1} must be an integer"),
+    ],
+)
+def test_bad_values_fail_with_one_line(overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({}, overrides)
+    msg = str(e.value)
+    assert fragment in msg and "\n" not in msg
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+ is not valid YAML"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model:\n  d_modell: 3\n")
+    with pytest.raises(ConfigError, match=r"wrong.yaml: unknown config key 'model.d_modell'"):
+        load_config(wrong)
+
+
+def test_shipped_configs_load():
+    for name in ("configs/quickstart.yaml", "configs/default.yaml"):
+        load_config(name)
