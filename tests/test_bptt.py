@@ -86,3 +86,50 @@ def test_replay_differs_from_detached():
         grads[mode] = _grads(model)
     diff = max((grads["replay"][n] - grads["detached"][n]).abs().max().item() for n in grads["replay"])
     assert diff > 1e-6
+
+
+class _Holder:
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t):
+        self.t = t
+
+
+class _SavedBytes:
+    """Peak bytes held by autograd for backward, counted with saved_tensors_hooks (deterministic, no RSS noise)."""
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+
+    def pack(self, t):
+        import weakref
+
+        holder = _Holder(t)
+        n = t.numel() * t.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(holder, self._free, n)
+        return holder
+
+    def _free(self, n):
+        self.live -= n
+
+    @staticmethod
+    def unpack(holder):
+        return holder.t
+
+
+def _peak_saved_bytes(mode, n):
+    model = tiny_model("rmt", seed=0)
+    meter = _SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        run_window(model, random_batches(n), model.init_state(2), memory_grad=mode)
+    return meter.peak
+
+
+def test_replay_saved_bytes_do_not_grow_with_segments():
+    replay = [_peak_saved_bytes("replay", n) for n in (2, 8)]
+    truncated = [_peak_saved_bytes("truncated", n) for n in (2, 8)]
+    assert replay[1] == replay[0], replay  # one segment's graph at a time, whatever the window
+    assert truncated[1] > 3 * truncated[0], truncated  # plain BPTT keeps every segment's activations
