@@ -1,0 +1,145 @@
+"""Memformer (Wu et al., 2020, "Memformer: A Memory-Augmented Transformer for Sequence Modeling").
+
+M memory slots carried from segment to segment, in the decoder-only layout of DESIGN.md §2:
+  - memory reading: every layer gets an extra pre-norm cross-attention sub-layer after its self-attention,
+    with queries from the segment and keys/values from the slots (own projections per layer, residual);
+  - memory writing, once after the last layer, on the final normed hidden states: slot attention, where
+    slot i attends to [m_i; h_1..h_T] only (slots never see each other), softmax(q k^T / (sqrt(K) tau)) with
+    tau < 1 to sharpen it. Slots and tokens share the writer's key and value maps (K_m = m W_K, K_x = H W_K);
+  - forgetting by biased memory normalisation (BMN): m <- m + b; m <- m / ||m|| per slot, with a learned
+    bias b per slot. With nothing written, repeated BMN drives every slot to b / ||b||, the terminal state of
+    forgetting; the initial memory of a document is that state, so reset rows restart from it and gradient
+    reaches b.
+
+No public code implements this version (qywu/memformers is the later MemBART, with a gated update;
+lucidrains/memformer updates the slots with a GRU). The paper gives no number for tau, no initialisation for b
+and no head layout of the writer; memscale uses `write_temperature` (default 0.5), b ~ N(0, 0.02) like the
+other learned embeddings, and the model's head count for both read and write. The paper's writer equation has
+no output projection, so none is used (BMN right after it would only rescale one).
+
+The new memory is a differentiable function of the incoming memory, the segment and the parameters, and of
+nothing else (no dropout, no hidden buffers), so the training loop can detach it for truncated BPTT or
+recompute a segment from its saved incoming memory for memory-replay back-propagation (MRBP, the paper's
+Algorithm 1).
+
+Legend: B batch, T segment tokens, M memory slots, S = M + T keys of the writer, D width, H heads,
+K head width (D / H).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memscale.models.memory.base import MemoryKind, MemoryState, StepContext
+
+
+def split_heads(x_BSD: Tensor, num_heads: int) -> Tensor:
+    B, S, D = x_BSD.shape
+    return x_BSD.view(B, S, num_heads, D // num_heads).transpose(1, 2)
+
+
+def merge_heads(x_BHSK: Tensor) -> Tensor:
+    B, H, S, K = x_BHSK.shape
+    return x_BHSK.transpose(1, 2).reshape(B, S, H * K)
+
+
+class MemoryRead(nn.Module):
+    """One layer's read sub-layer: x + W_O MHA(q = LN(x) W_Q, k|v = mem W_K|W_V)."""
+
+    def __init__(self, d_model: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(d_model)
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x_BTD: Tensor, mem_BMD: Tensor) -> Tensor:
+        q_BHTK = split_heads(self.q(self.norm(x_BTD)), self.num_heads)
+        k_BMD, v_BMD = self.kv(mem_BMD).chunk(2, dim=-1)
+        k_BHMK, v_BHMK = split_heads(k_BMD, self.num_heads), split_heads(v_BMD, self.num_heads)
+        # The slots summarise the past only, so every token may see all of them: no mask.
+        o_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHMK, v_BHMK)
+        return x_BTD + self.out(merge_heads(o_BHTK))
+
+
+class MemoryWrite(nn.Module):
+    """Slot attention of the writer: m_i' = softmax(q_i [k_i; K_x]^T / (sqrt(K) tau)) [v_i; V_x]."""
+
+    def __init__(self, d_model: int, num_heads: int, *, temperature: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = temperature
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self._masks: dict[tuple[int, int, torch.device], Tensor] = {}
+
+    def mask(self, M: int, T: int, device: torch.device) -> Tensor:
+        """M x (M + T), True = may attend: slot i sees slot i (identity block) and every token."""
+        key = (M, T, device)
+        if key not in self._masks:
+            eye_MM = torch.eye(M, dtype=torch.bool, device=device)
+            self._masks[key] = torch.cat([eye_MM, torch.ones(M, T, dtype=torch.bool, device=device)], dim=1)
+        return self._masks[key]
+
+    def forward(self, mem_BMD: Tensor, h_BTD: Tensor) -> Tensor:
+        """The written memory before forgetting (B x M x D)."""
+        M, T, H = mem_BMD.shape[1], h_BTD.shape[1], self.num_heads
+        q_BHMK = split_heads(self.q(mem_BMD), H)
+        # One projection of [slots; tokens]: the paper applies the same W_K, W_V to both.
+        k_BSD, v_BSD = self.kv(torch.cat([mem_BMD, h_BTD], dim=1)).chunk(2, dim=-1)
+        k_BHSK, v_BHSK = split_heads(k_BSD, H), split_heads(v_BSD, H)
+        scale = 1.0 / (math.sqrt(q_BHMK.shape[-1]) * self.temperature)
+        o_BHMK = F.scaled_dot_product_attention(
+            q_BHMK, k_BHSK, v_BHSK, attn_mask=self.mask(M, T, mem_BMD.device), scale=scale
+        )
+        return merge_heads(o_BHMK)
+
+
+class MemformerMemory(MemoryKind):
+    kind = "memformer"
+    topology = "global"
+    carries_grad = True
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        D, H = self.d_model, self.num_heads
+        self.num_slots = self.cfg.num_tokens
+        self.read = nn.ModuleList(MemoryRead(D, H) for _ in range(self.num_layers))
+        self.write = MemoryWrite(D, H, temperature=self.cfg.write_temperature)
+        self.bias_MD = nn.Parameter(torch.empty(self.num_slots, D))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.bias_MD, std=0.02)
+        # The read is one more residual branch per layer: give its output projection the block's residual
+        # initialisation (GPT-2: 0.02 / sqrt(2 L), memscale.models.layers.init_weights).
+        for read in self.read:
+            nn.init.normal_(read.out.weight, std=0.02 / math.sqrt(2 * self.num_layers))
+            nn.init.zeros_(read.out.bias)
+
+    def forget(self, written_BMD: Tensor) -> Tensor:
+        """Biased memory normalisation: m <- (m + b) / ||m + b||, per slot."""
+        return F.normalize(written_BMD + self.bias_MD.to(written_BMD.dtype), dim=-1)
+
+    def init_state(self, batch_size: int, *, device, dtype) -> MemoryState:
+        # The terminal state of forgetting: BMN of an empty write.
+        mem_MD = F.normalize(self.bias_MD, dim=-1).to(device=device, dtype=dtype)
+        return MemoryState({"mem": mem_MD.unsqueeze(0).expand(batch_size, -1, -1)})
+
+    def begin(self, x_BTD: Tensor, state: MemoryState) -> tuple[Tensor, StepContext]:
+        return x_BTD, StepContext(state=state, extra={"mem": state["mem"].to(x_BTD.dtype)})
+
+    def after_attention(self, layer: int, x_BTD: Tensor, ctx: StepContext) -> Tensor:
+        return self.read[layer](x_BTD, ctx.extra["mem"])
+
+    def end(self, h_BTD: Tensor, ctx: StepContext) -> tuple[Tensor, MemoryState]:
+        return h_BTD, MemoryState({"mem": self.forget(self.write(ctx.extra["mem"], h_BTD))})
+
+    def mean_attended_len(self, segment_len: int) -> float:
+        # Each token also attends to the M slots in every layer; the write is memory overhead, not counted.
+        return self.num_slots + (segment_len + 1) / 2
