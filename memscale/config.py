@@ -39,7 +39,7 @@ class MemoryConfig:
     num_tokens: int = 16
     """rmt: memory tokens K; memformer: memory slots K."""
     mem_len: int = 0
-    """xl / lamemo / infinity (short-term part): cached positions per layer; 0 means `data.segment_len`."""
+    """xl / lamemo: cached positions per layer; 0 means `data.segment_len`."""
     clamp_len: int = -1
     """xl / lamemo: relative distances beyond this are clamped (-1: no clamp), as in Transformer-XL."""
     same_length: bool = False

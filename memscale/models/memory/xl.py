@@ -1,0 +1,179 @@
+"""Transformer-XL memory (Dai et al., 2019), after kimiyoung/transformer-xl `pytorch/mem_transformer.py`
+(`RelPartialLearnableMultiHeadAttn`, attn_type 0, the official default).
+
+Each layer caches the hidden states that entered it over the last M positions; the segment's queries attend over
+[memory; segment] with relative positions (paper §3.3, the decomposition of A^rel_{i,j}):
+
+    score(i, j) = (q_i + u)^T k_j  +  (q_i + v)^T W_r R_{i-j}         AC = terms (a)+(c), BD = terms (b)+(d)
+
+R is the sinusoid of the distance i - j (clamped at `clamp_len`, `PositionalEmbedding` + `pos_seq.clamp_`), W_r a
+per-layer projection without bias (`r_net`), u and v learned biases that all layers share (`r_w_bias`, `r_r_bias`
+live on `MemTransformerLM`; the TF code unties them only with --untie_r, default False). BD is computed
+for every distance once and moved into place by `rel_shift` (paper appendix B). The new memory is the last M rows
+of cat(old memory, this segment's layer inputs), detached (`_update_mems`).
+
+What is cached. The official pre-norm layer computes `qkv_net(layer_norm(cat(mems, w)))` with `mems` the raw layer
+inputs; our Block hands the hook h = norm1(x), already normed. LayerNorm acts on each position alone, so caching h
+gives exactly the keys and values of one long forward over the concatenated segments (the test pins this); the
+only difference is in training, where the official code re-normalises the old x with the current LayerNorm
+weights while we keep the normalisation of the step that cached it. The cached rows are stale by one optimizer
+step either way (x itself is), and keys/values are still recomputed from h with the current q/k/v weights.
+
+Differences from the official code, both from the shared Block: it is pre-norm (official default post-norm,
+pre_lnorm=False) and its q/k/v and output projections have biases (official bias-free). `ext_len` (0 by default)
+is not carried over.
+
+State, fixed shapes and batch first so that a reset, a pipeline stage or a checkpoint sees plain tensors:
+    mem   [B, L, M, D]  normed layer inputs of the last M positions, oldest first (new rows enter on the right)
+    valid [B, M]        which slots hold a position of the current document (False after a reset or at the
+                        start); invalid slots are masked out of attention, so an empty memory is the official
+                        `mems=[]`.
+
+Legend: B batch, T segment tokens, M memory positions, C = M + T keys, D width, H heads, K head width, L layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memscale.models.memory.base import MemoryKind, MemoryState, StepContext
+
+
+def sinusoid(dist_C: Tensor, d_model: int) -> Tensor:
+    """Sinusoidal embedding of relative distances, [sin | cos] halves (`PositionalEmbedding`), C x D float32."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0.0, d_model, 2.0, device=dist_C.device) / d_model))
+    angle_CD = dist_C.float()[:, None] * inv_freq[None, :]
+    return torch.cat([angle_CD.sin(), angle_CD.cos()], dim=-1)
+
+
+def clamp_distances(dist_C: Tensor, clamp_len: int) -> Tensor:
+    """Distances beyond `clamp_len` share its embedding; clamp_len <= 0 disables it, as in the official code."""
+    return dist_C.clamp(max=clamp_len) if clamp_len > 0 else dist_C
+
+
+def rel_shift(bd_BHTC: Tensor) -> Tensor:
+    """Column c of the input scores distance C-1-c; after the shift, entry (i, j) scores distance M + i - j.
+
+    The pad-and-reshape trick of `_rel_shift` (paper appendix B) on batch-first scores: prepending a zero column
+    and re-reading the rows with length T shifts row i left by T-1-i. Entries with j > M + i (the future) hold
+    other rows' values and must be masked.
+    """
+    B, H, T, C = bd_BHTC.shape
+    padded = F.pad(bd_BHTC, (1, 0))  # B x H x T x (C+1)
+    return padded.view(B, H, C + 1, T)[:, :, 1:].reshape(B, H, T, C)
+
+
+def causal_mask(valid_BM: Tensor, T: int, *, same_length: bool, dtype: torch.dtype) -> Tensor:
+    """Additive B x 1 x T x C mask over [memory; segment]: 0 where query i may attend key j, -inf elsewhere.
+
+    A key is visible if it is valid, not in the future (j <= M + i) and, with `same_length`, closer than M (the
+    official `same_length` mask: each query sees exactly the last mem_len positions, itself included).
+    """
+    B, M = valid_BM.shape
+    device = valid_BM.device
+    dist_TC = (M + torch.arange(T, device=device))[:, None] - torch.arange(M + T, device=device)[None, :]
+    ok_TC = dist_TC >= 0
+    if same_length:
+        ok_TC = ok_TC & (dist_TC < M)
+    key_valid_BC = torch.cat([valid_BM, valid_BM.new_ones(B, T)], dim=1)
+    ok_BTC = ok_TC[None] & key_valid_BC[:, None, :]
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(ok_BTC, zero, torch.tensor(float("-inf"), dtype=dtype, device=device))[:, None]
+
+
+def slide(old_BxMx: Tensor, new_BxTx: Tensor, *, dim: int) -> Tensor:
+    """Last M rows (along `dim`) of cat(old, new): the FIFO update of `_update_mems`, at a fixed size M."""
+    M = old_BxMx.shape[dim]
+    return torch.cat([old_BxMx, new_BxTx.to(old_BxMx.dtype)], dim=dim).narrow(dim, -M, M)
+
+
+def positions(ctx: StepContext, attn: nn.Module, training: bool) -> Tensor:
+    """The step's relative-position sinusoids, with dropout drawn once for all layers (`self.drop(pos_emb)`).
+
+    The rate is the attention's, which the model builds from `model.dropout`, the official `dropout`.
+    """
+    if "pos_dropped" not in ctx.extra:
+        ctx.extra["pos_dropped"] = F.dropout(ctx.extra["pos_CD"], attn.dropout, training)
+    return ctx.extra["pos_dropped"]
+
+
+class TransformerXLMemory(MemoryKind):
+    kind = "xl"
+    topology = "per_layer"
+    carries_grad = False
+    absolute_positions = False
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        D, H = self.d_model, self.num_heads
+        self.mem_len = self.cfg.mem_len or self.segment_len
+        self.r_nets = nn.ModuleList(nn.Linear(D, D, bias=False) for _ in range(self.num_layers))
+        self.u_HK = nn.Parameter(torch.empty(H, D // H))  # r_w_bias: content bias, shared by all layers
+        self.v_HK = nn.Parameter(torch.empty(H, D // H))  # r_r_bias: position bias, shared by all layers
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # train.py `weights_init`: Linear weights and r_w_bias / r_r_bias ~ N(0, init_std = 0.02).
+        for p in (*(r.weight for r in self.r_nets), self.u_HK, self.v_HK):
+            nn.init.normal_(p, std=0.02)
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, *, device, dtype) -> MemoryState:
+        L, M, D = self.num_layers, self.mem_len, self.d_model
+        return MemoryState(
+            {
+                "mem": torch.zeros(batch_size, L, M, D, device=device, dtype=dtype),
+                "valid": torch.zeros(batch_size, M, dtype=torch.bool, device=device),
+            }
+        )
+
+    def reset(self, state: MemoryState, reset_B: Tensor) -> MemoryState:
+        # The base class would take its dtype from whichever tensor comes first; "valid" is bool.
+        mem = state["mem"]
+        return state.where(reset_B, self.init_state(reset_B.shape[0], device=mem.device, dtype=mem.dtype))
+
+    # -- hooks --------------------------------------------------------------------------------------------------
+    def begin(self, x_BTD: Tensor, state: MemoryState) -> tuple[Tensor, StepContext]:
+        T, M = x_BTD.shape[1], self.mem_len
+        valid_BM = state["valid"]
+        # Keys sit at distances C-1 .. 0 from the last query (`pos_seq = arange(klen-1, -1, -1)`).
+        dist_C = clamp_distances(torch.arange(M + T - 1, -1, -1, device=x_BTD.device), self.cfg.clamp_len)
+        extra = {
+            "mask": causal_mask(valid_BM, T, same_length=self.cfg.same_length, dtype=x_BTD.dtype),
+            "pos_CD": sinusoid(dist_C, self.d_model).to(x_BTD.dtype),
+        }
+        return x_BTD, StepContext(state=state, extra=extra)
+
+    def attention(self, layer: int, attn: nn.Module, h_BTD: Tensor, ctx: StepContext) -> Tensor:
+        _, T, D = h_BTD.shape
+        M, H = self.mem_len, self.num_heads
+        mem_BMD = ctx.state["mem"][:, layer].to(h_BTD.dtype)
+        # Like the official code, q/k/v come from one fused projection of cat(mem, h); memory queries are dropped.
+        q_BHCK, k_BHCK, v_BHCK = attn.project(torch.cat([mem_BMD, h_BTD], dim=1))
+        q_BHTK = q_BHCK[:, :, M:]
+        r_CHK = self.r_nets[layer](positions(ctx, attn, self.training)).view(M + T, H, D // H)
+        bd_BHTC = rel_shift(torch.einsum("bhtk,chk->bhtc", q_BHTK + self.v_HK[:, None], r_CHK))
+        # SDPA computes softmax(q'k^T * scale + mask) v; with q' = q + u and BD * scale folded into the additive
+        # mask, that is softmax((AC + BD) * scale) exactly (same 1/sqrt(K) scale as `self.scale`).
+        bias_BHTC = bd_BHTC * (D // H) ** -0.5 + ctx.extra["mask"]
+        o_BHTK = attn.attend(q_BHTK + self.u_HK[:, None], k_BHCK, v_BHCK, attn_mask=bias_BHTC)
+        ctx.new[f"h{layer}"] = h_BTD.detach()
+        return attn.merge(o_BHTK)
+
+    def end(self, h_BTD: Tensor, ctx: StepContext) -> tuple[Tensor, MemoryState]:
+        B, T, _ = h_BTD.shape
+        h_BLTD = torch.stack([ctx.new[f"h{layer}"] for layer in range(self.num_layers)], dim=1)
+        valid_BM = ctx.state["valid"]
+        new = {
+            "mem": slide(ctx.state["mem"], h_BLTD, dim=2).detach(),
+            "valid": slide(valid_BM, valid_BM.new_ones(B, T), dim=1),
+        }
+        return h_BTD, MemoryState(new)
+
+    def mean_attended_len(self, segment_len: int) -> float:
+        # With a full memory a query sees M cached positions plus its causal past, or exactly M with same_length.
+        if self.cfg.same_length:
+            return float(self.mem_len)
+        return self.mem_len + (segment_len + 1) / 2
