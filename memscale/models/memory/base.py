@@ -124,8 +124,10 @@ class MemoryKind(nn.Module):
         """Rows whose stream starts a new document get the initial state; the others keep theirs."""
         if not len(state):
             return state
-        any_tensor = next(iter(state.tensors.values()))
-        init = self.init_state(reset_B.shape[0], device=any_tensor.device, dtype=any_tensor.dtype)
+        # The model's dtype is that of the floating tensors; kinds that keep some tensor in another dtype (a bool
+        # mask, a float32 normaliser) create it so in init_state, and `where` keeps each tensor's own dtype.
+        ref = next((t for t in state.tensors.values() if t.is_floating_point()), next(iter(state.tensors.values())))
+        init = self.init_state(reset_B.shape[0], device=ref.device, dtype=ref.dtype)
         return state.where(reset_B, init)
 
     # -- the four hooks -----------------------------------------------------------------------------------------
