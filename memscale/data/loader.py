@@ -1,0 +1,282 @@
+"""Streaming loader: whole documents packed into B parallel streams and cut into segments of T tokens.
+
+Legend: B streams (rows), T segment tokens.
+
+    loader = StreamLoader("data/prepared/bundled", "train", segment_len=512, num_streams=4)
+    for batch in loader: ...        # a memscale.data.batch.Batch per segment step
+    state = loader.state_dict()     # JSON-able: a new loader + load_state_dict(state) continues exactly
+
+Each row of a batch is a stream that reads documents back to back. A document always starts at a segment
+boundary, with `reset_B` True for its row at that step (the row's memory is reset there); its last segment is
+padded with the pad id and IGNORE_INDEX targets, so that no segment mixes two documents. Targets are the next
+token of the same document: a document of L tokens ([bos] ... [eos]) gives L - 1 predictions in
+ceil((L - 1) / T) segments.
+
+How the work is divided, deterministically:
+- ranks: epoch e shuffles all documents with (seed, e) and rank r takes every world_size-th one of that order,
+  so across ranks every document, and every sample of it, is read exactly once per epoch;
+- streams: a stream that finishes its document takes the next one of its rank's list (lowest stream first);
+- workers: which chunk each stream needs at each step follows from the document lengths in the index alone, so
+  the plan runs in this process and worker processes only read and decode the chunks it asks for. A torch
+  DataLoader over a map-style dataset returns items in the order of its sampler, whatever the number of
+  workers, so the batches and the saved position do not depend on num_workers (a run may resume with another).
+
+Documents of any length are read chunk by chunk (see shards.py): a stream holds only the chunks that overlap
+its current segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from memscale.data.batch import IGNORE_INDEX, Batch
+from memscale.data.shards import SplitIndex, load_split, read_chunk, sample_key
+
+STATE_VERSION = 1
+# The settings that fix the sequence of batches: a saved position is only valid for a loader that shares them.
+_STATE_SETTINGS = ("split", "data", "rank", "world_size", "num_streams", "segment_len", "seed", "infinite")
+
+Row = tuple[int, int]  # (document, position in it of the row's first input token)
+Fetch = tuple[int, int, int]  # (stream, chunk of the stream's document, index row)
+
+
+class _Plan:
+    """Which document and position each stream is at, step after step, and which chunks to read for it.
+
+    Bookkeeping over the index only, never token data: the sampler that feeds the workers and the packer that
+    builds batches each run a copy from the same state, and agree on every step.
+    """
+
+    def __init__(self, index: SplitIndex, *, settings: dict, state: dict):
+        self._index = index
+        self._rank, self._world_size = settings["rank"], settings["world_size"]
+        self._segment_len = settings["segment_len"]
+        self._seed, self._infinite = settings["seed"], settings["infinite"]
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.streams: list[list[int] | None] = [list(s) if s is not None else None for s in state["streams"]]
+        # The last chunk read so far of each stream's document; -1: none (also after a resume: read it again).
+        self._have = [-1] * len(self.streams)
+        self._order = self._rank_order(self.epoch)
+
+    def _rank_order(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([self._seed, epoch]).permutation(self._index.num_docs)
+        return order[self._rank :: self._world_size]
+
+    def _next_doc(self) -> int | None:
+        while self.cursor >= len(self._order):
+            if not self._infinite:
+                return None
+            assert len(self._order) > 0, "StreamLoader checks that every rank has documents when infinite"
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._rank_order(self.epoch)
+        self.cursor += 1
+        return int(self._order[self.cursor - 1])
+
+    def step(self) -> tuple[list[Row | None], list[Fetch]] | None:
+        """The rows of the next segment step (None: a dry stream) and the chunks to read before it, in reading
+        order; None once every stream is dry."""
+        T, C = self._segment_len, self._index.chunk_tokens
+        rows: list[Row | None] = []
+        fetches: list[Fetch] = []
+        for s, current in enumerate(self.streams):
+            if current is None:
+                doc = self._next_doc()
+                if doc is None:
+                    rows.append(None)
+                    continue
+                current = self.streams[s] = [doc, 0]
+                self._have[s] = -1
+            doc, pos = current
+            num_tokens = int(self._index.doc_tokens[doc])
+            end = min(pos + T + 1, num_tokens)  # inputs pos .. pos+T-1 and their targets, up to pos+T
+            last_chunk = (end - 1) // C
+            for chunk in range(max(pos // C, self._have[s] + 1), last_chunk + 1):
+                fetches.append((s, chunk, int(self._index.first_row[doc]) + chunk))
+            self._have[s] = last_chunk
+            rows.append((doc, pos))
+            current[1] = pos + T
+            if current[1] >= num_tokens - 1:  # every token that has a successor has been an input
+                self.streams[s] = None
+        if all(row is None for row in rows):
+            return None
+        return rows, fetches
+
+    def state(self) -> dict:
+        streams = [list(s) if s is not None else None for s in self.streams]
+        return {"epoch": self.epoch, "cursor": self.cursor, "streams": streams}
+
+
+class _ChunkDataset(Dataset):
+    """Index row -> token ids of that chunk: all that runs in worker processes."""
+
+    def __init__(self, index: SplitIndex):
+        self._index = index
+
+    def __len__(self) -> int:
+        return len(self._index.rows)
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        doc, shard, offset, num_tokens = (int(v) for v in self._index.rows[row])
+        key = sample_key(doc, row - int(self._index.first_row[doc]))
+        tokens = read_chunk(self._index.shard_paths[shard], offset, key=key)
+        assert len(tokens) == num_tokens, (
+            f"sample {key} of {self._index.shard_paths[shard]} disagrees with the index"
+        )
+        return tokens
+
+
+class _ChunkRequests:
+    """Sampler: the index rows that the plan needs, in the order in which the packer consumes them."""
+
+    def __init__(self, index: SplitIndex, settings: dict, state: dict):
+        self._index, self._settings, self._state = index, settings, state
+
+    def __iter__(self) -> Iterator[int]:
+        plan = _Plan(self._index, settings=self._settings, state=self._state)
+        while (step := plan.step()) is not None:
+            for _, _, row in step[1]:
+                yield row
+
+
+def _identity(item: np.ndarray) -> np.ndarray:
+    # The DataLoader's default conversion would make tensors of the arrays; the packer slices them as numpy.
+    return item
+
+
+class StreamLoader:
+    """Batches of `num_streams` document streams, a segment of `segment_len` tokens per step.
+
+    `infinite=True` (training) runs epoch after epoch, reshuffling documents with (seed, epoch).
+    `infinite=False` (validation) reads each document of this rank once and stops when every stream is dry;
+    `take(n)` gives exactly n batches (dry ones past the end), so that all ranks of a data-parallel evaluation
+    run the same steps. Iteration continues from the loader's position: build a new loader per evaluation.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        *,
+        segment_len: int,
+        num_streams: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        infinite: bool = True,
+    ):
+        if segment_len < 1 or num_streams < 1:
+            raise ValueError(f"segment_len={segment_len} and num_streams={num_streams} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must be >= 0")
+        self._index = load_split(data_dir, split)
+        if infinite and self._index.num_docs < world_size:
+            raise ValueError(
+                f"split '{split}' of {data_dir} has {self._index.num_docs} documents, fewer than "
+                f"world_size={world_size}: prepare more data or use fewer ranks"
+            )
+        self.num_workers = num_workers
+        self._settings = {
+            "split": split,
+            "data": self._index.fingerprint,
+            "rank": rank,
+            "world_size": world_size,
+            "num_streams": num_streams,
+            "segment_len": segment_len,
+            "seed": seed,
+            "infinite": infinite,
+        }
+        self._state = {"epoch": 0, "cursor": 0, "streams": [None] * num_streams}
+        self._steps = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the most recently started document of this rank."""
+        return self._state["epoch"]
+
+    @property
+    def steps(self) -> int:
+        """Batches yielded so far, including those before a resume."""
+        return self._steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        plan = _Plan(self._index, settings=self._settings, state=self._state)
+        chunks = self._chunks()
+        buffers: list[dict[int, np.ndarray]] = [{} for _ in range(self._settings["num_streams"])]
+        while (step := plan.step()) is not None:
+            rows, fetches = step
+            for stream, chunk, _ in fetches:
+                buffers[stream][chunk] = next(chunks)
+            batch = self._pack(rows, buffers)
+            self._state = plan.state()
+            self._steps += 1
+            yield batch
+
+    def take(self, num_steps: int) -> Iterator[Batch]:
+        """Exactly `num_steps` batches from the current position; past the end of a finite split, dry ones."""
+        batches = iter(self)
+        for _ in range(num_steps):
+            # One next() per step: pulling a batch beyond num_steps would move the saved position past it.
+            batch = next(batches, None)
+            yield batch if batch is not None else self._pack([None] * self._settings["num_streams"], [])
+
+    def _chunks(self) -> Iterator[np.ndarray]:
+        dataset = _ChunkDataset(self._index)
+        requests = _ChunkRequests(self._index, self._settings, self._state)
+        if self.num_workers == 0:
+            return (dataset[row] for row in requests)
+        loader = DataLoader(
+            dataset, sampler=requests, batch_size=None, num_workers=self.num_workers, collate_fn=_identity
+        )
+        return iter(loader)
+
+    def _pack(self, rows: list[Row | None], buffers: list[dict[int, np.ndarray]]) -> Batch:
+        T, C = self._settings["segment_len"], self._index.chunk_tokens
+        B = len(rows)
+        tokens_BT = np.full((B, T), self._index.pad_id, dtype=np.int64)
+        targets_BT = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        reset_B = np.zeros(B, dtype=bool)
+        doc_pos_B = np.zeros(B, dtype=np.int64)
+        for b, row in enumerate(rows):
+            if row is None:
+                continue
+            doc, pos = row
+            num_tokens = int(self._index.doc_tokens[doc])
+            end = min(pos + T + 1, num_tokens)
+            chunks = range(pos // C, (end - 1) // C + 1)
+            window = np.concatenate([buffers[b][k][max(pos - k * C, 0) : end - k * C] for k in chunks])
+            tokens_BT[b, : len(window) - 1] = window[:-1]
+            targets_BT[b, : len(window) - 1] = window[1:]
+            reset_B[b] = pos == 0
+            doc_pos_B[b] = pos
+            if end == num_tokens:
+                buffers[b].clear()  # the document ends in this segment
+            for k in [k for k in buffers[b] if k < (pos + T) // C]:
+                del buffers[b][k]  # chunks that the stream's next segment no longer overlaps
+        tensors = (tokens_BT, targets_BT, reset_B, doc_pos_B)
+        return Batch(*(torch.from_numpy(t) for t in tensors))
+
+    def state_dict(self) -> dict:
+        """The position after the last yielded batch, with the settings it is valid for (small, JSON-able)."""
+        return {"version": STATE_VERSION, **self._settings, **self._state, "steps": self._steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"loader state version {state.get('version')!r} is not {STATE_VERSION}: cannot resume"
+            )
+        for key in _STATE_SETTINGS:
+            if state.get(key) != self._settings[key]:
+                raise ValueError(
+                    f"loader state has {key}={state.get(key)!r} but this loader has "
+                    f"{key}={self._settings[key]!r}: resume with the same data and loader settings"
+                )
+        self._state = {"epoch": state["epoch"], "cursor": state["cursor"], "streams": state["streams"]}
+        self._steps = state["steps"]
