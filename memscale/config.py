@@ -76,7 +76,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = "data/bundled"
+    dir: str = "data/prepared/bundled"
     """Prepared data directory (from `memscale data prepare`): tokenizer.model, train/ and val/ shards."""
     source: DataSource = "corpus"
     """corpus: the token shards in `dir`; copy / reverse / assoc: synthetic memory tasks."""
@@ -110,6 +110,10 @@ class TrainConfig:
     eval_segments: int = 16
     """Segment steps of held-out data per validation (over all streams)."""
     log_every: int = 10
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end of the run)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
     out_dir: str = "runs/default"
     overwrite: bool = False
     """Allow writing into a non-empty out_dir (otherwise the run refuses, so nothing is overwritten)."""
@@ -160,6 +164,11 @@ class Config:
             raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
         if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
             raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+        if t.save_every < 0 or t.keep_checkpoints < 1:
+            raise ConfigError(
+                f"train.save_every={t.save_every} / train.keep_checkpoints={t.keep_checkpoints}: "
+                "need save_every >= 0 and keep_checkpoints >= 1"
+            )
         if t.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
         if mem.kind in ("rmt", "memformer"):

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from memscale.config import Config, ConfigError, DataConfig
 
 
@@ -28,6 +31,25 @@ def data_vocab_size(data: DataConfig) -> int | None:
     if data.source != "corpus":
         return None
     return int(_meta(data)["vocab_size"])
+
+
+def unigram_logp(data: DataConfig) -> torch.Tensor | None:
+    """Log-probabilities of the train split's token frequencies (add-one smoothed), for the unigram baseline.
+
+    None for synthetic tasks. Reads every train token once (~1 s for 10M tokens).
+    """
+    if data.source != "corpus":
+        return None
+    from memscale.data.shards import load_split, read_chunk, sample_key
+
+    vocab = data_vocab_size(data)
+    index = load_split(data.dir, "train")
+    counts = np.ones(vocab, dtype=np.int64)
+    for row, (doc, shard, offset, _) in enumerate(index.rows):  # rows: doc, shard, byte offset, tokens
+        key = sample_key(int(doc), row - int(index.first_row[doc]))
+        ids = read_chunk(index.shard_paths[shard], int(offset), key=key)
+        counts += np.bincount(ids, minlength=vocab)[:vocab]
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
 
 
 def build_loader(cfg: Config, split: str, *, infinite: bool):

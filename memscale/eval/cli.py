@@ -9,7 +9,7 @@ import torch
 
 from memscale.checkpoint import simple as ckpt
 from memscale.config import ConfigError, config_from_dict, load_config
-from memscale.data.sources import build_loader
+from memscale.data.sources import build_loader, unigram_logp
 from memscale.eval.evaluate import evaluate_lm
 from memscale.models import MemoryTransformer
 
@@ -43,7 +43,8 @@ def run_eval(args) -> int:
     torch.manual_seed(cfg.train.seed)
     if cfg.data.source == "corpus":
         ev = evaluate_lm(model, loader, num_segments=args.segments, num_streams=cfg.data.num_streams,
-                         device=cfg.train.device, buckets=(4096, 32768, 262144))
+                         device=cfg.train.device, buckets=(4096, 32768, 262144),
+                         unigram_logp=unigram_logp(cfg.data))
         print(f"checkpoint {path}")
         print(f"validation: loss {ev.loss:.4f} | ppl {ev.ppl:.2f} | {ev.num_tokens} tokens | {ev.num_segments} segments")
         if ev.unigram_ppl is not None:

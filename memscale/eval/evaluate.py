@@ -28,14 +28,12 @@ def evaluate_lm(model: MemoryTransformer, loader, *, num_segments: int | None, n
                 buckets: tuple[int, ...] = ()) -> EvalResult:
     """Stream `loader` for up to `num_segments` segment steps (all when None) with memory carried.
 
-    `unigram_logp` (V float tensor of log-probabilities), when given or offered by the loader, scores the same
-    targets with a unigram model for the baseline. `buckets` are document-position boundaries (tokens) for a
+    `unigram_logp` (V float tensor of log-probabilities), when given, scores the same targets with a unigram
+    model for the baseline. `buckets` are document-position boundaries (tokens) for a
     per-position breakdown, e.g. (4096, 32768) -> "0-4096", "4096-32768", "32768+".
     """
     was_training = model.training
     model.eval()
-    if unigram_logp is None and hasattr(loader, "unigram_logp"):
-        unigram_logp = loader.unigram_logp()
     state = model.init_state(num_streams, device=device)
     total_loss, total_tokens, uni_loss, steps = 0.0, 0, 0.0, 0
     edges = (0, *buckets, math.inf)

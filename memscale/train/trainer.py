@@ -17,7 +17,7 @@ import torch
 
 from memscale.checkpoint import simple as ckpt
 from memscale.config import Config, ConfigError, to_dict
-from memscale.data.sources import build_loader, data_vocab_size
+from memscale.data.sources import build_loader, data_vocab_size, unigram_logp
 from memscale.eval.evaluate import evaluate_lm
 from memscale.models import MemoryTransformer
 from memscale.models.memory.base import MemoryState
@@ -109,7 +109,7 @@ class Trainer:
         self.step = ts.step
 
     def save(self) -> Path:
-        return ckpt.save(self.ckpt_root, self.gather_state())
+        return ckpt.save(self.ckpt_root, self.gather_state(), keep=self.cfg.train.keep_checkpoints)
 
     # -- loop ----------------------------------------------------------------------------------------------------
     def train(self) -> TrainSummary:
@@ -127,6 +127,7 @@ class Trainer:
             f"{tokens_per_step} tokens/step ({t.bptt_segments} segments x {cfg.data.num_streams} streams x "
             f"{cfg.data.segment_len}) | memory_grad={t.memory_grad} | matmul peak {peak.best / 1e9:.0f} GFLOP/s"
         )
+        uni = unigram_logp(cfg.data) if t.eval_every else None
         train_iter = iter(self.train_loader)
         last = {"loss": math.nan, "val_loss": math.nan, "val_ppl": math.nan, "tok_s": 0.0, "mfu": 0.0}
         window_loss, window_targets, window_time, window_steps = 0.0, 0, 0.0, 0
@@ -162,7 +163,7 @@ class Trainer:
                 window_loss, window_targets, window_time, window_steps = 0.0, 0, 0.0, 0
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                 ev = evaluate_lm(self.model, build_loader(cfg, "val", infinite=False), num_segments=t.eval_segments,
-                                 num_streams=cfg.data.num_streams, device=self.device)
+                                 num_streams=cfg.data.num_streams, device=self.device, unigram_logp=uni)
                 self.model.train()
                 logger.scalars(self.step, {"val/loss": ev.loss, "val/ppl": ev.ppl})
                 msg = f"validation @ step {self.step}: loss {ev.loss:.4f} | ppl {ev.ppl:.2f} | {ev.num_tokens} tokens"
@@ -171,6 +172,8 @@ class Trainer:
                     msg += f" | unigram baseline ppl {ev.unigram_ppl:.2f}"
                 say(msg)
                 last.update(val_loss=ev.loss, val_ppl=ev.ppl)
+            if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
+                say(f"checkpoint: {self.save()}")
         path = self.save()
         say(f"checkpoint: {path}")
         logger.close()

@@ -14,8 +14,11 @@ def matmul_flops_per_s(*, n: int = 1024, seconds: float = 0.25, dtype: torch.dty
     On shared CPUs the rate wanders by ~1.5x within minutes, so callers take the best of several samples
     spread over the run (`PeakMeter`) rather than one reading at start-up.
     """
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
+    # A private generator: sampling the peak between training steps must not move the training RNG (dropout
+    # masks, sticky-memory samples), or a resumed run would diverge from an uninterrupted one.
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, dtype=dtype, device=device, generator=g)
+    b = torch.randn(n, n, dtype=dtype, device=device, generator=g)
     torch.mm(a, b)  # warm-up: thread pool and allocator
     reps, start = 0, time.perf_counter()
     while True:

@@ -1,0 +1,137 @@
+"""End to end on real files: prepare the bundled corpus, train, read TensorBoard back, resume exactly."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memscale.checkpoint import simple as ckpt
+from memscale.config import config_from_dict
+from memscale.data.prepare import prepare
+from memscale.train.trainer import Trainer
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "bundled"
+    prepare(out, source="bundled", vocab_size=VOCAB)
+    return out
+
+
+def _cfg(data_dir, out_dir, *extra):
+    return config_from_dict({}, [
+        "model.d_model=32", "model.num_layers=2", "model.num_heads=2", f"model.vocab_size={VOCAB}",
+        "model.memory.kind=rmt", "model.memory.num_tokens=4",
+        f"data.dir={data_dir}", "data.segment_len=16", "data.num_streams=2",
+        "train.max_steps=8", "train.warmup_steps=2", "train.bptt_segments=2", "train.memory_grad=truncated",
+        "train.eval_every=4", "train.eval_segments=4", "train.log_every=2", f"train.out_dir={out_dir}",
+        *extra,
+    ])
+
+
+def _events(out_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(out_dir) / "tb"))
+    acc.Reload()
+    return acc
+
+
+def test_train_logs_tensorboard_and_checkpoints(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = Trainer(_cfg(data_dir, out)).train()
+    printed = capsys.readouterr().out
+    assert "step      8/8" in printed and "validation @ step 8" in printed and "unigram baseline ppl" in printed
+    acc = _events(out)
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu",
+                "memory/norm/mem", "val/loss", "val/ppl", "val/unigram_ppl"):
+        assert tag in tags, tag
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [2, 4, 6, 8]
+    assert loss[-1].value == pytest.approx(summary.final_loss, rel=1e-6)
+    assert acc.Scalars("val/ppl")[-1].value == pytest.approx(summary.val_ppl, rel=1e-6)
+    assert 0 < acc.Scalars("train/mfu")[-1].value < 1.5
+    ts = ckpt.load(ckpt.latest(out / "checkpoints"))
+    assert ts.step == 8 and "mem" in ts.memory and ts.loader["steps"] == 16
+
+
+def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
+    """Stop after 4 of 8 steps (a kept checkpoint), resume: weights, memory and loss equal the straight run.
+
+    Exact equality (not a tolerance): same ops, same order, same RNG and loader position on one thread.
+    """
+    straight = tmp_path / "straight"
+    a = Trainer(_cfg(data_dir, straight, "train.save_every=4", "train.keep_checkpoints=3",
+                     "model.dropout=0.1")).train()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000008")
+    (resumed / "checkpoints" / "latest").write_text("step-000004\n")
+    b = Trainer(_cfg(data_dir, resumed, "train.save_every=4", "train.keep_checkpoints=3", "model.dropout=0.1"),
+                resume=True).train()
+    assert b.steps == 8 and b.final_loss == a.final_loss and b.val_ppl == a.val_ppl
+    sa = ckpt.load(straight / "checkpoints" / "step-000008")
+    sb = ckpt.load(resumed / "checkpoints" / "step-000008")
+    for name, t in sa.model.items():
+        assert torch.equal(t, sb.model[name]), name
+    assert torch.equal(sa.memory["mem"], sb.memory["mem"])
+    assert sa.loader == sb.loader
+
+
+def _memscale(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "memscale.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
+        ("train.max_steps=ten", "train.max_steps='ten' must be an integer"),
+        ("data.segment_len=0", "data.segment_len=0 must be > 0"),
+        ("model.memory.kind=rmtt", "model.memory.kind='rmtt' is not one of"),
+        ("data.dir=/nonexistent/data", "data.dir=/nonexistent/data does not exist"),
+        ("model.vocab_size=1000", "model.vocab_size=1000 differs from the tokenizer"),
+    ],
+)
+def test_cli_bad_input_one_line_and_nothing_written(data_dir, tmp_path, override, fragment):
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  dir: {data_dir}\nmodel:\n  vocab_size: {VOCAB}\n  d_model: 32\n  num_heads: 2\n"
+                   f"train:\n  out_dir: {out}\n  max_steps: 2\n")
+    r = _memscale("train", str(cfg), "--set", override)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_truncated_shard_is_named(data_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    shard = sorted((broken / "train").glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  dir: {broken}\nmodel:\n  vocab_size: {VOCAB}\n  d_model: 32\n  num_heads: 2\n"
+                   f"train:\n  out_dir: {tmp_path / 'run'}\n  max_steps: 2\n")
+    r = _memscale("train", str(cfg))
+    assert r.returncode == 2
+    assert shard.name in r.stderr and "memscale data prepare" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_existing_run_is_not_overwritten(data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    precious = out / "notes.txt"
+    precious.write_text("keep me")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  dir: {data_dir}\nmodel:\n  vocab_size: {VOCAB}\n  d_model: 32\n  num_heads: 2\n"
+                   f"train:\n  out_dir: {out}\n  max_steps: 2\n")
+    r = _memscale("train", str(cfg))
+    assert r.returncode == 2 and "already holds files" in r.stderr
+    assert precious.read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
