@@ -120,16 +120,17 @@ class _SavedBytes:
         return holder.t
 
 
-def _peak_saved_bytes(mode, n):
-    model = tiny_model("rmt", seed=0)
+def _peak_saved_bytes(mode, n, kind="rmt"):
+    model = tiny_model(kind, seed=0)
     meter = _SavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         run_window(model, random_batches(n), model.init_state(2), memory_grad=mode)
     return meter.peak
 
 
-def test_replay_saved_bytes_do_not_grow_with_segments():
-    replay = [_peak_saved_bytes("replay", n) for n in (2, 8)]
-    truncated = [_peak_saved_bytes("truncated", n) for n in (2, 8)]
+@pytest.mark.parametrize("kind", ["rmt", "memformer"])
+def test_replay_saved_bytes_do_not_grow_with_segments(kind):
+    replay = [_peak_saved_bytes("replay", n, kind) for n in (2, 8)]
+    truncated = [_peak_saved_bytes("truncated", n, kind) for n in (2, 8)]
     assert replay[1] == replay[0], replay  # one segment's graph at a time, whatever the window
     assert truncated[1] > 3 * truncated[0], truncated  # plain BPTT keeps every segment's activations

@@ -6,7 +6,7 @@ import torch
 from memscale.models.memory.base import MemoryState
 from tests.helpers import tiny_model
 
-ALL_KINDS = ["none", "rmt"]
+ALL_KINDS = ["none", "rmt", "xl", "memformer", "lamemo", "infinity"]
 
 
 def _tokens(seed, B=2, T=8):
