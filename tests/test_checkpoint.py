@@ -17,12 +17,22 @@ from tests.helpers import tiny_model
 def _state(step, model=None):
     model = model or tiny_model("rmt")
     opt = torch.optim.AdamW(model.parameters())
-    model(torch.zeros(2, 8, dtype=torch.long), model.init_state(2), targets_BT=torch.ones(2, 8, dtype=torch.long)
-          ).loss_sum.backward()
+    model(
+        torch.zeros(2, 8, dtype=torch.long),
+        model.init_state(2),
+        targets_BT=torch.ones(2, 8, dtype=torch.long),
+    ).loss_sum.backward()
     opt.step()
-    return ckpt.TrainState(step=step, model=model.state_dict(), optimizer=opt.state_dict(), scheduler={"last_epoch": step},
-                           loader={"pos": [1, 2, 3]}, memory={"mem": torch.randn(2, 4, 32)}, rng=ckpt.rng_state(),
-                           config={"k": 1})
+    return ckpt.TrainState(
+        step=step,
+        model=model.state_dict(),
+        optimizer=opt.state_dict(),
+        scheduler={"last_epoch": step},
+        loader={"pos": [1, 2, 3]},
+        memory={"mem": torch.randn(2, 4, 32)},
+        rng=ckpt.rng_state(),
+        config={"k": 1},
+    )
 
 
 def test_roundtrip_exact(tmp_path):

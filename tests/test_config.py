@@ -8,7 +8,9 @@ from memscale.config import ConfigError, config_from_dict, load_config
 def test_overrides_apply_with_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  d_model: 64\n  num_heads: 4\ntrain:\n  max_steps: 5\n")
-    cfg = load_config(path, ["train.max_steps=20", "model.memory.kind=rmt", "train.lr=3e-4", "train.overwrite=true"])
+    cfg = load_config(
+        path, ["train.max_steps=20", "model.memory.kind=rmt", "train.lr=3e-4", "train.overwrite=true"]
+    )
     assert cfg.model.d_model == 64 and cfg.train.max_steps == 20 and cfg.model.memory.kind == "rmt"
     assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.overwrite is True
 
@@ -24,7 +26,10 @@ def test_overrides_apply_with_types(tmp_path):
         (["data.segment_len=-4"], "data.segment_len=-4 must be > 0"),
         (["model.num_heads=3"], "model.num_heads=3 must divide model.d_model=512"),
         (["train.memory_grad=replay"], "train.memory_grad=replay needs a memory that carries gradient"),
-        (["model.memory.kind=memformer", "model.memory.num_tokens=0"], "model.memory.num_tokens=0 must be > 0"),
+        (
+            ["model.memory.kind=memformer", "model.memory.num_tokens=0"],
+            "model.memory.num_tokens=0 must be > 0",
+        ),
         (["model.memory.kind=infinity", "model.memory.num_basis=0"], "model.memory.num_basis=0 must be > 0"),
         (["parallel.tp=3"], "parallel.tp=3 must divide model.num_heads=8"),
         (["train.dtype=bfloat16"], "bfloat16 on train.device=cpu"),

@@ -85,6 +85,8 @@ def test_state_container_roundtrip_and_where():
 def test_flops_formula_counts_output_projection_once():
     model = tiny_model("none")
     d, L, V, T = 32, 2, 50, 8
-    blocks = sum(p.numel() for p in model.blocks.parameters()) + sum(p.numel() for p in model.norm.parameters())
+    blocks = sum(p.numel() for p in model.blocks.parameters()) + sum(
+        p.numel() for p in model.norm.parameters()
+    )
     expected = 6 * (blocks + V * d) + 12 * L * d * (T + 1) / 2
     assert model.flops_per_token() == pytest.approx(expected)

@@ -24,14 +24,29 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, out_dir, *extra):
-    return config_from_dict({}, [
-        "model.d_model=32", "model.num_layers=2", "model.num_heads=2", f"model.vocab_size={VOCAB}",
-        "model.memory.kind=rmt", "model.memory.num_tokens=4",
-        f"data.dir={data_dir}", "data.segment_len=16", "data.num_streams=2",
-        "train.max_steps=8", "train.warmup_steps=2", "train.bptt_segments=2", "train.memory_grad=truncated",
-        "train.eval_every=4", "train.eval_segments=4", "train.log_every=2", f"train.out_dir={out_dir}",
-        *extra,
-    ])
+    return config_from_dict(
+        {},
+        [
+            "model.d_model=32",
+            "model.num_layers=2",
+            "model.num_heads=2",
+            f"model.vocab_size={VOCAB}",
+            "model.memory.kind=rmt",
+            "model.memory.num_tokens=4",
+            f"data.dir={data_dir}",
+            "data.segment_len=16",
+            "data.num_streams=2",
+            "train.max_steps=8",
+            "train.warmup_steps=2",
+            "train.bptt_segments=2",
+            "train.memory_grad=truncated",
+            "train.eval_every=4",
+            "train.eval_segments=4",
+            "train.log_every=2",
+            f"train.out_dir={out_dir}",
+            *extra,
+        ],
+    )
 
 
 def _events(out_dir):
@@ -46,11 +61,23 @@ def test_train_logs_tensorboard_and_checkpoints(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     summary = Trainer(_cfg(data_dir, out)).train()
     printed = capsys.readouterr().out
-    assert "step      8/8" in printed and "validation @ step 8" in printed and "unigram baseline ppl" in printed
+    assert (
+        "step      8/8" in printed and "validation @ step 8" in printed and "unigram baseline ppl" in printed
+    )
     acc = _events(out)
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu",
-                "memory/norm/mem", "val/loss", "val/ppl", "val/unigram_ppl"):
+    for tag in (
+        "train/loss",
+        "train/ppl",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/mfu",
+        "memory/norm/mem",
+        "val/loss",
+        "val/ppl",
+        "val/unigram_ppl",
+    ):
         assert tag in tags, tag
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [2, 4, 6, 8]
@@ -67,14 +94,17 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
     Exact equality (not a tolerance): same ops, same order, same RNG and loader position on one thread.
     """
     straight = tmp_path / "straight"
-    a = Trainer(_cfg(data_dir, straight, "train.save_every=4", "train.keep_checkpoints=3",
-                     "model.dropout=0.1")).train()
+    a = Trainer(
+        _cfg(data_dir, straight, "train.save_every=4", "train.keep_checkpoints=3", "model.dropout=0.1")
+    ).train()
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000008")
     (resumed / "checkpoints" / "latest").write_text("step-000004\n")
-    b = Trainer(_cfg(data_dir, resumed, "train.save_every=4", "train.keep_checkpoints=3", "model.dropout=0.1"),
-                resume=True).train()
+    b = Trainer(
+        _cfg(data_dir, resumed, "train.save_every=4", "train.keep_checkpoints=3", "model.dropout=0.1"),
+        resume=True,
+    ).train()
     assert b.steps == 8 and b.final_loss == a.final_loss and b.val_ppl == a.val_ppl
     sa = ckpt.load(straight / "checkpoints" / "step-000008")
     sb = ckpt.load(resumed / "checkpoints" / "step-000008")
@@ -85,7 +115,9 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
 
 
 def _memscale(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "memscale.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "memscale.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,8 +134,10 @@ def _memscale(*args, cwd=None):
 def test_cli_bad_input_one_line_and_nothing_written(data_dir, tmp_path, override, fragment):
     out = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"data:\n  dir: {data_dir}\nmodel:\n  vocab_size: {VOCAB}\n  d_model: 32\n  num_heads: 2\n"
-                   f"train:\n  out_dir: {out}\n  max_steps: 2\n")
+    cfg.write_text(
+        f"data:\n  dir: {data_dir}\nmodel:\n  vocab_size: {VOCAB}\n  d_model: 32\n  num_heads: 2\n"
+        f"train:\n  out_dir: {out}\n  max_steps: 2\n"
+    )
     r = _memscale("train", str(cfg), "--set", override)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -117,11 +151,17 @@ def test_truncated_shard_is_named(data_dir, tmp_path):
     shard = sorted((broken / "train").glob("*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"data:\n  dir: {broken}\nmodel:\n  vocab_size: {VOCAB}\n  d_model: 32\n  num_heads: 2\n"
-                   f"train:\n  out_dir: {tmp_path / 'run'}\n  max_steps: 2\n")
+    cfg.write_text(
+        f"data:\n  dir: {broken}\nmodel:\n  vocab_size: {VOCAB}\n  d_model: 32\n  num_heads: 2\n"
+        f"train:\n  out_dir: {tmp_path / 'run'}\n  max_steps: 2\n"
+    )
     r = _memscale("train", str(cfg))
     assert r.returncode == 2
-    assert shard.name in r.stderr and "memscale data prepare" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (
+        shard.name in r.stderr
+        and "memscale data prepare" in r.stderr
+        and len(r.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_existing_run_is_not_overwritten(data_dir, tmp_path):
@@ -130,8 +170,10 @@ def test_existing_run_is_not_overwritten(data_dir, tmp_path):
     precious = out / "notes.txt"
     precious.write_text("keep me")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"data:\n  dir: {data_dir}\nmodel:\n  vocab_size: {VOCAB}\n  d_model: 32\n  num_heads: 2\n"
-                   f"train:\n  out_dir: {out}\n  max_steps: 2\n")
+    cfg.write_text(
+        f"data:\n  dir: {data_dir}\nmodel:\n  vocab_size: {VOCAB}\n  d_model: 32\n  num_heads: 2\n"
+        f"train:\n  out_dir: {out}\n  max_steps: 2\n"
+    )
     r = _memscale("train", str(cfg))
     assert r.returncode == 2 and "already holds files" in r.stderr
     assert precious.read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -101,8 +101,15 @@ class _HFRunner:
 
         m, d = cfg.model, cfg.data
         hf_cfg = GPT2Config(
-            vocab_size=m.vocab_size, n_positions=d.segment_len, n_embd=m.d_model, n_layer=m.num_layers,
-            n_head=m.num_heads, n_inner=m.d_ff or 4 * m.d_model, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            vocab_size=m.vocab_size,
+            n_positions=d.segment_len,
+            n_embd=m.d_model,
+            n_layer=m.num_layers,
+            n_head=m.num_heads,
+            n_inner=m.d_ff or 4 * m.d_model,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
             tie_word_embeddings=True,
         )
         torch.manual_seed(0)
@@ -112,8 +119,9 @@ class _HFRunner:
         self.batches = _random_batches(cfg, seed=0)
         self.tokens = cfg.train.bptt_segments * d.num_streams * d.segment_len
         # Same formula as memscale's model, from the same shape: causal attention over the segment.
-        probe = MemoryTransformer(config_from_dict(_as_dict(cfg), ["model.memory.kind=none"]).model,
-                                  segment_len=d.segment_len)
+        probe = MemoryTransformer(
+            config_from_dict(_as_dict(cfg), ["model.memory.kind=none"]).model, segment_len=d.segment_len
+        )
         self.flops_per_token = probe.flops_per_token()
 
     def fwd_bwd(self) -> None:
@@ -135,8 +143,16 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run(*, base: Config | None, overrides: list[str], kinds: list[str], steps: int, rounds: int, hf: str,
-        log=print) -> dict:
+def run(
+    *,
+    base: Config | None,
+    overrides: list[str],
+    kinds: list[str],
+    steps: int,
+    rounds: int,
+    hf: str,
+    log=print,
+) -> dict:
     runners: dict[str, object] = {}
     for kind in kinds:
         runners[kind] = _MemscaleRunner(_kind_config(base, overrides, kind))
@@ -147,12 +163,14 @@ def run(*, base: Config | None, overrides: list[str], kinds: list[str], steps: i
 
             want_hf = True
         except ImportError:
-            log("transformers is not installed: skipping the Hugging Face GPT-2 reference (pip install transformers)")
+            log(
+                "transformers is not installed: skipping the Hugging Face GPT-2 reference (pip install transformers)"
+            )
     if want_hf:
         runners["hf-gpt2"] = _HFRunner(_kind_config(base, overrides, "none"))
     peak = PeakMeter()
     best = {name: {"fwd_bwd": float("inf"), "step": float("inf")} for name in runners}
-    for name, r in runners.items():  # warm-up: allocator, thread pool, first-call costs
+    for r in runners.values():  # warm-up: allocator, thread pool, first-call costs
         r.step()
     for rnd in range(rounds):
         for name, r in runners.items():
@@ -169,29 +187,41 @@ def run(*, base: Config | None, overrides: list[str], kinds: list[str], steps: i
     for name, r in runners.items():
         tps_fb = r.tokens / best[name]["fwd_bwd"]
         tps_step = r.tokens / best[name]["step"]
-        rows.append({
-            "kind": name,
-            "tokens_per_step": r.tokens,
-            "fwd_bwd_s": best[name]["fwd_bwd"],
-            "step_s": best[name]["step"],
-            "fwd_bwd_tokens_per_s": tps_fb,
-            "step_tokens_per_s": tps_step,
-            "flops_per_token": r.flops_per_token,
-            "mfu_fwd_bwd": tps_fb * r.flops_per_token / peak.best,
-            "mfu_step": tps_step * r.flops_per_token / peak.best,
-            "vs_hf_gpt2": tps_fb / hf_tps if hf_tps else None,
-        })
+        rows.append(
+            {
+                "kind": name,
+                "tokens_per_step": r.tokens,
+                "fwd_bwd_s": best[name]["fwd_bwd"],
+                "step_s": best[name]["step"],
+                "fwd_bwd_tokens_per_s": tps_fb,
+                "step_tokens_per_s": tps_step,
+                "flops_per_token": r.flops_per_token,
+                "mfu_fwd_bwd": tps_fb * r.flops_per_token / peak.best,
+                "mfu_step": tps_step * r.flops_per_token / peak.best,
+                "vs_hf_gpt2": tps_fb / hf_tps if hf_tps else None,
+            }
+        )
     shape_cfg = _kind_config(base, overrides, "none")
     return {
         "benchmark": "throughput",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "shape": {"d_model": shape_cfg.model.d_model, "num_layers": shape_cfg.model.num_layers,
-                  "num_heads": shape_cfg.model.num_heads, "vocab_size": shape_cfg.model.vocab_size,
-                  "segment_len": shape_cfg.data.segment_len, "num_streams": shape_cfg.data.num_streams,
-                  "bptt_segments": shape_cfg.train.bptt_segments,
-                  "memory_tokens": shape_cfg.model.memory.num_tokens, "dtype": "float32"},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "shape": {
+            "d_model": shape_cfg.model.d_model,
+            "num_layers": shape_cfg.model.num_layers,
+            "num_heads": shape_cfg.model.num_heads,
+            "vocab_size": shape_cfg.model.vocab_size,
+            "segment_len": shape_cfg.data.segment_len,
+            "num_streams": shape_cfg.data.num_streams,
+            "bptt_segments": shape_cfg.train.bptt_segments,
+            "memory_tokens": shape_cfg.model.memory.num_tokens,
+            "dtype": "float32",
+        },
         "matmul_peak_flops": peak.best,
         "flops_formula": "6 x (non-embedding params + output projection) + 12 x layers x d_model x mean attended keys",
         "rows": rows,
@@ -199,22 +229,30 @@ def run(*, base: Config | None, overrides: list[str], kinds: list[str], steps: i
 
 
 def format_table(result: dict) -> str:
-    head = (f"{'kind':<10} {'fwd+bwd tok/s':>14} {'MFU fwd+bwd':>12} {'step tok/s':>11} {'MFU step':>9} "
-            f"{'vs HF GPT-2':>12}")
+    head = (
+        f"{'kind':<10} {'fwd+bwd tok/s':>14} {'MFU fwd+bwd':>12} {'step tok/s':>11} {'MFU step':>9} "
+        f"{'vs HF GPT-2':>12}"
+    )
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         vs = f"{r['vs_hf_gpt2']:.2f}x" if r["vs_hf_gpt2"] is not None else "-"
-        lines.append(f"{r['kind']:<10} {r['fwd_bwd_tokens_per_s']:>14.0f} {r['mfu_fwd_bwd']:>12.3f} "
-                     f"{r['step_tokens_per_s']:>11.0f} {r['mfu_step']:>9.3f} {vs:>12}")
-    lines.append(f"matmul peak (best sample): {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s fp32; "
-                 f"FLOPs/token = {result['flops_formula']}")
+        lines.append(
+            f"{r['kind']:<10} {r['fwd_bwd_tokens_per_s']:>14.0f} {r['mfu_fwd_bwd']:>12.3f} "
+            f"{r['step_tokens_per_s']:>11.0f} {r['mfu_step']:>9.3f} {vs:>12}"
+        )
+    lines.append(
+        f"matmul peak (best sample): {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s fp32; "
+        f"FLOPs/token = {result['flops_formula']}"
+    )
     return "\n".join(lines)
 
 
 def main(args) -> int:
     base = load_config(args.config) if args.config else None
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    result = run(base=base, overrides=args.overrides, kinds=kinds, steps=args.steps, rounds=args.rounds, hf=args.hf)
+    result = run(
+        base=base, overrides=args.overrides, kinds=kinds, steps=args.steps, rounds=args.rounds, hf=args.hf
+    )
     print(format_table(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,9 @@ def save(ckpt_root: str | os.PathLike, ts: TrainState, *, keep: int = 2) -> Path
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
             _fsync_file(tmp / name)
-        manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files}
+        manifest = {
+            name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
+        }
         (tmp / "manifest.json").write_text(json.dumps({"step": ts.step, "files": manifest}, indent=1))
         _fsync_file(tmp / "manifest.json")
         _fsync_dir(tmp)
@@ -162,7 +164,9 @@ def verify(path: str | os.PathLike) -> dict:
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
-        raise ValueError(f"checkpoint {path} has no manifest.json: it is incomplete; resume from an earlier one")
+        raise ValueError(
+            f"checkpoint {path} has no manifest.json: it is incomplete; resume from an earlier one"
+        )
     manifest = json.loads(manifest_path.read_text())
     for name, info in manifest["files"].items():
         f = path / name
@@ -178,7 +182,9 @@ def load(path: str | os.PathLike) -> TrainState:
     verify(path)
     meta = json.loads((path / "trainer.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        raise ValueError(
+            f"checkpoint {path} has format {meta.get('format_version')}, expected {FORMAT_VERSION}"
+        )
     model = load_file(path / "model.safetensors")
     for alias, target in meta["tied"].items():
         model[alias] = model[target]

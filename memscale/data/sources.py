@@ -19,11 +19,15 @@ def _meta(data: DataConfig) -> dict:
             f"data.dir={data.dir} does not exist: run `memscale data prepare --source bundled --out {data.dir}` first"
         )
     if not path.exists():
-        raise ConfigError(f"data.dir={data.dir} has no meta.json: run `memscale data prepare --out {data.dir}` again")
+        raise ConfigError(
+            f"data.dir={data.dir} has no meta.json: run `memscale data prepare --out {data.dir}` again"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise ConfigError(f"{path} is not valid JSON: run `memscale data prepare --out {data.dir}` again") from None
+        raise ConfigError(
+            f"{path} is not valid JSON: run `memscale data prepare --out {data.dir}` again"
+        ) from None
 
 
 def data_vocab_size(data: DataConfig) -> int | None:
@@ -58,8 +62,15 @@ def build_loader(cfg: Config, split: str, *, infinite: bool):
         from memscale.data.loader import StreamLoader
 
         _meta(d)
-        return StreamLoader(d.dir, split, segment_len=d.segment_len, num_streams=d.num_streams,
-                            num_workers=d.num_workers, seed=d.seed, infinite=infinite)
+        return StreamLoader(
+            d.dir,
+            split,
+            segment_len=d.segment_len,
+            num_streams=d.num_streams,
+            num_workers=d.num_workers,
+            seed=d.seed,
+            infinite=infinite,
+        )
     from memscale.data.synthetic import TaskLoader
 
     return TaskLoader(cfg, split, infinite=infinite)

@@ -22,7 +22,9 @@ def resolve_checkpoint(path: str) -> Path:
         found = ckpt.latest(root) if root.is_dir() else None
         if found is not None:
             return found
-    raise ConfigError(f"--checkpoint {path}: no checkpoint there; pass a run's out_dir or a step-NNNNNN directory")
+    raise ConfigError(
+        f"--checkpoint {path}: no checkpoint there; pass a run's out_dir or a step-NNNNNN directory"
+    )
 
 
 def load_model(path: Path, *, device: str = "cpu") -> tuple[MemoryTransformer, dict]:
@@ -38,15 +40,25 @@ def run_eval(args) -> int:
     path = resolve_checkpoint(args.checkpoint)
     model, saved = load_model(path, device=cfg.train.device)
     if saved["model"] != dataclasses.asdict(cfg.model):
-        raise ConfigError(f"model.* in {args.config} differs from the checkpoint {path}: use the training config")
+        raise ConfigError(
+            f"model.* in {args.config} differs from the checkpoint {path}: use the training config"
+        )
     loader = build_loader(cfg, "val", infinite=False)
     torch.manual_seed(cfg.train.seed)
     if cfg.data.source == "corpus":
-        ev = evaluate_lm(model, loader, num_segments=args.segments, num_streams=cfg.data.num_streams,
-                         device=cfg.train.device, buckets=(4096, 32768, 262144),
-                         unigram_logp=unigram_logp(cfg.data))
+        ev = evaluate_lm(
+            model,
+            loader,
+            num_segments=args.segments,
+            num_streams=cfg.data.num_streams,
+            device=cfg.train.device,
+            buckets=(4096, 32768, 262144),
+            unigram_logp=unigram_logp(cfg.data),
+        )
         print(f"checkpoint {path}")
-        print(f"validation: loss {ev.loss:.4f} | ppl {ev.ppl:.2f} | {ev.num_tokens} tokens | {ev.num_segments} segments")
+        print(
+            f"validation: loss {ev.loss:.4f} | ppl {ev.ppl:.2f} | {ev.num_tokens} tokens | {ev.num_segments} segments"
+        )
         if ev.unigram_ppl is not None:
             print(f"unigram baseline ppl {ev.unigram_ppl:.2f}")
         for label, (loss, n) in ev.by_position.items():
@@ -56,6 +68,8 @@ def run_eval(args) -> int:
 
     acc = evaluate_task(model, loader, num_examples=args.segments)
     print(f"checkpoint {path}")
-    print(f"{cfg.data.source}: answer accuracy {acc.accuracy:.4f} over {acc.num_answers} answers "
-          f"(chance {acc.chance:.4f})")
+    print(
+        f"{cfg.data.source}: answer accuracy {acc.accuracy:.4f} over {acc.num_answers} answers "
+        f"(chance {acc.chance:.4f})"
+    )
     return 0

@@ -23,9 +23,16 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_lm(model: MemoryTransformer, loader, *, num_segments: int | None, num_streams: int,
-                device: torch.device | str = "cpu", unigram_logp=None,
-                buckets: tuple[int, ...] = ()) -> EvalResult:
+def evaluate_lm(
+    model: MemoryTransformer,
+    loader,
+    *,
+    num_segments: int | None,
+    num_streams: int,
+    device: torch.device | str = "cpu",
+    unigram_logp=None,
+    buckets: tuple[int, ...] = (),
+) -> EvalResult:
     """Stream `loader` for up to `num_segments` segment steps (all when None) with memory carried.
 
     `unigram_logp` (V float tensor of log-probabilities), when given, scores the same targets with a unigram
@@ -50,7 +57,10 @@ def evaluate_lm(model: MemoryTransformer, loader, *, num_segments: int | None, n
         if not mask.any():
             continue
         tok_loss = torch.nn.functional.cross_entropy(
-            out.logits_BTV.flatten(0, 1).float(), batch.targets_BT.flatten(), ignore_index=-100, reduction="none"
+            out.logits_BTV.flatten(0, 1).float(),
+            batch.targets_BT.flatten(),
+            ignore_index=-100,
+            reduction="none",
         ).view_as(batch.targets_BT)
         total_loss += tok_loss[mask].sum().item()
         total_tokens += int(mask.sum())
@@ -59,8 +69,9 @@ def evaluate_lm(model: MemoryTransformer, loader, *, num_segments: int | None, n
         if buckets:
             T = batch.tokens_BT.shape[1]
             pos = batch.doc_pos_B[:, None] + torch.arange(T, device=device)[None, :]
-            idx = torch.bucketize(pos[mask].double().cpu(), torch.tensor(edges[1:-1], dtype=torch.float64),
-                                  right=True)
+            idx = torch.bucketize(
+                pos[mask].double().cpu(), torch.tensor(edges[1:-1], dtype=torch.float64), right=True
+            )
             pos_loss.index_add_(0, idx, tok_loss[mask].double().cpu())
             pos_count.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
     if was_training:

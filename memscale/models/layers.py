@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,13 +38,17 @@ class Attention(nn.Module):
         B, H, S, K = o_BHSK.shape
         return self.out(o_BHSK.transpose(1, 2).reshape(B, S, H * K))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False):
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False
+    ):
         p = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
 
     def forward(self, h_BSD: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = True) -> Tensor:
         q, k, v = self.project(h_BSD)
-        return self.merge(self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None))
+        return self.merge(
+            self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None)
+        )
 
 
 class MLP(nn.Module):
@@ -80,7 +83,11 @@ def init_weights(module: nn.Module, *, num_layers: int) -> None:
     """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1 / sqrt(2 L)."""
     for name, p in module.named_parameters():
         if p.dim() >= 2:
-            std = 0.02 / math.sqrt(2 * num_layers) if name.endswith(("attn.out.weight", "mlp.down.weight")) else 0.02
+            std = (
+                0.02 / math.sqrt(2 * num_layers)
+                if name.endswith(("attn.out.weight", "mlp.down.weight"))
+                else 0.02
+            )
             nn.init.normal_(p, mean=0.0, std=std)
         elif name.endswith("bias"):
             nn.init.zeros_(p)

@@ -78,7 +78,9 @@ class MemoryTransformer(nn.Module):
         x = self.embed(tokens_BT)
         if self.pos is not None:
             if T > self.pos.num_embeddings:
-                raise ValueError(f"segment of {T} tokens exceeds the position table ({self.pos.num_embeddings})")
+                raise ValueError(
+                    f"segment of {T} tokens exceeds the position table ({self.pos.num_embeddings})"
+                )
             x = x + self.pos.weight[:T]
         x = self.drop(x)
         x, ctx = self.memory.begin(x, state)

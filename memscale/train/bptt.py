@@ -141,8 +141,10 @@ def _run_replay(model, batches, state, *, scale, total) -> WindowResult:
                     roots.append(out.state[name])
                     grads.append(g)
         if any(r.requires_grad for r in roots):
-            torch.autograd.backward([r for r in roots if r.requires_grad],
-                                    [g for r, g in zip(roots, grads, strict=True) if r.requires_grad])
+            torch.autograd.backward(
+                [r for r in roots if r.requires_grad],
+                [g for r, g in zip(roots, grads, strict=True) if r.requires_grad],
+            )
         grad_out = {n: x.grad for n, x in s_in.items() if x.grad is not None}
         boundary_states[t + 1] = None  # free states as soon as they are no longer needed
     return WindowResult(loss_sum, total, final_state)

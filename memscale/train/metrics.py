@@ -32,8 +32,18 @@ class MetricsLogger:
     def line(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
-    def progress(self, *, step: int, max_steps: int, loss: float, lr: float, grad_norm: float,
-                 tokens_per_s: float, mfu: float, step_seconds: float) -> None:
+    def progress(
+        self,
+        *,
+        step: int,
+        max_steps: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        tokens_per_s: float,
+        mfu: float,
+        step_seconds: float,
+    ) -> None:
         eta = (max_steps - step) * step_seconds
         self.line(
             f"step {step:>6}/{max_steps} | loss {loss:7.4f} | lr {lr:.2e} | grad {grad_norm:6.3f} | "

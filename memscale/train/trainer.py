@@ -152,18 +152,39 @@ class Trainer:
                 mfu = tok_s * flops_per_token / peak.sample()
                 loss = window_loss / max(window_targets, 1)
                 lr = self.scheduler.get_last_lr()[0]
-                logger.scalars(self.step, {
-                    "train/loss": loss, "train/ppl": math.exp(min(loss, 50.0)), "train/lr": lr,
-                    "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s, "train/mfu": mfu,
-                    **{f"memory/norm/{k}": v for k, v in self.state.norms().items()},
-                })
-                logger.progress(step=self.step, max_steps=t.max_steps, loss=loss, lr=lr, grad_norm=grad_norm,
-                                tokens_per_s=tok_s, mfu=mfu, step_seconds=step_s)
+                logger.scalars(
+                    self.step,
+                    {
+                        "train/loss": loss,
+                        "train/ppl": math.exp(min(loss, 50.0)),
+                        "train/lr": lr,
+                        "train/grad_norm": grad_norm,
+                        "train/tokens_per_s": tok_s,
+                        "train/mfu": mfu,
+                        **{f"memory/norm/{k}": v for k, v in self.state.norms().items()},
+                    },
+                )
+                logger.progress(
+                    step=self.step,
+                    max_steps=t.max_steps,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    tokens_per_s=tok_s,
+                    mfu=mfu,
+                    step_seconds=step_s,
+                )
                 last.update(loss=loss, tok_s=tok_s, mfu=mfu)
                 window_loss, window_targets, window_time, window_steps = 0.0, 0, 0.0, 0
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
-                ev = evaluate_lm(self.model, build_loader(cfg, "val", infinite=False), num_segments=t.eval_segments,
-                                 num_streams=cfg.data.num_streams, device=self.device, unigram_logp=uni)
+                ev = evaluate_lm(
+                    self.model,
+                    build_loader(cfg, "val", infinite=False),
+                    num_segments=t.eval_segments,
+                    num_streams=cfg.data.num_streams,
+                    device=self.device,
+                    unigram_logp=uni,
+                )
                 self.model.train()
                 logger.scalars(self.step, {"val/loss": ev.loss, "val/ppl": ev.ppl})
                 msg = f"validation @ step {self.step}: loss {ev.loss:.4f} | ppl {ev.ppl:.2f} | {ev.num_tokens} tokens"
@@ -177,9 +198,16 @@ class Trainer:
         path = self.save()
         say(f"checkpoint: {path}")
         logger.close()
-        return TrainSummary(steps=self.step, final_loss=last["loss"], val_loss=last["val_loss"],
-                            val_ppl=last["val_ppl"], tokens_per_s=last["tok_s"], mfu=last["mfu"],
-                            out_dir=str(self.out_dir), checkpoint=str(path))
+        return TrainSummary(
+            steps=self.step,
+            final_loss=last["loss"],
+            val_loss=last["val_loss"],
+            val_ppl=last["val_ppl"],
+            tokens_per_s=last["tok_s"],
+            mfu=last["mfu"],
+            out_dir=str(self.out_dir),
+            checkpoint=str(path),
+        )
 
 
 def _yaml(data: dict) -> str:

@@ -7,8 +7,13 @@ import time
 import torch
 
 
-def matmul_flops_per_s(*, n: int = 1024, seconds: float = 0.25, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device = "cpu") -> float:
+def matmul_flops_per_s(
+    *,
+    n: int = 1024,
+    seconds: float = 0.25,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> float:
     """One sample of the dense matmul rate: repeat an n x n x n matmul for about `seconds`.
 
     On shared CPUs the rate wanders by ~1.5x within minutes, so callers take the best of several samples

@@ -74,7 +74,9 @@ class MemoryState:
         return {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, Tensor], *, device: torch.device | str | None = None) -> MemoryState:
+    def from_state_dict(
+        cls, sd: dict[str, Tensor], *, device: torch.device | str | None = None
+    ) -> MemoryState:
         return cls({k: v.to(device) if device is not None else v for k, v in sd.items()})
 
     def norms(self) -> dict[str, float]:
@@ -126,7 +128,9 @@ class MemoryKind(nn.Module):
             return state
         # The model's dtype is that of the floating tensors; kinds that keep some tensor in another dtype (a bool
         # mask, a float32 normaliser) create it so in init_state, and `where` keeps each tensor's own dtype.
-        ref = next((t for t in state.tensors.values() if t.is_floating_point()), next(iter(state.tensors.values())))
+        ref = next(
+            (t for t in state.tensors.values() if t.is_floating_point()), next(iter(state.tensors.values()))
+        )
         init = self.init_state(reset_B.shape[0], device=ref.device, dtype=ref.dtype)
         return state.where(reset_B, init)
 

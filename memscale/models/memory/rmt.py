@@ -64,7 +64,9 @@ class RecurrentMemory(MemoryKind):
         mem_BKD = state["mem"].to(x_BTD.dtype)
         read = mem_BKD + self.read_pos_KD
         write = mem_BKD + self.write_pos_KD
-        ctx = StepContext(state=state, extra={"T": x_BTD.shape[1], "mask": self.mask(x_BTD.shape[1], x_BTD.device)})
+        ctx = StepContext(
+            state=state, extra={"T": x_BTD.shape[1], "mask": self.mask(x_BTD.shape[1], x_BTD.device)}
+        )
         return torch.cat([read, x_BTD, write], dim=1), ctx
 
     def attention(self, layer: int, attn: nn.Module, h_BSD: Tensor, ctx: StepContext) -> Tensor:
