@@ -217,14 +217,16 @@ def test_scorer_oracle_and_random_guess():
     assert limited.num_examples == 12  # rounded up to whole groups of 3 rows
 
 
-def _train_copy(kind: str, *, steps: int = 150):
-    """Train a tiny model on one-symbol copy across two segments; return its validation accuracy.
+def _train_copy(kind: str, *, steps: int = 300):
+    """Train a small model on two-symbol copy across two segments; return its validation accuracy.
 
-    segment_len=2 puts one symbol in the first segment (num_items("copy", 2) == 1) and asks for it in the second.
+    segment_len=4 puts two symbols in the first segment (num_items("copy", 4) == 2) and asks for them in the
+    second. Measured: rmt reaches 0.99 by step 200 at lr 1e-3 (at 3e-3 it stays on the unigram plateau).
     """
     cfg = _cfg(
         "copy",
-        "data.segment_len=2",
+        "model.d_model=64",
+        "data.segment_len=4",
         "data.task_segments=2",
         "data.num_streams=32",
         f"model.memory.kind={kind}",
@@ -232,7 +234,7 @@ def _train_copy(kind: str, *, steps: int = 150):
     )
     torch.manual_seed(0)
     model = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     batches = iter(TaskLoader(cfg, "train", infinite=True))
     state = model.init_state(cfg.data.num_streams)
     for _ in range(steps):
@@ -249,13 +251,6 @@ def test_none_stays_at_chance_on_copy():
     assert acc.accuracy < 2 * acc.chance, acc  # the answer's only source is the segment it cannot see
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "rmt does not leave chance in 150 steps: the carried memory is the final LayerNorm output (norm ~sqrt(D)), "
-        "about 50x the token embeddings (std 0.02); with unit-scale embeddings this reaches 0.77-1.0"
-    ),
-)
 def test_rmt_learns_copy_through_memory():
     acc = _train_copy("rmt")
-    assert acc.accuracy > 3 * acc.chance, acc
+    assert acc.accuracy > 0.9, acc  # information crossed the segment boundary through the memory tokens
