@@ -62,10 +62,14 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from memscale.bench.throughput import main as throughput_main
-
     if args.bench == "throughput":
+        from memscale.bench.throughput import main as throughput_main
+
         return throughput_main(args)
+    if args.bench == "tasks":
+        from memscale.bench.tasks import main as tasks_main
+
+        return tasks_main(args)
     raise AssertionError(args.bench)
 
 
@@ -126,7 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time a Hugging Face GPT-2 of the same shape (auto: when transformers is installed)",
     )
     tp.add_argument("--out", default="bench/results", help="directory for the JSON result")
-    for p in (bench, tp):
+    tk = bench_sub.add_parser("tasks", help="accuracy of each memory kind on synthetic memory tasks")
+    tk.add_argument("--kinds", default="none,rmt,xl,memformer,lamemo,infinity", help="comma-separated memory kinds")
+    tk.add_argument("--tasks", default="copy,assoc", help="comma-separated tasks: copy, reverse, assoc")
+    tk.add_argument("--segments", type=int, default=8, help="segments per example (information first, question last)")
+    tk.add_argument("--max-steps", type=int, default=2000, help="optimizer steps per kind and task, all stages")
+    tk.add_argument("--advance-at", type=float, default=0.99, help="curriculum: next stage at this val accuracy")
+    tk.add_argument("--eval-every", type=int, default=100, help="validation interval in steps")
+    tk.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tk.add_argument("--out", default="bench/results", help="directory for the JSON result")
+    for p in (bench, tp, tk):
         p.set_defaults(func=_cmd_bench)
     return parser
 
