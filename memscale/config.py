@@ -71,6 +71,9 @@ class ModelConfig:
     """Size of the learned position table; 0 means `data.segment_len`."""
     dropout: float = 0.0
     tie_embeddings: bool = True
+    fused_loss: bool = True
+    """Training loss by the chunked fused projection + cross-entropy (memscale/kernels/cross_entropy.py), which
+    keeps no logits for backward; false uses the plain head and F.cross_entropy (the reference)."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memscale.config import ModelConfig
+from memscale.kernels.cross_entropy import fused_linear_cross_entropy
 from memscale.models.layers import Block, init_weights
 from memscale.models.memory import build_memory
 from memscale.models.memory.base import MemoryState
@@ -88,7 +89,10 @@ class MemoryTransformer(nn.Module):
             x = block(x, self.memory, ctx)
         h_BTD, new_state = self.memory.end(self.norm(x), ctx)
         out = SegmentOutput(state=new_state, hidden_BTD=h_BTD)
-        if targets_BT is not None:
+        if targets_BT is not None and not return_logits and self.cfg.fused_loss and torch.is_grad_enabled():
+            out.loss_sum = fused_linear_cross_entropy(h_BTD.flatten(0, 1), self.head.weight, targets_BT.flatten())
+            out.num_targets = int((targets_BT != IGNORE_INDEX).sum())
+        elif targets_BT is not None:
             logits = self.head(h_BTD)
             out.loss_sum = F.cross_entropy(
                 logits.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
