@@ -66,6 +66,10 @@ def _cmd_bench(args) -> int:
         from memscale.bench.throughput import main as throughput_main
 
         return throughput_main(args)
+    if args.bench == "long":
+        from memscale.bench.long import main as long_main
+
+        return long_main(args)
     if args.bench == "tasks":
         from memscale.bench.tasks import main as tasks_main
 
@@ -131,15 +135,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument("--out", default="bench/results", help="directory for the JSON result")
     tk = bench_sub.add_parser("tasks", help="accuracy of each memory kind on synthetic memory tasks")
-    tk.add_argument("--kinds", default="none,rmt,xl,memformer,lamemo,infinity", help="comma-separated memory kinds")
+    tk.add_argument(
+        "--kinds", default="none,rmt,xl,memformer,lamemo,infinity", help="comma-separated memory kinds"
+    )
     tk.add_argument("--tasks", default="copy,assoc", help="comma-separated tasks: copy, reverse, assoc")
-    tk.add_argument("--segments", type=int, default=8, help="segments per example (information first, question last)")
-    tk.add_argument("--max-steps", type=int, default=2000, help="optimizer steps per kind and task, all stages")
-    tk.add_argument("--advance-at", type=float, default=0.99, help="curriculum: next stage at this val accuracy")
+    tk.add_argument(
+        "--segments", type=int, default=8, help="segments per example (information first, question last)"
+    )
+    tk.add_argument(
+        "--max-steps", type=int, default=2000, help="optimizer steps per kind and task, all stages"
+    )
+    tk.add_argument(
+        "--advance-at", type=float, default=0.99, help="curriculum: next stage at this val accuracy"
+    )
     tk.add_argument("--eval-every", type=int, default=100, help="validation interval in steps")
     tk.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     tk.add_argument("--out", default="bench/results", help="directory for the JSON result")
-    for p in (bench, tp, tk):
+    lg = bench_sub.add_parser("long", help="peak RSS and tokens/s on one document of 16K..1M tokens")
+    lg.add_argument("--tokens", default="16384,131072,1048576", help="comma-separated document lengths")
+    lg.add_argument(
+        "--train-kinds", default="rmt,memformer", help="kinds trained with replay BPTT over the document"
+    )
+    lg.add_argument("--eval-kinds", default="none,rmt,xl,memformer,lamemo,infinity", help="kinds evaluated")
+    lg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    lg.add_argument("--out", default="bench/results", help="directory for the JSON result")
+    for p in (bench, tp, tk, lg):
         p.set_defaults(func=_cmd_bench)
     return parser
 

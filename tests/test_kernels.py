@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from memscale.kernels.cross_entropy import IGNORE_INDEX, fused_linear_cross_entropy, reference_linear_cross_entropy
+from memscale.kernels.cross_entropy import (
+    IGNORE_INDEX,
+    fused_linear_cross_entropy,
+    reference_linear_cross_entropy,
+)
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1024])

@@ -48,11 +48,19 @@ TASK_SHAPE = [
 def task_config(kind: str, task: str, segments: int, overrides: list[str]) -> Config:
     vocab = TaskLoader.required_vocab(config_from_dict({}, [f"data.source={task}", "data.task_vocab=8"]))
     grad = "truncated" if kind in GRAD_CARRYING_KINDS else "detached"
-    return config_from_dict({}, [
-        *TASK_SHAPE, f"model.vocab_size={vocab}", f"model.memory.kind={kind}", f"data.source={task}",
-        f"data.task_segments={segments}", f"train.bptt_segments={segments}", f"train.memory_grad={grad}",
-        *overrides,
-    ])
+    return config_from_dict(
+        {},
+        [
+            *TASK_SHAPE,
+            f"model.vocab_size={vocab}",
+            f"model.memory.kind={kind}",
+            f"data.source={task}",
+            f"data.task_segments={segments}",
+            f"train.bptt_segments={segments}",
+            f"train.memory_grad={grad}",
+            *overrides,
+        ],
+    )
 
 
 def curriculum(max_segments: int) -> list[int]:
@@ -63,8 +71,18 @@ def curriculum(max_segments: int) -> list[int]:
     return [*stages, max_segments]
 
 
-def train_task(kind: str, task: str, *, segments: int, max_steps: int, advance_at: float, eval_every: int,
-               overrides: list[str], seed: int = 0, log=print) -> dict:
+def train_task(
+    kind: str,
+    task: str,
+    *,
+    segments: int,
+    max_steps: int,
+    advance_at: float,
+    eval_every: int,
+    overrides: list[str],
+    seed: int = 0,
+    log=print,
+) -> dict:
     stages = curriculum(segments)
     cfg = task_config(kind, task, segments, overrides)
     torch.manual_seed(seed)
@@ -87,15 +105,24 @@ def train_task(kind: str, task: str, *, segments: int, max_steps: int, advance_a
             if (i + 1) % eval_every == 0 or i + 1 == budget:
                 acc = evaluate_task(model, TaskLoader(stage_cfg, "val", infinite=False)).accuracy
                 history.append({"step": steps, "segments": n, "accuracy": acc})
-                log(f"  {kind:<9} {task:<6} segments {n:>2} step {steps:>5}: val accuracy {acc:.3f} "
-                    f"({time.perf_counter() - t0:.0f}s)")
+                log(
+                    f"  {kind:<9} {task:<6} segments {n:>2} step {steps:>5}: val accuracy {acc:.3f} "
+                    f"({time.perf_counter() - t0:.0f}s)"
+                )
                 if acc >= advance_at:
                     break
     final = evaluate_task(model, TaskLoader(cfg, "val", infinite=False))
     return {
-        "kind": kind, "task": task, "segments": segments, "accuracy": final.accuracy, "chance": final.chance,
-        "exact_match": final.exact_match, "steps": steps, "seconds": time.perf_counter() - t0,
-        "tokens_per_step": cfg.data.num_streams * cfg.data.segment_len, "history": history,
+        "kind": kind,
+        "task": task,
+        "segments": segments,
+        "accuracy": final.accuracy,
+        "chance": final.chance,
+        "exact_match": final.exact_match,
+        "steps": steps,
+        "seconds": time.perf_counter() - t0,
+        "tokens_per_step": cfg.data.num_streams * cfg.data.segment_len,
+        "history": history,
     }
 
 
@@ -109,7 +136,11 @@ def format_table(result: dict) -> str:
         cells = ""
         for t in tasks:
             r = by.get((k, t))
-            cells += f" {r['accuracy']:>10.3f} {r['steps']:>6} {r['seconds']:>5.0f}s" if r else f" {'-':>10} {'':>6} {'':>6}"
+            cells += (
+                f" {r['accuracy']:>10.3f} {r['steps']:>6} {r['seconds']:>5.0f}s"
+                if r
+                else f" {'-':>10} {'':>6} {'':>6}"
+            )
         lines.append(f"{k:<10}{cells}")
     chance = result["rows"][0]["chance"] if result["rows"] else 0
     lines.append(f"{result['segments']} segments of {result['segment_len']} tokens; chance = {chance:.3f}")
@@ -122,14 +153,26 @@ def main(args) -> int:
     rows = []
     for task in tasks:
         for kind in kinds:
-            rows.append(train_task(kind, task, segments=args.segments, max_steps=args.max_steps,
-                                   advance_at=args.advance_at, eval_every=args.eval_every,
-                                   overrides=args.overrides))
+            rows.append(
+                train_task(
+                    kind,
+                    task,
+                    segments=args.segments,
+                    max_steps=args.max_steps,
+                    advance_at=args.advance_at,
+                    eval_every=args.eval_every,
+                    overrides=args.overrides,
+                )
+            )
     shape = task_config(kinds[0], tasks[0], args.segments, args.overrides)
     result = {
         "benchmark": "tasks",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "segments": args.segments,
         "segment_len": shape.data.segment_len,
         "config": dataclasses.asdict(shape.model),

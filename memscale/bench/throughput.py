@@ -111,6 +111,8 @@ class _HFRunner:
             embd_pdrop=0.0,
             attn_pdrop=0.0,
             tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
         )
         torch.manual_seed(0)
         self.model = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa")

@@ -22,7 +22,9 @@ IGNORE_INDEX = -100
 
 def reference_linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor) -> Tensor:
     """Sum of token cross-entropies over targets != IGNORE_INDEX, the plain way."""
-    return F.cross_entropy((h_ND @ weight_VD.t()).float(), targets_N, ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        (h_ND @ weight_VD.t()).float(), targets_N, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -63,7 +65,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None
 
 
-def fused_linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *, chunk: int = 1024) -> Tensor:
+def fused_linear_cross_entropy(
+    h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *, chunk: int = 1024
+) -> Tensor:
     """Sum of token cross-entropies of `h @ weight.T` against `targets` (IGNORE_INDEX skipped), chunked and fused.
 
     Gradients are computed during the forward pass when any input requires them, so call this only where a
@@ -78,5 +82,7 @@ def fused_linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, targets_N: Tenso
 def _chunked_loss_only(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *, chunk: int) -> Tensor:
     loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
     for start in range(0, h_ND.shape[0], chunk):
-        loss += reference_linear_cross_entropy(h_ND[start : start + chunk], weight_VD, targets_N[start : start + chunk])
+        loss += reference_linear_cross_entropy(
+            h_ND[start : start + chunk], weight_VD, targets_N[start : start + chunk]
+        )
     return loss

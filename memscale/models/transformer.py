@@ -90,7 +90,9 @@ class MemoryTransformer(nn.Module):
         h_BTD, new_state = self.memory.end(self.norm(x), ctx)
         out = SegmentOutput(state=new_state, hidden_BTD=h_BTD)
         if targets_BT is not None and not return_logits and self.cfg.fused_loss and torch.is_grad_enabled():
-            out.loss_sum = fused_linear_cross_entropy(h_BTD.flatten(0, 1), self.head.weight, targets_BT.flatten())
+            out.loss_sum = fused_linear_cross_entropy(
+                h_BTD.flatten(0, 1), self.head.weight, targets_BT.flatten()
+            )
             out.num_targets = int((targets_BT != IGNORE_INDEX).sum())
         elif targets_BT is not None:
             logits = self.head(h_BTD)
