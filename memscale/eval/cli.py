@@ -52,7 +52,7 @@ def run_eval(args) -> int:
             num_segments=args.segments,
             num_streams=cfg.data.num_streams,
             device=cfg.train.device,
-            buckets=(4096, 32768, 262144),
+            buckets=(4096, 32768, 262144, 1048576),
             unigram_logp=unigram_logp(cfg.data),
         )
         print(f"checkpoint {path}")
