@@ -40,6 +40,11 @@ LONG_SHAPE = [
 ]
 
 
+def _setting(key: str, overrides: list[str]) -> int:
+    """The value of `key` after the overrides (the last assignment wins, as in the config loader)."""
+    return [int(o.split("=", 1)[1]) for o in [*LONG_SHAPE, *overrides] if o.startswith(key + "=")][-1]
+
+
 def write_long_document(data_dir: Path, *, tokens: int, vocab_size: int, seed: int = 0) -> None:
     """A data dir whose train and val splits hold one document giving exactly `tokens` input tokens."""
     from memscale.data.shards import write_meta, write_split
@@ -68,7 +73,7 @@ def _worker(mode: str, kind: str, tokens: int, data_dir: str, overrides: list[st
 
     from memscale.config import GRAD_CARRYING_KINDS, config_from_dict
 
-    seg = next(int(o.split("=")[1]) for o in [*LONG_SHAPE, *overrides] if o.startswith("data.segment_len="))
+    seg = _setting("data.segment_len", overrides)
     grad = "replay" if mode == "train" and kind in GRAD_CARRYING_KINDS else "detached"
     with tempfile.TemporaryDirectory() as out:
         cfg = config_from_dict(
@@ -148,7 +153,7 @@ def format_table(result: dict) -> str:
 
 def run(*, tokens: list[int], train_kinds: list[str], eval_kinds: list[str], overrides: list[str], log=print):
     rows = []
-    vocab = next(int(o.split("=")[1]) for o in [*LONG_SHAPE, *overrides] if o.startswith("model.vocab_size="))
+    vocab = _setting("model.vocab_size", overrides)
     with tempfile.TemporaryDirectory() as tmp:
         for n in tokens:
             data_dir = Path(tmp) / f"doc-{n}"
