@@ -91,15 +91,16 @@ def test_memformer_write_is_slot_attention_over_own_slot_and_tokens():
 def test_memformer_biased_memory_normalisation():
     model = build_memformer()
     bias_MD = model.memory.bias_MD
+    scale = math.sqrt(bias_MD.shape[-1])  # slots live at the LayerNorm scale: norm sqrt(D)
     state0 = model.init_state(3)
-    torch.testing.assert_close(state0["mem"], F.normalize(bias_MD, dim=-1).expand(3, -1, -1))
+    torch.testing.assert_close(state0["mem"], scale * F.normalize(bias_MD, dim=-1).expand(3, -1, -1))
 
     out = model.step(tokens(3, 1), state0)
     norms = out.state["mem"].norm(dim=-1)
-    torch.testing.assert_close(norms, torch.ones_like(norms))
-    # The new memory is (write + b) / ||write + b||, with the write on the final normed hidden states.
+    torch.testing.assert_close(norms, torch.full_like(norms, scale))
+    # The new memory is sqrt(D) (write + b) / ||write + b||, with the write on the final normed hidden states.
     written = model.memory.write(state0["mem"], out.hidden_BTD)
-    torch.testing.assert_close(out.state["mem"], F.normalize(written + bias_MD, dim=-1))
+    torch.testing.assert_close(out.state["mem"], scale * F.normalize(written + bias_MD, dim=-1))
     # With nothing written, BMN holds the initial memory fixed: it is the terminal state of forgetting.
     torch.testing.assert_close(model.memory.forget(torch.zeros(3, 4, 32)), state0["mem"])
 
