@@ -120,8 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--checkpoint", required=True, help="checkpoint directory, or a run's checkpoints/ folder"
     )
-    ev.add_argument("--segments", type=int, default=None,
-                    help="corpus: segment steps to evaluate; tasks: examples to score (default: the whole split)")
+    ev.add_argument(
+        "--segments",
+        type=int,
+        default=None,
+        help="corpus: segment steps to evaluate; tasks: examples to score (default: the whole split)",
+    )
     ev.set_defaults(func=_cmd_eval)
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON under bench/results/")
@@ -166,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--out", default="bench/results", help="directory for the JSON result")
     pp = bench_sub.add_parser("ppl", help="validation perplexity per memory kind on the real corpus")
     pp.add_argument("--config", required=True, help="training config, e.g. configs/quickstart.yaml")
-    pp.add_argument("--kinds", default="none,rmt,xl,memformer,lamemo,infinity", help="comma-separated memory kinds")
+    pp.add_argument(
+        "--kinds", default="none,rmt,xl,memformer,lamemo,infinity", help="comma-separated memory kinds"
+    )
     pp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     pp.add_argument("--out", default="bench/results", help="directory for the JSON result")
     for p in (bench, tp, tk, lg, pp):

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-TINY = ["--set", "model.d_model=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2"]
+TINY = "--set model.d_model=32 --set model.num_layers=1 --set model.num_heads=2".split()
 
 
 def _run(*args):
@@ -15,8 +15,8 @@ def _run(*args):
 
 
 def test_bench_throughput(tmp_path):
-    out = _run("throughput", "--kinds", "none,rmt,xl", "--steps", "1", "--rounds", "1", "--hf", "off", *TINY,
-               "--set", "model.vocab_size=100", "--set", "data.segment_len=16", "--out", str(tmp_path))
+    args = "throughput --kinds none,rmt,xl --steps 1 --rounds 1 --hf off --set model.vocab_size=100"
+    out = _run(*args.split(), *TINY, "--set", "data.segment_len=16", "--out", str(tmp_path))
     assert "MFU" in out
     (path,) = tmp_path.glob("throughput-*.json")
     rows = json.loads(path.read_text())["rows"]
@@ -25,8 +25,8 @@ def test_bench_throughput(tmp_path):
 
 
 def test_bench_tasks(tmp_path):
-    _run("tasks", "--kinds", "none,rmt", "--tasks", "copy", "--segments", "4", "--max-steps", "4", "--eval-every", "2",
-         *TINY, "--set", "data.num_streams=2", "--out", str(tmp_path))
+    args = "tasks --kinds none,rmt --tasks copy --segments 4 --max-steps 4 --eval-every 2 --set data.num_streams=2"
+    _run(*args.split(), *TINY, "--out", str(tmp_path))
     (path,) = tmp_path.glob("tasks-*.json")
     rows = json.loads(path.read_text())["rows"]
     assert {(r["kind"], r["segments"]) for r in rows} == {("none", 4), ("rmt", 4)}
@@ -34,8 +34,8 @@ def test_bench_tasks(tmp_path):
 
 
 def test_bench_long(tmp_path):
-    _run("long", "--tokens", "512,2048", "--train-kinds", "rmt", "--eval-kinds", "none", *TINY,
-         "--set", "data.segment_len=128", "--set", "model.vocab_size=256", "--out", str(tmp_path))
+    args = "long --tokens 512,2048 --train-kinds rmt --eval-kinds none --set data.segment_len=128"
+    _run(*args.split(), *TINY, "--set", "model.vocab_size=256", "--out", str(tmp_path))
     (path,) = tmp_path.glob("long-*.json")
     rows = json.loads(path.read_text())["rows"]
     train = [r for r in rows if r["mode"] == "train"]

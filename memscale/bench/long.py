@@ -17,9 +17,7 @@ minutes on two CPU cores; time grows linearly with the document and with model F
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -28,6 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from memscale.bench import machine_info, now, write_result
 
 LONG_SHAPE = [
     "model.d_model=128",
@@ -172,7 +172,6 @@ def run(*, tokens: list[int], train_kinds: list[str], eval_kinds: list[str], ove
 
 
 def main(args) -> int:
-    import torch
 
     tokens = [int(t) for t in args.tokens.split(",")]
     train_kinds = [k for k in args.train_kinds.split(",") if k]
@@ -180,21 +179,13 @@ def main(args) -> int:
     rows = run(tokens=tokens, train_kinds=train_kinds, eval_kinds=eval_kinds, overrides=args.overrides)
     result = {
         "benchmark": "long",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "date": now(),
+        "machine": machine_info(),
         "shape": [*LONG_SHAPE, *args.overrides],
         "rows": rows,
     }
     print(format_table(result))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"long-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(result, args.out, "long")
     return 0
 
 

@@ -10,14 +10,9 @@ carries gradient keep the config's `train.memory_grad`, the others train detache
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
-import platform
 import tempfile
-from pathlib import Path
 
-import torch
-
+from memscale.bench import machine_info, now, write_result
 from memscale.config import GRAD_CARRYING_KINDS, config_from_dict, load_config
 from memscale.train.trainer import Trainer
 
@@ -29,28 +24,40 @@ def main(args) -> int:
     for kind in kinds:
         grad = base.train.memory_grad if kind in GRAD_CARRYING_KINDS else "detached"
         with tempfile.TemporaryDirectory() as out:
-            cfg = config_from_dict(dataclasses.asdict(base), [
-                f"model.memory.kind={kind}", f"train.memory_grad={grad}", f"train.out_dir={out}/run",
-                f"train.eval_every={base.train.max_steps}",
-            ])
+            cfg = config_from_dict(
+                dataclasses.asdict(base),
+                [
+                    f"model.memory.kind={kind}",
+                    f"train.memory_grad={grad}",
+                    f"train.out_dir={out}/run",
+                    f"train.eval_every={base.train.max_steps}",
+                ],
+            )
             print(f"== {kind} (memory_grad={grad})", flush=True)
             s = Trainer(cfg).train()
-        rows.append({"kind": kind, "memory_grad": grad, "val_loss": s.val_loss, "val_ppl": s.val_ppl,
-                     "train_loss": s.final_loss, "steps": s.steps, "tokens_per_s": s.tokens_per_s})
+        rows.append(
+            {
+                "kind": kind,
+                "memory_grad": grad,
+                "val_loss": s.val_loss,
+                "val_ppl": s.val_ppl,
+                "train_loss": s.final_loss,
+                "steps": s.steps,
+                "tokens_per_s": s.tokens_per_s,
+            }
+        )
     print(f"{'kind':<10} {'val ppl':>9} {'val loss':>9} {'train loss':>11} {'tok/s':>7}")
     for r in rows:
-        print(f"{r['kind']:<10} {r['val_ppl']:>9.2f} {r['val_loss']:>9.4f} {r['train_loss']:>11.4f} "
-              f"{r['tokens_per_s']:>7.0f}")
+        print(
+            f"{r['kind']:<10} {r['val_ppl']:>9.2f} {r['val_loss']:>9.4f} {r['train_loss']:>11.4f} "
+            f"{r['tokens_per_s']:>7.0f}"
+        )
     result = {
         "benchmark": "ppl",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "date": now(),
+        "machine": machine_info(),
         "config": dataclasses.asdict(base),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ppl-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(result, args.out, "ppl")
     return 0

@@ -13,14 +13,11 @@ example for kinds whose memory carries gradient (rmt, memformer); the others car
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
 
+from memscale.bench import machine_info, now, write_result
 from memscale.config import GRAD_CARRYING_KINDS, Config, config_from_dict
 from memscale.data.synthetic import TaskLoader
 from memscale.eval.tasks import evaluate_task
@@ -167,21 +164,13 @@ def main(args) -> int:
     shape = task_config(kinds[0], tasks[0], args.segments, args.overrides)
     result = {
         "benchmark": "tasks",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "date": now(),
+        "machine": machine_info(),
         "segments": args.segments,
         "segment_len": shape.data.segment_len,
         "config": dataclasses.asdict(shape.model),
         "rows": rows,
     }
     print(format_table(result))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"tasks-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(result, args.out, "tasks")
     return 0

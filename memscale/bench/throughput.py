@@ -18,14 +18,11 @@ i.e. PaLM's formula; memory tokens that are written but not read by the segment 
 
 from __future__ import annotations
 
-import datetime
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
 
+from memscale.bench import machine_info, now, write_result
 from memscale.config import Config, config_from_dict, load_config
 from memscale.data.batch import Batch
 from memscale.models import MemoryTransformer
@@ -206,13 +203,8 @@ def run(
     shape_cfg = _kind_config(base, overrides, "none")
     return {
         "benchmark": "throughput",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "date": now(),
+        "machine": machine_info(),
         "shape": {
             "d_model": shape_cfg.model.d_model,
             "num_layers": shape_cfg.model.num_layers,
@@ -256,9 +248,5 @@ def main(args) -> int:
         base=base, overrides=args.overrides, kinds=kinds, steps=args.steps, rounds=args.rounds, hf=args.hf
     )
     print(format_table(result))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"throughput-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(result, args.out, "throughput")
     return 0
