@@ -337,5 +337,16 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         raise ConfigError(f"{where}{e}") from None
 
 
+# Model fields that change how a step is computed but not which weights exist or what they mean.
+RUNTIME_MODEL_FIELDS = ("dropout", "fused_loss")
+
+
+def model_architecture(model: ModelConfig | dict) -> dict:
+    """The model fields a checkpoint's weights depend on; older checkpoints get today's defaults for new fields."""
+    if isinstance(model, dict):
+        model = _build(ModelConfig, model, "model")
+    return {k: v for k, v in dataclasses.asdict(model).items() if k not in RUNTIME_MODEL_FIELDS}
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)

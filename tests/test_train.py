@@ -177,3 +177,18 @@ def test_existing_run_is_not_overwritten(data_dir, tmp_path):
     r = _memscale("train", str(cfg))
     assert r.returncode == 2 and "already holds files" in r.stderr
     assert precious.read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_eval_cli_reads_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_cfg(data_dir, out, "train.max_steps=2", "train.eval_every=0")).train()
+    cfg = out / "config.yaml"  # the run's own resolved config
+    r = _memscale("eval", str(cfg), "--checkpoint", str(out), "--segments", "3")
+    assert r.returncode == 0, r.stderr
+    assert (
+        "validation: loss" in r.stdout
+        and "unigram baseline ppl" in r.stdout
+        and "tokens          0-4096" in r.stdout
+    )
+    bad = _memscale("eval", str(cfg), "--checkpoint", str(tmp_path / "nowhere"))
+    assert bad.returncode == 2 and "no checkpoint there" in bad.stderr

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
 from memscale.checkpoint import simple as ckpt
-from memscale.config import ConfigError, config_from_dict, load_config
+from memscale.config import ConfigError, config_from_dict, load_config, model_architecture
 from memscale.data.sources import build_loader, unigram_logp
 from memscale.eval.evaluate import evaluate_lm
 from memscale.models import MemoryTransformer
@@ -39,7 +38,7 @@ def run_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     path = resolve_checkpoint(args.checkpoint)
     model, saved = load_model(path, device=cfg.train.device)
-    if saved["model"] != dataclasses.asdict(cfg.model):
+    if model_architecture(saved["model"]) != model_architecture(cfg.model):
         raise ConfigError(
             f"model.* in {args.config} differs from the checkpoint {path}: use the training config"
         )

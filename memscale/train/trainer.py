@@ -7,7 +7,6 @@ Run it with `memscale train configs/quickstart.yaml --set train.max_steps=20`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from memscale.checkpoint import simple as ckpt
-from memscale.config import Config, ConfigError, to_dict
+from memscale.config import Config, ConfigError, model_architecture, to_dict
 from memscale.data.sources import build_loader, data_vocab_size, unigram_logp
 from memscale.eval.evaluate import evaluate_lm
 from memscale.models import MemoryTransformer
@@ -95,8 +94,7 @@ class Trainer:
         if path is None:
             raise ConfigError(f"--resume: no checkpoint under {self.ckpt_root}: start without --resume")
         ts = ckpt.load(path)
-        saved_model = ts.config.get("model")
-        if saved_model != dataclasses.asdict(self.cfg.model):
+        if model_architecture(ts.config.get("model", {})) != model_architecture(self.cfg.model):
             raise ConfigError(
                 f"--resume: the model config differs from the one saved in {path}: resume with the same model.* keys"
             )
