@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memscale.models import MemoryTransformer
+from memscale.models import IGNORE_INDEX, MemoryTransformer
 
 
 @dataclass
@@ -53,13 +53,13 @@ def evaluate_lm(
         out = model.step(batch.tokens_BT, state, targets_BT=batch.targets_BT, reset_B=batch.reset_B)
         state = out.state
         steps += 1
-        mask = batch.targets_BT != -100
+        mask = batch.targets_BT != IGNORE_INDEX
         if not mask.any():
             continue
         tok_loss = torch.nn.functional.cross_entropy(
             out.logits_BTV.flatten(0, 1).float(),
             batch.targets_BT.flatten(),
-            ignore_index=-100,
+            ignore_index=IGNORE_INDEX,
             reduction="none",
         ).view_as(batch.targets_BT)
         total_loss += tok_loss[mask].sum().item()

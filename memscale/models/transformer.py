@@ -16,12 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memscale.config import ModelConfig
+from memscale.data.batch import IGNORE_INDEX
 from memscale.kernels.cross_entropy import fused_linear_cross_entropy
 from memscale.models.layers import Block, init_weights
 from memscale.models.memory import build_memory
 from memscale.models.memory.base import MemoryState
-
-IGNORE_INDEX = -100
 
 
 @dataclass
