@@ -58,5 +58,7 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("configs/quickstart.yaml", "configs/default.yaml"):
-        load_config(name)
+    quick, default = load_config("configs/quickstart.yaml"), load_config("configs/default.yaml")
+    assert quick.model.memory.kind == "rmt" and quick.data.dir == "data/prepared/bundled"
+    # The default config is the benchmark shape (README throughput table).
+    assert (default.model.d_model, default.model.num_layers, default.data.segment_len) == (512, 8, 512)
