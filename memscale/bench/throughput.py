@@ -23,7 +23,7 @@ import time
 import torch
 
 from memscale.bench import machine_info, now, write_result
-from memscale.config import Config, config_from_dict, load_config
+from memscale.config import Config, config_from_dict, load_config, to_dict
 from memscale.data.batch import Batch
 from memscale.models import MemoryTransformer
 from memscale.train.bptt import run_window
@@ -48,13 +48,7 @@ def _kind_config(base: Config | None, overrides: list[str], kind: str) -> Config
     extra = [f"model.memory.kind={kind}", f"train.memory_grad={grad}"]
     if base is None:
         return config_from_dict({}, [*DEFAULT_SHAPE, *overrides, *extra])
-    return config_from_dict(_as_dict(base), [*overrides, *extra])
-
-
-def _as_dict(cfg: Config) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
+    return config_from_dict(to_dict(base), [*overrides, *extra])
 
 
 def _random_batches(cfg: Config, *, seed: int) -> list[Batch]:
@@ -119,7 +113,7 @@ class _HFRunner:
         self.tokens = cfg.train.bptt_segments * d.num_streams * d.segment_len
         # Same formula as memscale's model, from the same shape: causal attention over the segment.
         probe = MemoryTransformer(
-            config_from_dict(_as_dict(cfg), ["model.memory.kind=none"]).model, segment_len=d.segment_len
+            config_from_dict(to_dict(cfg), ["model.memory.kind=none"]).model, segment_len=d.segment_len
         )
         self.flops_per_token = probe.flops_per_token()
 

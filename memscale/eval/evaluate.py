@@ -42,6 +42,8 @@ def evaluate_lm(
     was_training = model.training
     model.eval()
     state = model.init_state(num_streams, device=device)
+    if unigram_logp is not None:
+        unigram_logp = unigram_logp.to(device)  # once, not per segment
     total_loss, total_tokens, uni_loss, steps = 0.0, 0, 0.0, 0
     edges = (0, *buckets, math.inf)
     pos_loss = torch.zeros(len(edges) - 1, dtype=torch.float64)
@@ -50,7 +52,9 @@ def evaluate_lm(
         if num_segments is not None and steps >= num_segments:
             break
         batch = batch.to(device)
-        out = model.step(batch.tokens_BT, state, targets_BT=batch.targets_BT, reset_B=batch.reset_B)
+        # No targets here: the per-token loss below is the only cross-entropy computed (the step's summed loss
+        # would be a second pass over the logits).
+        out = model.step(batch.tokens_BT, state, reset_B=batch.reset_B)
         state = out.state
         steps += 1
         mask = batch.targets_BT != IGNORE_INDEX
@@ -65,7 +69,7 @@ def evaluate_lm(
         total_loss += tok_loss[mask].sum().item()
         total_tokens += int(mask.sum())
         if unigram_logp is not None:
-            uni_loss -= unigram_logp.to(device)[batch.targets_BT[mask]].sum().item()
+            uni_loss -= unigram_logp[batch.targets_BT[mask]].sum().item()
         if buckets:
             T = batch.tokens_BT.shape[1]
             pos = batch.doc_pos_B[:, None] + torch.arange(T, device=device)[None, :]
