@@ -74,6 +74,10 @@ def _cmd_bench(args) -> int:
         from memscale.bench.ppl import main as ppl_main
 
         return ppl_main(args)
+    if args.bench == "recall":
+        from memscale.bench.recall import main as recall_main
+
+        return recall_main(args)
     if args.bench == "tasks":
         from memscale.bench.tasks import main as tasks_main
 
@@ -114,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser(
-        "eval", help="validation perplexity (corpus) or task accuracy (synthetic) of a checkpoint"
+        "eval",
+        help="validation perplexity (corpus), task accuracy (synthetic) or recall by distance of a checkpoint",
     )
     _add_config_args(ev)
     ev.add_argument(
@@ -124,7 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--segments",
         type=int,
         default=None,
-        help="corpus: segment steps to evaluate; tasks: examples to score (default: the whole split)",
+        help="corpus: segment steps to evaluate; tasks and recall: examples to score (default: the whole split, "
+        "recall: 64)",
+    )
+    ev.add_argument(
+        "--distances",
+        default=None,
+        help="recall: comma-separated document lengths in tokens at which the fact is asked "
+        "(default: data.task_segments x data.segment_len)",
     )
     ev.set_defaults(func=_cmd_eval)
 
@@ -175,7 +187,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     pp.add_argument("--out", default="bench/results", help="directory for the JSON result")
-    for p in (bench, tp, tk, lg, pp):
+    rc = bench_sub.add_parser(
+        "recall", help="recall of a fact planted in real text, by distance up to 1M tokens"
+    )
+    rc.add_argument("--kinds", default="rmt,none", help="comma-separated memory kinds")
+    rc.add_argument("--data-dir", default="data/prepared/bundled", help="prepared corpus: tokenizer and text")
+    rc.add_argument("--segments", type=int, default=8, help="longest training document, in segments")
+    rc.add_argument("--max-steps", type=int, default=600, help="optimizer steps per kind, all stages")
+    rc.add_argument(
+        "--advance-at", type=float, default=0.95, help="curriculum: next stage at this val accuracy"
+    )
+    rc.add_argument("--eval-every", type=int, default=50, help="validation interval in steps")
+    rc.add_argument(
+        "--distances",
+        default=",".join(str(d) for d in (4096, 16384, 65536, 262144, 1048576)),
+        help="comma-separated document lengths (tokens) at which the fact is asked",
+    )
+    rc.add_argument("--examples", type=int, default=64, help="held-out documents per distance")
+    rc.add_argument(
+        "--eval-streams", type=int, default=32, help="documents streamed side by side in evaluation"
+    )
+    rc.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    rc.add_argument("--out", default="bench/results", help="directory for the JSON result")
+    for p in (bench, tp, tk, lg, pp, rc):
         p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -21,7 +21,7 @@ import yaml
 
 MemoryKindName = Literal["none", "rmt", "xl", "memformer", "lamemo", "infinity"]
 MemoryGrad = Literal["detached", "truncated", "replay"]
-DataSource = Literal["corpus", "copy", "reverse", "assoc"]
+DataSource = Literal["corpus", "copy", "reverse", "assoc", "recall"]
 
 # Kinds whose memory carries gradient from one segment to the next (global topology, DESIGN.md §2). The per-layer
 # kinds (xl, lamemo, infinity) detach their memory by construction, as in their papers.
@@ -82,7 +82,8 @@ class DataConfig:
     dir: str = "data/prepared/bundled"
     """Prepared data directory (from `memscale data prepare`): tokenizer.model, train/ and val/ shards."""
     source: DataSource = "corpus"
-    """corpus: the token shards in `dir`; copy / reverse / assoc: synthetic memory tasks."""
+    """corpus: the token shards in `dir`; copy / reverse / assoc: synthetic memory tasks; recall: the recall probe
+    (a fact planted in the text of `dir`, asked for at the end; memscale/data/recall.py)."""
     segment_len: int = 512
     num_streams: int = 4
     """Parallel document streams per rank (the batch size of one segment step)."""
@@ -90,7 +91,7 @@ class DataConfig:
     """Loader worker processes reading shards (0: read in the training process)."""
     seed: int = 0
     task_segments: int = 8
-    """Synthetic tasks: segments per example (information early, question late)."""
+    """Synthetic tasks and the recall probe: segments per example (information early, question late)."""
     task_vocab: int = 32
     """Synthetic tasks: number of distinct symbols."""
 

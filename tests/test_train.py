@@ -10,17 +10,8 @@ import torch
 
 from memscale.checkpoint import simple as ckpt
 from memscale.config import config_from_dict
-from memscale.data.prepare import prepare
 from memscale.train.trainer import Trainer
-
-VOCAB = 512
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "bundled"
-    prepare(out, source="bundled", vocab_size=VOCAB)
-    return out
+from tests.conftest import VOCAB
 
 
 def _cfg(data_dir, out_dir, *extra):

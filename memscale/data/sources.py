@@ -31,8 +31,9 @@ def _meta(data: DataConfig) -> dict:
 
 
 def data_vocab_size(data: DataConfig) -> int | None:
-    """The tokenizer's vocabulary for corpus data; None for synthetic tasks (their vocabulary is the config's)."""
-    if data.source != "corpus":
+    """The tokenizer's vocabulary for corpus data and the recall probe; None for synthetic tasks (their vocabulary
+    is the config's)."""
+    if data.source not in ("corpus", "recall"):
         return None
     return int(_meta(data)["vocab_size"])
 
@@ -71,6 +72,11 @@ def build_loader(cfg: Config, split: str, *, infinite: bool):
             seed=d.seed,
             infinite=infinite,
         )
+    if d.source == "recall":
+        from memscale.data.recall import RecallLoader
+
+        _meta(d)
+        return RecallLoader(cfg, split, infinite=infinite)
     from memscale.data.synthetic import TaskLoader
 
     return TaskLoader(cfg, split, infinite=infinite)

@@ -63,6 +63,25 @@ def run_eval(args) -> int:
         for label, (loss, n) in ev.by_position.items():
             print(f"  tokens {label:>15}: loss {loss:.4f} | {n} tokens")
         return 0
+    if cfg.data.source == "recall":
+        from memscale.eval.recall import evaluate_recall, parse_distances
+
+        T = cfg.data.segment_len
+        distances = parse_distances(args.distances, T) if args.distances else [cfg.data.task_segments * T]
+        print(f"checkpoint {path}")
+        for r in evaluate_recall(
+            model,
+            loader.examples,
+            distances=distances,
+            num_examples=args.segments or 64,
+            num_streams=cfg.data.num_streams,
+            log=print,
+        ):
+            print(
+                f"recall at {r.distance:>9,} tokens: exact match {r.exact_match:.4f} | value-token accuracy "
+                f"{r.accuracy:.4f} | {r.num_examples} documents (chance {r.chance:.4f} per token)"
+            )
+        return 0
     from memscale.eval.tasks import evaluate_task
 
     acc = evaluate_task(model, loader, num_examples=args.segments)

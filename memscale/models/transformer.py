@@ -89,10 +89,13 @@ class MemoryTransformer(nn.Module):
         h_BTD, new_state = self.memory.end(self.norm(x), ctx)
         out = SegmentOutput(state=new_state, hidden_BTD=h_BTD)
         if targets_BT is not None and not return_logits and self.cfg.fused_loss and torch.is_grad_enabled():
-            out.loss_sum = fused_linear_cross_entropy(
-                h_BTD.flatten(0, 1), self.head.weight, targets_BT.flatten()
-            )
-            out.num_targets = int((targets_BT != IGNORE_INDEX).sum())
+            h_ND, y_N = h_BTD.flatten(0, 1), targets_BT.flatten()
+            scored_N = y_N != IGNORE_INDEX
+            out.num_targets = int(scored_N.sum())
+            if out.num_targets < len(y_N):  # project only the scored rows (sparse targets: tasks, probes)
+                idx = scored_N.nonzero().squeeze(1)
+                h_ND, y_N = h_ND[idx], y_N[idx]
+            out.loss_sum = fused_linear_cross_entropy(h_ND, self.head.weight, y_N)
         elif targets_BT is not None:
             logits = self.head(h_BTD)
             out.loss_sum = F.cross_entropy(

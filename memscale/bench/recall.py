@@ -1,0 +1,193 @@
+"""Recall probe per kind: trained on documents of at most --segments segments, asked at up to 1M tokens.
+
+    memscale bench recall                                  # rmt and none, distances 4K .. 1M
+    memscale bench recall --kinds rmt,memformer --max-steps 600 --distances 4096,65536,1048576
+
+A fact (key -> value) is planted in the first segment of a document of real text and asked for at its end
+(memscale/data/recall.py). Each kind is trained on probe documents with a curriculum over the number of segments
+(2, 4, ..., --segments; the next stage starts at --advance-at validation accuracy or when the stage's share of
+--max-steps is spent), with the loss on the value tokens only, then scored on held-out documents (validation
+text) at every distance by one streaming pass per group of rows (memscale/eval/recall.py). Kinds whose memory
+carries gradient (rmt, memformer) train with BPTT through the whole document; the others carry memory detached,
+as in their papers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from memscale.bench import machine_info, now, write_result
+from memscale.bench.tasks import curriculum
+from memscale.config import GRAD_CARRYING_KINDS, Config, config_from_dict
+from memscale.data.recall import RecallLoader, RecallText
+from memscale.eval.recall import evaluate_recall, parse_distances
+from memscale.eval.tasks import evaluate_task
+from memscale.models import MemoryTransformer
+from memscale.train.bptt import run_window
+from memscale.train.optim import build_optimizer
+
+RECALL_SHAPE = [
+    "model.d_model=128",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.memory.num_tokens=16",
+    "data.segment_len=512",
+    "data.num_streams=16",
+    "train.lr=1e-3",
+    "train.weight_decay=0.0",
+    "train.beta2=0.999",
+]
+DISTANCES = [4096, 16384, 65536, 262144, 1048576]
+STAGE_EVAL_EXAMPLES = 64
+
+
+def recall_config(kind: str, segments: int, data_dir: str, vocab: int, overrides: list[str]) -> Config:
+    grad = "truncated" if kind in GRAD_CARRYING_KINDS else "detached"
+    return config_from_dict(
+        {},
+        [
+            *RECALL_SHAPE,
+            f"data.dir={data_dir}",
+            "data.source=recall",
+            f"model.vocab_size={vocab}",
+            f"model.memory.kind={kind}",
+            f"data.task_segments={segments}",
+            f"train.bptt_segments={segments}",
+            f"train.memory_grad={grad}",
+            *overrides,
+        ],
+    )
+
+
+def train_recall(
+    kind: str,
+    *,
+    segments: int,
+    max_steps: int,
+    advance_at: float,
+    eval_every: int,
+    data_dir: str,
+    overrides: list[str],
+    texts: dict[str, RecallText],
+    seed: int = 0,
+    log=print,
+) -> tuple[MemoryTransformer, dict]:
+    vocab = texts["train"].vocab_size
+    cfg = recall_config(kind, segments, data_dir, vocab, overrides)
+    torch.manual_seed(seed)
+    model = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len)
+    opt = build_optimizer(model, cfg.train)
+    stages = curriculum(segments) if segments > 1 else [1]
+    per_stage = max_steps // len(stages)
+    steps, t0, history = 0, time.perf_counter(), []
+    for n in stages:
+        stage_cfg = recall_config(kind, n, data_dir, vocab, overrides)
+        batches = iter(RecallLoader(stage_cfg, "train", infinite=True, text=texts["train"]))
+        state = model.init_state(stage_cfg.data.num_streams)
+        budget = max_steps - steps if n == stages[-1] else per_stage
+        for i in range(budget):
+            opt.zero_grad(set_to_none=True)
+            window = [next(batches) for _ in range(n)]
+            out = run_window(model, window, state, memory_grad=stage_cfg.train.memory_grad)
+            state = out.state
+            torch.nn.utils.clip_grad_norm_(model.parameters(), stage_cfg.train.grad_clip)
+            opt.step()
+            steps += 1
+            if (i + 1) % eval_every == 0 or i + 1 == budget:
+                val = RecallLoader(stage_cfg, "val", infinite=False, text=texts["val"])
+                acc = evaluate_task(model, val, num_examples=STAGE_EVAL_EXAMPLES).accuracy
+                loss = out.loss_sum / max(out.num_targets, 1)
+                history.append({"step": steps, "segments": n, "accuracy": acc, "loss": loss})
+                log(
+                    f"  {kind:<9} segments {n:>2} step {steps:>5}: train loss {loss:.3f} | "
+                    f"val accuracy {acc:.3f} ({time.perf_counter() - t0:.0f}s)"
+                )
+                if acc >= advance_at:
+                    break
+    return model, {"steps": steps, "train_seconds": time.perf_counter() - t0, "history": history}
+
+
+def format_table(result: dict) -> str:
+    distances = result["distances"]
+    head = f"{'kind':<10} {'steps':>6}" + "".join(f" {_label(d):>7}" for d in distances)
+    lines = [head, "-" * len(head)]
+    for row in result["rows"]:
+        acc = {a["distance"]: a["exact_match"] for a in row["recall"]}
+        lines.append(f"{row['kind']:<10} {row['steps']:>6}" + "".join(f" {acc[d]:>7.3f}" for d in distances))
+    lines.append(
+        f"exact match of the {result['value_len']}-token value, {result['num_examples']} held-out documents per "
+        f"distance; trained on <= {result['segments']} segments of {result['segment_len']} tokens; chance "
+        f"{result['chance_exact']:.1e}"
+    )
+    return "\n".join(lines)
+
+
+def _label(tokens: int) -> str:
+    return f"{tokens // 1048576}M" if tokens % 1048576 == 0 else f"{tokens // 1024}K"
+
+
+def main(args) -> int:
+    from memscale.data.recall import VALUE_LEN
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    texts = {split: RecallText(args.data_dir, split) for split in ("train", "val")}
+    shape = recall_config(kinds[0], args.segments, args.data_dir, texts["train"].vocab_size, args.overrides)
+    distances = parse_distances(args.distances, shape.data.segment_len)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for kind in kinds:
+        model, trained = train_recall(
+            kind,
+            segments=args.segments,
+            max_steps=args.max_steps,
+            advance_at=args.advance_at,
+            eval_every=args.eval_every,
+            data_dir=args.data_dir,
+            overrides=args.overrides,
+            texts=texts,
+        )
+        cfg = recall_config(kind, args.segments, args.data_dir, texts["val"].vocab_size, args.overrides)
+        val = RecallLoader(cfg, "val", infinite=False, text=texts["val"])
+        t0 = time.perf_counter()
+        recall = evaluate_recall(
+            model,
+            val.examples,
+            distances=distances,
+            num_examples=args.examples,
+            num_streams=args.eval_streams,
+            log=print,
+        )
+        for r in recall:
+            print(
+                f"  {kind:<9} distance {r.distance:>8}: exact match {r.exact_match:.3f} | accuracy {r.accuracy:.3f}"
+            )
+        rows.append(
+            {
+                "kind": kind,
+                **trained,
+                "eval_seconds": time.perf_counter() - t0,
+                "recall": [dataclasses.asdict(r) for r in recall],
+            }
+        )
+    result = {
+        "benchmark": "recall",
+        "date": now(),
+        "machine": machine_info(),
+        "segments": args.segments,
+        "segment_len": shape.data.segment_len,
+        "distances": distances,
+        "num_examples": rows[0]["recall"][0]["num_examples"] if rows else 0,
+        "value_len": VALUE_LEN,
+        "chance_token": 1.0 / len(texts["val"].values),
+        "chance_exact": 1.0 / len(texts["val"].values) ** VALUE_LEN,
+        "data_dir": args.data_dir,
+        "config": dataclasses.asdict(shape.model),
+        "rows": rows,
+    }
+    print(format_table(result))
+    write_result(result, args.out, "recall")
+    return 0

@@ -1,0 +1,216 @@
+"""The recall probe: documents of real text with a fact planted early and asked at the end (memscale/data/recall.py),
+and its evaluation by distance (memscale/eval/recall.py), on the bundled corpus prepared for the session."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from memscale.config import ConfigError, config_from_dict
+from memscale.data.batch import IGNORE_INDEX
+from memscale.data.recall import VALUE_LEN, RecallLoader, RecallText
+from memscale.eval.recall import evaluate_recall, parse_distances
+from memscale.models import MemoryTransformer
+from tests.conftest import VOCAB
+
+T = 64
+
+
+def _cfg(data_dir, *extra):
+    return config_from_dict(
+        {},
+        [
+            "model.d_model=32",
+            "model.num_layers=2",
+            "model.num_heads=2",
+            f"model.vocab_size={VOCAB}",
+            "model.memory.kind=rmt",
+            "model.memory.num_tokens=4",
+            f"data.dir={data_dir}",
+            "data.source=recall",
+            f"data.segment_len={T}",
+            "data.num_streams=3",
+            "data.task_segments=3",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def texts(data_dir):
+    return {split: RecallText(str(data_dir), split) for split in ("train", "val")}
+
+
+def _document(loader):
+    """The first group of a loader as [rows, task_segments * T] tokens and targets."""
+    batches = [next(iter(loader)) for _ in range(loader.task_segments)]
+    return torch.cat([b.tokens_BT for b in batches], 1), torch.cat([b.targets_BT for b in batches], 1)
+
+
+def test_fact_early_question_last_and_only_values_scored(data_dir, texts):
+    loader = RecallLoader(_cfg(data_dir), "train", infinite=True, text=texts["train"])
+    tokens, targets = _document(loader)
+    ex = loader.examples
+    for r in range(3):
+        d = ex.draw(r)
+        fact = texts["train"].fact_tokens(d["key"], d["value"])
+        question = texts["train"].question_tokens(d["key"], d["value"])
+        row = tokens[r].numpy()
+        assert (row[d["fact_at"] : d["fact_at"] + len(fact)] == fact).all()
+        assert d["fact_at"] + len(fact) <= T  # planted inside the first segment
+        assert (row[-len(question) :] == question).all()
+        scored = np.flatnonzero(targets[r].numpy() != IGNORE_INDEX)
+        # The tokens before the two value tokens predict them, and nothing else is scored.
+        assert list(scored) == [3 * T - VALUE_LEN - 1 + i for i in range(VALUE_LEN)]
+        assert (targets[r, scored].numpy() == d["value"]).all()
+        assert set(d["value"]) <= set(texts["train"].values) and d["key"] in set(texts["train"].keys)
+    # Everything else is the split's text, read from the drawn offset (wrapping around).
+    d = ex.draw(0)
+    text = texts["train"].text
+    filler = text[(d["offset"] + np.arange(3 * T)) % len(text)]
+    row = tokens[0].numpy()
+    outside = np.ones(3 * T, dtype=bool)
+    outside[d["fact_at"] : d["fact_at"] + texts["train"].fact_len] = False
+    outside[-texts["train"].question_len :] = False
+    assert (row[outside] == filler[outside]).all()
+
+
+def test_same_example_at_every_length_and_splits_differ(data_dir, texts):
+    short = RecallLoader(_cfg(data_dir), "val", infinite=False, text=texts["val"])
+    long = RecallLoader(_cfg(data_dir, "data.task_segments=5"), "val", infinite=False, text=texts["val"])
+    a, _ = _document(short)
+    b, _ = _document(long)
+    qlen = texts["val"].question_len
+    assert torch.equal(a[:, : 3 * T - qlen], b[:, : 3 * T - qlen])  # the longer document reads further
+    train = RecallLoader(_cfg(data_dir), "train", infinite=False, text=texts["train"])
+    assert [train.examples.draw(i)["offset"] for i in range(4)] != [
+        short.examples.draw(i)["offset"] for i in range(4)
+    ]
+
+
+def test_loader_resumes_exactly(data_dir, texts):
+    cfg = _cfg(data_dir)
+    a = RecallLoader(cfg, "train", infinite=True, text=texts["train"])
+    it = iter(a)
+    for _ in range(4):
+        next(it)
+    b = RecallLoader(cfg, "train", infinite=True, text=texts["train"])
+    b.load_state_dict(a.state_dict())
+    it_b = iter(b)
+    for _ in range(3):  # crosses into the next group (3 segments per example)
+        x, y = next(it), next(it_b)
+        assert torch.equal(x.tokens_BT, y.tokens_BT) and torch.equal(x.targets_BT, y.targets_BT)
+        assert torch.equal(x.reset_B, y.reset_B)
+
+
+@pytest.mark.parametrize("kind", ["rmt", "xl"])
+def test_branching_evaluation_equals_documents_of_each_length(data_dir, texts, kind):
+    """The pass that asks at several distances scores exactly what a document of that length scores."""
+    cfg = _cfg(data_dir, f"model.memory.kind={kind}")
+    torch.manual_seed(0)
+    model = MemoryTransformer(cfg.model, segment_len=T).eval()
+    val = RecallLoader(cfg, "val", infinite=False, text=texts["val"])
+    got = evaluate_recall(
+        model, val.examples, distances=[T, 2 * T, 4 * T], num_examples=3, num_streams=3, keep_logits=True
+    )
+    assert [r.distance for r in got] == [T, 2 * T, 4 * T] and all(r.num_examples == 3 for r in got)
+    for r in got:
+        n = r.distance // T
+        loader = RecallLoader(
+            _cfg(data_dir, f"model.memory.kind={kind}", f"data.task_segments={n}"),
+            "val",
+            infinite=False,
+            text=texts["val"],
+        )
+        state = model.init_state(3)
+        with torch.no_grad():
+            for batch in [next(iter(loader)) for _ in range(n)]:
+                out = model.step(batch.tokens_BT, state, reset_B=batch.reset_B)
+                state = out.state
+        rows = slice(T - VALUE_LEN - 1, T - 1)
+        torch.testing.assert_close(r.value_logits, out.logits_BTV[:, rows], rtol=1e-5, atol=1e-5)
+        pred = out.logits_BTV[:, rows].argmax(-1)
+        assert r.exact_match == (pred == batch.targets_BT[:, rows]).all(1).float().mean().item()
+
+
+def test_config_errors_are_one_line_and_name_the_fix(data_dir, texts):
+    with pytest.raises(
+        ConfigError, match="data.segment_len=16 is too short for the recall probe.*segment_len >="
+    ):
+        RecallLoader(_cfg(data_dir, "data.segment_len=16"), "train", infinite=True, text=texts["train"])
+    with pytest.raises(ConfigError, match="model.vocab_size=100 differs from the tokenizer.*vocab_size=512"):
+        RecallLoader(_cfg(data_dir, "model.vocab_size=100"), "train", infinite=True, text=texts["train"])
+    with pytest.raises(ConfigError, match="--distances 4k: give comma-separated token counts"):
+        parse_distances("4k", T)
+    with pytest.raises(ConfigError, match=r"\[100\] must be positive multiples of data.segment_len=64"):
+        parse_distances("128,100", T)
+
+
+def test_train_and_eval_commands_on_the_probe(data_dir, tmp_path):
+    """`memscale train` and `memscale eval` take data.source=recall end to end on real files."""
+    sets = [
+        "model.d_model=32",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        f"model.vocab_size={VOCAB}",
+        "model.memory.kind=rmt",
+        "model.memory.num_tokens=4",
+        f"data.dir={data_dir}",
+        "data.source=recall",
+        f"data.segment_len={T}",
+        "data.num_streams=2",
+        "data.task_segments=2",
+        "train.bptt_segments=2",
+        "train.memory_grad=replay",
+        "train.max_steps=3",
+        "train.eval_every=3",
+        "train.eval_segments=2",
+        f"train.out_dir={tmp_path / 'run'}",
+    ]
+    config = tmp_path / "probe.yaml"
+    config.write_text("train:\n  lr: 0.001\n")
+    args = [str(config), *(a for s in sets for a in ("--set", s))]
+    r = subprocess.run([sys.executable, "-m", "memscale.cli", "train", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memscale.cli",
+            "eval",
+            *args,
+            "--checkpoint",
+            str(tmp_path / "run"),
+            "--distances",
+            f"{T},{3 * T}",
+            "--segments",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("recall at")]
+    assert (
+        len(lines) == 2 and "64 tokens" in lines[0] and "192 tokens" in lines[1] and "4 documents" in lines[0]
+    )
+
+
+def test_bench_recall_runs_end_to_end(data_dir, tmp_path):
+    args = (
+        f"bench recall --kinds none,rmt --data-dir {data_dir} --segments 2 --max-steps 2 --eval-every 1 "
+        f"--distances {T},{2 * T} --examples 2 --eval-streams 2 --set data.segment_len={T} "
+        "--set model.d_model=32 --set model.num_layers=1 --set model.num_heads=2 --set data.num_streams=2 "
+        f"--out {tmp_path}"
+    )
+    r = subprocess.run([sys.executable, "-m", "memscale.cli", *args.split()], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (path,) = tmp_path.glob("recall-*.json")
+    result = json.loads(path.read_text())
+    assert [row["kind"] for row in result["rows"]] == ["none", "rmt"]
+    for row in result["rows"]:
+        assert [a["distance"] for a in row["recall"]] == [T, 2 * T]
+        assert all(0 <= a["exact_match"] <= 1 and a["num_examples"] == 2 for a in row["recall"])
