@@ -80,7 +80,9 @@ def train_recall(
     torch.manual_seed(seed)
     model = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len)
     opt = build_optimizer(model, cfg.train)
-    stages = curriculum(segments) if segments > 1 else [1]
+    # Stage 1 puts the fact and its question in one segment: attention alone retrieves it, which teaches the
+    # model to find the fact before it has to learn to carry it through memory.
+    stages = [1, *curriculum(segments)] if segments > 1 else [1]
     per_stage = max_steps // len(stages)
     steps, t0, history = 0, time.perf_counter(), []
     for n in stages:

@@ -5,10 +5,74 @@ Legend: B batch, S sequence inside the blocks, D model width, H heads, K head wi
 
 from __future__ import annotations
 
+import contextlib
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+_REFERENCE_ATTENTION = False
+
+
+@contextlib.contextmanager
+def reference_attention():
+    """Within this block every attention of every kind runs as the plain formula (`reference_sdpa`) instead of
+    `F.scaled_dot_product_attention`: the reference the fused kernels are tested against (tests/test_reference.py)."""
+    global _REFERENCE_ATTENTION
+    before, _REFERENCE_ATTENTION = _REFERENCE_ATTENTION, True
+    try:
+        yield
+    finally:
+        _REFERENCE_ATTENTION = before
+
+
+def reference_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """softmax(q k^T * scale + mask) v, materialising the logits, with SDPA's conventions: a boolean mask is
+    True where attention is allowed, a float mask is added, is_causal is the top-left aligned lower triangle."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q @ k.transpose(-2, -1)).float() * scale
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        logits = logits.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask.float()
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v
+
+
+def sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """The one entry to fused attention for every kind (so `reference_attention` swaps all of them at once)."""
+    if _REFERENCE_ATTENTION:
+        return reference_sdpa(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        )
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+    )
 
 
 class Attention(nn.Module):
@@ -42,7 +106,7 @@ class Attention(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False
     ):
         p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
 
     def forward(self, h_BSD: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = True) -> Tensor:
         q, k, v = self.project(h_BSD)

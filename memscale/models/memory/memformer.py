@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memscale.models.layers import sdpa
 from memscale.models.memory.base import MemoryKind, MemoryState, StepContext
 
 
@@ -65,7 +66,7 @@ class MemoryRead(nn.Module):
         k_BMD, v_BMD = self.kv(mem_BMD).chunk(2, dim=-1)
         k_BHMK, v_BHMK = split_heads(k_BMD, self.num_heads), split_heads(v_BMD, self.num_heads)
         # The slots summarise the past only, so every token may see all of them: no mask.
-        o_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHMK, v_BHMK)
+        o_BHTK = sdpa(q_BHTK, k_BHMK, v_BHMK)
         return x_BTD + self.out(merge_heads(o_BHTK))
 
 
@@ -96,9 +97,7 @@ class MemoryWrite(nn.Module):
         k_BSD, v_BSD = self.kv(torch.cat([mem_BMD, h_BTD], dim=1)).chunk(2, dim=-1)
         k_BHSK, v_BHSK = split_heads(k_BSD, H), split_heads(v_BSD, H)
         scale = 1.0 / (math.sqrt(q_BHMK.shape[-1]) * self.temperature)
-        o_BHMK = F.scaled_dot_product_attention(
-            q_BHMK, k_BHSK, v_BHSK, attn_mask=self.mask(M, T, mem_BMD.device), scale=scale
-        )
+        o_BHMK = sdpa(q_BHMK, k_BHSK, v_BHSK, attn_mask=self.mask(M, T, mem_BMD.device), scale=scale)
         return merge_heads(o_BHMK)
 
 
