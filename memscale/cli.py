@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-streams", type=int, default=32, help="documents streamed side by side in evaluation"
     )
     rc.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    rc.add_argument(
+        "--save", action="store_true", help="keep each trained model as a checkpoint under OUT/recall-KIND/"
+    )
     rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rc.add_argument("--out", default="bench/results", help="directory for the JSON result")
     for p in (bench, tp, tk, lg, pp, rc):
