@@ -209,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     rc.add_argument(
+        "--fixed-lengths",
+        action="store_true",
+        help="train each stage on documents of exactly its length (default: every length up to it)",
+    )
+    rc.add_argument(
+        "--memory-noise", type=float, default=0.0, help="std of Gaussian noise on carried memory in training"
+    )
+    rc.add_argument(
         "--save", action="store_true", help="keep each trained model as a checkpoint under OUT/recall-KIND/"
     )
     rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

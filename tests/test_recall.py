@@ -204,7 +204,7 @@ def test_bench_recall_runs_end_to_end(data_dir, tmp_path):
         f"bench recall --kinds none,rmt --data-dir {data_dir} --segments 2 --max-steps 2 --eval-every 1 "
         f"--distances {T},{2 * T} --examples 2 --eval-streams 2 --set data.segment_len={T} "
         "--set model.d_model=32 --set model.num_layers=1 --set model.num_heads=2 --set data.num_streams=2 "
-        f"--out {tmp_path}"
+        f"--memory-noise 0.1 --save --out {tmp_path}"
     )
     r = subprocess.run([sys.executable, "-m", "memscale.cli", *args.split()], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -214,3 +214,30 @@ def test_bench_recall_runs_end_to_end(data_dir, tmp_path):
     for row in result["rows"]:
         assert [a["distance"] for a in row["recall"]] == [T, 2 * T]
         assert all(0 <= a["exact_match"] <= 1 and a["num_examples"] == 2 for a in row["recall"])
+    # The kept model answers `memscale eval` with the same numbers.
+    rmt = tmp_path / "recall-rmt"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memscale.cli",
+            "eval",
+            str(rmt / "config.yaml"),
+            "--checkpoint",
+            str(rmt),
+            "--distances",
+            f"{T},{2 * T}",
+            "--segments",
+            "2",
+            "--set",
+            "data.num_streams=2",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("recall at")]
+    want = result["rows"][1]["recall"]
+    assert [float(ln.split("exact match ")[1].split(" ")[0]) for ln in lines] == [
+        a["exact_match"] for a in want
+    ]

@@ -104,6 +104,12 @@ def evaluate_recall(
                     hits[ask_at[k]] += right.sum(0)
                     exact[ask_at[k]] += int(right.all(1).sum())
                     done += 1
+                    if log is not None:
+                        n = seen + num_streams
+                        log(
+                            f"    recall at {ask_at[k]:,} tokens: exact match {exact[ask_at[k]] / n:.3f} over "
+                            f"{n} documents so far ({time.perf_counter() - t0:.0f}s)"
+                        )
                 if k < last:
                     state = model.step(torch.from_numpy(tokens).to(device), state, return_logits=False).state
                 done += 1
