@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-noise", type=float, default=0.0, help="std of Gaussian noise on carried memory in training"
     )
     rc.add_argument(
+        "--stationarity",
+        type=float,
+        default=0.0,
+        help="weight of the penalty on memory change across text-only segments in training",
+    )
+    rc.add_argument(
         "--save", action="store_true", help="keep each trained model as a checkpoint under OUT/recall-KIND/"
     )
     rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -78,6 +78,7 @@ def train_recall(
     texts: dict[str, RecallText],
     mixed_lengths: bool = True,
     memory_noise: float = 0.0,
+    stationarity: float = 0.0,
     seed: int = 0,
     log=print,
 ) -> tuple[MemoryTransformer, dict]:
@@ -114,7 +115,7 @@ def train_recall(
             k = lengths[int(torch.randint(len(lengths), (1,), generator=draw))]
             opt.zero_grad(set_to_none=True)
             window = [next(loaders[k]) for _ in range(k)]
-            out = _train_window(model, window, stage_cfg.train.memory_grad, memory_noise)
+            out = _train_window(model, window, stage_cfg.train.memory_grad, memory_noise, stationarity)
             torch.nn.utils.clip_grad_norm_(model.parameters(), stage_cfg.train.grad_clip)
             opt.step()
             steps += 1
@@ -132,27 +133,42 @@ def train_recall(
     return model, {"steps": steps, "train_seconds": time.perf_counter() - t0, "history": history}
 
 
-def _train_window(model: MemoryTransformer, window: list, memory_grad: str, memory_noise: float):
+def _train_window(
+    model: MemoryTransformer, window: list, memory_grad: str, memory_noise: float, stationarity: float
+):
     """Forward and backward over one whole document (every window starts a document, so no state carries in)."""
     state = model.init_state(window[0].tokens_BT.shape[0])
-    if not memory_noise:
+    if not memory_noise and not stationarity:
         return run_window(model, window, state, memory_grad=memory_grad)
-    # As `run_window` (truncated/detached), plus Gaussian noise on the carried memory tokens/slots between
-    # segments: a regulariser that makes the stored fact an attractor the memory returns to, not a value that
-    # drifts a little with every segment.
+    # As `run_window` (truncated/detached), plus two optional regularisers of the carried memory tokens/slots:
+    #  - Gaussian noise between segments (`memory_noise`);
+    #  - a stationarity penalty (`stationarity`): the relative squared change of the memory across each segment
+    #    that holds only text (after the fact's segment, before the question's), so that once written the fact
+    #    is held as a fixed point of the update rather than in a code that moves with every segment. Measured
+    #    without it: rmt trained on <= 8 segments recalls 0.94 at 8, 0.61 at 12, 0.17 at 16 and 0.00 at 24
+    #    segments, while memories of documents that differ only in the value stay as far apart as at the start:
+    #    the fact is still there, the readout just no longer decodes where the code has moved to.
     from memscale.train.bptt import WindowResult
 
     total = sum(b.num_targets for b in window)
-    losses = []
-    for b in window:
+    state = state.detach()  # as run_window: a window's incoming state is a constant (a reset row restarts anyway)
+    losses, drift = [], []
+    for i, b in enumerate(window):
         out = model.step(b.tokens_BT, state, targets_BT=b.targets_BT, reset_B=b.reset_B, return_logits=False)
-        state = out.state if memory_grad != "detached" else out.state.detach()
-        if "mem" in state:
+        new = out.state if memory_grad != "detached" else out.state.detach()
+        if stationarity and "mem" in new and 1 <= i < len(window) - 1:
+            prev, cur = state["mem"], new["mem"]
+            drift.append((cur - prev).pow(2).sum((1, 2)) / prev.detach().pow(2).sum((1, 2)))
+        state = new
+        if memory_noise and "mem" in state:
             state.tensors["mem"] = state["mem"] + memory_noise * torch.randn_like(state["mem"])
         losses.append(out.loss_sum)
     loss = torch.stack(losses).sum()
-    if loss.requires_grad:
-        (loss / max(total, 1)).backward()
+    objective = loss / max(total, 1)
+    if drift:
+        objective = objective + stationarity * torch.stack(drift).mean()
+    if objective.requires_grad:
+        objective.backward()
     return WindowResult(loss.item(), total, state.detach())
 
 
@@ -223,6 +239,7 @@ def main(args) -> int:
             texts=texts,
             mixed_lengths=not args.fixed_lengths,
             memory_noise=args.memory_noise,
+            stationarity=args.stationarity,
         )
         cfg = recall_config(kind, args.segments, args.data_dir, texts["val"].vocab_size, args.overrides)
         saved = _save(model, cfg, trained["steps"], f"{args.out}/recall-{kind}") if args.save else None
