@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the penalty on memory change across text-only segments in training",
     )
     rc.add_argument(
+        "--load",
+        default=None,
+        metavar="DIR",
+        help="evaluate the models a `--save` run kept under DIR/recall-KIND/ instead of training",
+    )
+    rc.add_argument(
         "--save", action="store_true", help="keep each trained model as a checkpoint under OUT/recall-KIND/"
     )
     rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -241,6 +241,18 @@ def test_bench_recall_runs_end_to_end(data_dir, tmp_path):
     assert [float(ln.split("exact match ")[1].split(" ")[0]) for ln in lines] == [
         a["exact_match"] for a in want
     ]
+    # ... and so does `bench recall --load`, which evaluates it without training.
+    again = tmp_path / "again"
+    args = args.replace(f"--out {tmp_path}", f"--out {again}").replace("--kinds none,rmt", "--kinds rmt")
+    r = subprocess.run(
+        [sys.executable, "-m", "memscale.cli", *args.split(), "--load", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    (path,) = again.glob("recall-*.json")
+    row = json.loads(path.read_text())["rows"][0]
+    assert row["recall"] == want and row["steps"] == 2
 
 
 def test_training_window_regularisers():

@@ -151,7 +151,9 @@ def _train_window(
     from memscale.train.bptt import WindowResult
 
     total = sum(b.num_targets for b in window)
-    state = state.detach()  # as run_window: a window's incoming state is a constant (a reset row restarts anyway)
+    state = (
+        state.detach()
+    )  # as run_window: a window's incoming state is a constant (a reset row restarts anyway)
     losses, drift = [], []
     for i, b in enumerate(window):
         out = model.step(b.tokens_BT, state, targets_BT=b.targets_BT, reset_B=b.reset_B, return_logits=False)
@@ -172,13 +174,34 @@ def _train_window(
     return WindowResult(loss.item(), total, state.detach())
 
 
-def _save(model: MemoryTransformer, cfg: Config, steps: int, out_dir: str):
+def _load(run_dir: str, cfg: Config) -> tuple[MemoryTransformer, dict, Path]:
+    """A model kept by `--save`, with its training record; its model config must be this run's."""
+    from memscale.checkpoint import simple as ckpt
+    from memscale.config import ConfigError, model_architecture
+
+    path = ckpt.latest(f"{run_dir}/checkpoints")
+    if path is None:
+        raise ConfigError(
+            f"--load: no checkpoint under {run_dir}/checkpoints: run `bench recall --save` first"
+        )
+    ts = ckpt.load(path)
+    if model_architecture(ts.config["model"]) != model_architecture(cfg.model):
+        raise ConfigError(
+            f"--load: the model in {path} differs from this run's shape: pass the same --set keys"
+        )
+    model = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len)
+    model.load_state_dict(ts.model)
+    print(f"  loaded {path}")
+    return model, ts.extra.get("trained", {"steps": ts.step}), path
+
+
+def _save(model: MemoryTransformer, cfg: Config, trained: dict, out_dir: str):
     """The trained probe model as an ordinary checkpoint, so `memscale eval --checkpoint` can ask it again."""
     from memscale.checkpoint import simple as ckpt
     from memscale.config import to_dict
 
     ts = ckpt.TrainState(
-        step=steps,
+        step=trained["steps"],
         model=model.state_dict(),
         optimizer={},
         scheduler={},
@@ -186,7 +209,7 @@ def _save(model: MemoryTransformer, cfg: Config, steps: int, out_dir: str):
         memory={},
         rng=ckpt.rng_state(),
         config=to_dict(cfg),
-        extra={"source": "bench-recall"},
+        extra={"source": "bench-recall", "trained": trained},
     )
     path = ckpt.save(f"{out_dir}/checkpoints", ts, keep=1)
     Path(out_dir, "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -228,21 +251,24 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     rows = []
     for kind in kinds:
-        model, trained = train_recall(
-            kind,
-            segments=args.segments,
-            max_steps=args.max_steps,
-            advance_at=args.advance_at,
-            eval_every=args.eval_every,
-            data_dir=args.data_dir,
-            overrides=args.overrides,
-            texts=texts,
-            mixed_lengths=not args.fixed_lengths,
-            memory_noise=args.memory_noise,
-            stationarity=args.stationarity,
-        )
         cfg = recall_config(kind, args.segments, args.data_dir, texts["val"].vocab_size, args.overrides)
-        saved = _save(model, cfg, trained["steps"], f"{args.out}/recall-{kind}") if args.save else None
+        if args.load:
+            model, trained, saved = _load(f"{args.load}/recall-{kind}", cfg)
+        else:
+            model, trained = train_recall(
+                kind,
+                segments=args.segments,
+                max_steps=args.max_steps,
+                advance_at=args.advance_at,
+                eval_every=args.eval_every,
+                data_dir=args.data_dir,
+                overrides=args.overrides,
+                texts=texts,
+                mixed_lengths=not args.fixed_lengths,
+                memory_noise=args.memory_noise,
+                stationarity=args.stationarity,
+            )
+            saved = _save(model, cfg, trained, f"{args.out}/recall-{kind}") if args.save else None
         val = RecallLoader(cfg, "val", infinite=False, text=texts["val"])
         t0 = time.perf_counter()
         recall = evaluate_recall(
