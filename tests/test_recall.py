@@ -19,6 +19,13 @@ from tests.conftest import VOCAB
 T = 64
 
 
+def _cli(*args):
+    """Run `memscale ARGS` in a fresh process; it must succeed."""
+    r = subprocess.run([sys.executable, "-m", "memscale.cli", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
 def _cfg(data_dir, *extra):
     return config_from_dict(
         {},
@@ -173,26 +180,10 @@ def test_train_and_eval_commands_on_the_probe(data_dir, tmp_path):
     config = tmp_path / "probe.yaml"
     config.write_text("train:\n  lr: 0.001\n")
     args = [str(config), *(a for s in sets for a in ("--set", s))]
-    r = subprocess.run([sys.executable, "-m", "memscale.cli", "train", *args], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "memscale.cli",
-            "eval",
-            *args,
-            "--checkpoint",
-            str(tmp_path / "run"),
-            "--distances",
-            f"{T},{3 * T}",
-            "--segments",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
+    r = _cli("train", *args)
+    r = _cli(
+        "eval", *args, "--checkpoint", str(tmp_path / "run"), "--distances", f"{T},{3 * T}", "--segments", "4"
     )
-    assert r.returncode == 0, r.stderr[-2000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("recall at")]
     assert (
         len(lines) == 2 and "64 tokens" in lines[0] and "192 tokens" in lines[1] and "4 documents" in lines[0]
@@ -206,8 +197,7 @@ def test_bench_recall_runs_end_to_end(data_dir, tmp_path):
         "--set model.d_model=32 --set model.num_layers=1 --set model.num_heads=2 --set data.num_streams=2 "
         f"--memory-noise 0.1 --save --out {tmp_path}"
     )
-    r = subprocess.run([sys.executable, "-m", "memscale.cli", *args.split()], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli(*args.split())
     (path,) = tmp_path.glob("recall-*.json")
     result = json.loads(path.read_text())
     assert [row["kind"] for row in result["rows"]] == ["none", "rmt"]
@@ -216,26 +206,18 @@ def test_bench_recall_runs_end_to_end(data_dir, tmp_path):
         assert all(0 <= a["exact_match"] <= 1 and a["num_examples"] == 2 for a in row["recall"])
     # The kept model answers `memscale eval` with the same numbers.
     rmt = tmp_path / "recall-rmt"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "memscale.cli",
-            "eval",
-            str(rmt / "config.yaml"),
-            "--checkpoint",
-            str(rmt),
-            "--distances",
-            f"{T},{2 * T}",
-            "--segments",
-            "2",
-            "--set",
-            "data.num_streams=2",
-        ],
-        capture_output=True,
-        text=True,
+    r = _cli(
+        "eval",
+        str(rmt / "config.yaml"),
+        "--checkpoint",
+        str(rmt),
+        "--distances",
+        f"{T},{2 * T}",
+        "--segments",
+        "2",
+        "--set",
+        "data.num_streams=2",
     )
-    assert r.returncode == 0, r.stderr[-2000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("recall at")]
     want = result["rows"][1]["recall"]
     assert [float(ln.split("exact match ")[1].split(" ")[0]) for ln in lines] == [
@@ -244,12 +226,7 @@ def test_bench_recall_runs_end_to_end(data_dir, tmp_path):
     # ... and so does `bench recall --load`, which evaluates it without training.
     again = tmp_path / "again"
     args = args.replace(f"--out {tmp_path}", f"--out {again}").replace("--kinds none,rmt", "--kinds rmt")
-    r = subprocess.run(
-        [sys.executable, "-m", "memscale.cli", *args.split(), "--load", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli(*args.split(), "--load", str(tmp_path))
     (path,) = again.glob("recall-*.json")
     row = json.loads(path.read_text())["rows"][0]
     assert row["recall"] == want and row["steps"] == 2
