@@ -180,7 +180,7 @@ def test_train_and_eval_commands_on_the_probe(data_dir, tmp_path):
     config = tmp_path / "probe.yaml"
     config.write_text("train:\n  lr: 0.001\n")
     args = [str(config), *(a for s in sets for a in ("--set", s))]
-    r = _cli("train", *args)
+    _cli("train", *args)
     r = _cli(
         "eval", *args, "--checkpoint", str(tmp_path / "run"), "--distances", f"{T},{3 * T}", "--segments", "4"
     )
