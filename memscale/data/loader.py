@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from memscale.data.batch import IGNORE_INDEX, Batch
-from memscale.data.shards import SplitIndex, load_split, read_chunk, sample_key
+from memscale.data.shards import SplitIndex, load_split, read_row
 
 STATE_VERSION = 1
 # The settings that fix the sequence of batches: a saved position is only valid for a loader that shares them.
@@ -121,13 +121,7 @@ class _ChunkDataset(Dataset):
         return len(self._index.rows)
 
     def __getitem__(self, row: int) -> np.ndarray:
-        doc, shard, offset, num_tokens = (int(v) for v in self._index.rows[row])
-        key = sample_key(doc, row - int(self._index.first_row[doc]))
-        tokens = read_chunk(self._index.shard_paths[shard], offset, key=key)
-        assert len(tokens) == num_tokens, (
-            f"sample {key} of {self._index.shard_paths[shard]} disagrees with the index"
-        )
-        return tokens
+        return read_row(self._index, row)
 
 
 class _ChunkRequests:

@@ -45,7 +45,7 @@ class RecallText:
     """The probe's vocabulary (fact template, keys, values) and one split's text, from a prepared data dir."""
 
     def __init__(self, data_dir: str, split: str):
-        from memscale.data.shards import load_split, read_chunk, sample_key
+        from memscale.data.shards import load_split, read_row
         from memscale.data.tokenizer import Tokenizer
 
         tok = Tokenizer(f"{data_dir}/tokenizer.model")
@@ -66,10 +66,9 @@ class RecallText:
 
         index = load_split(data_dir, split)
         parts = []
-        for row, (doc, shard, offset, _) in enumerate(index.rows):
-            key = sample_key(int(doc), row - int(index.first_row[doc]))
-            parts.append(read_chunk(index.shard_paths[shard], int(offset), key=key).astype(np.int64))
-            if row + 1 == len(index.rows) or index.rows[row + 1, 0] != doc:
+        for row in range(len(index.rows)):
+            parts.append(read_row(index, row).astype(np.int64))
+            if row + 1 == len(index.rows) or index.rows[row + 1, 0] != index.rows[row, 0]:
                 parts.append(np.array([tok.eos_id], dtype=np.int64))
         self.text = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         if len(self.text) < 2:
@@ -88,10 +87,9 @@ def _word_pieces(tok) -> list[int]:
     Low ids are the tokenizer's earliest merges, i.e. its most frequent words, so keys and values are ordinary
     words of the corpus.
     """
-    sp = tok._sp
     out = []
     for i in range(tok.vocab_size):
-        piece = sp.id_to_piece(i)
+        piece = tok.piece(i)
         if piece.startswith("\u2581") and len(piece) >= 4 and piece[1:].isascii() and piece[1:].isalpha():
             if piece[1:].islower():
                 out.append(i)

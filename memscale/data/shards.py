@@ -317,3 +317,16 @@ def read_chunk(path: Path, offset: int, *, key: str) -> np.ndarray:
             f"{path} is truncated or corrupt (sample {key} at byte {offset}: {type(e).__name__}): "
             f"{rebuild_hint(path.parent.parent)}"
         ) from None
+
+
+def read_row(index: SplitIndex, row: int) -> np.ndarray:
+    """Token ids of chunk `row` of a split (index row order: documents in order, chunks in order)."""
+    doc, shard, offset, num_tokens = (int(v) for v in index.rows[row])
+    key = sample_key(doc, row - int(index.first_row[doc]))
+    tokens = read_chunk(index.shard_paths[shard], offset, key=key)
+    if len(tokens) != num_tokens:
+        raise ShardError(
+            f"{index.shard_paths[shard]}: sample {key} has {len(tokens)} tokens, the index says {num_tokens}: "
+            f"{rebuild_hint(index.shard_paths[shard].parent.parent)}"
+        )
+    return tokens

@@ -45,14 +45,13 @@ def unigram_logp(data: DataConfig) -> torch.Tensor | None:
     """
     if data.source != "corpus":
         return None
-    from memscale.data.shards import load_split, read_chunk, sample_key
+    from memscale.data.shards import load_split, read_row
 
     vocab = data_vocab_size(data)
     index = load_split(data.dir, "train")
     counts = np.ones(vocab, dtype=np.int64)
-    for row, (doc, shard, offset, _) in enumerate(index.rows):  # rows: doc, shard, byte offset, tokens
-        key = sample_key(int(doc), row - int(index.first_row[doc]))
-        ids = read_chunk(index.shard_paths[shard], int(offset), key=key)
+    for row in range(len(index.rows)):
+        ids = read_row(index, row)
         counts += np.bincount(ids, minlength=vocab)[:vocab]
     return torch.from_numpy(np.log(counts / counts.sum())).float()
 

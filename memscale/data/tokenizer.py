@@ -145,6 +145,10 @@ class Tokenizer:
         """`encode` of many texts at once, on sentencepiece's own threads."""
         return self._sp.encode(list(texts), num_threads=num_threads or os.cpu_count() or 1)
 
+    def piece(self, token_id: int) -> str:
+        """The vocabulary entry of `token_id` as sentencepiece spells it ("\u2581" marks a leading space)."""
+        return self._sp.id_to_piece(token_id)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; pad, bos and eos are control pieces and decode to nothing."""
         return self._sp.decode([int(i) for i in ids])
