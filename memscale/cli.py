@@ -223,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the penalty on memory change across text-only segments in training",
     )
     rc.add_argument(
+        "--carry-reset",
+        type=float,
+        default=None,
+        metavar="P",
+        help="carry memory from one training document to the next, resetting a row with probability P "
+        "(default: every document starts from the initial memory)",
+    )
+    rc.add_argument(
         "--load",
         default=None,
         metavar="DIR",

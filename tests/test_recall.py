@@ -195,7 +195,7 @@ def test_bench_recall_runs_end_to_end(data_dir, tmp_path):
         f"bench recall --kinds none,rmt --data-dir {data_dir} --segments 2 --max-steps 2 --eval-every 1 "
         f"--distances {T},{2 * T} --examples 2 --eval-streams 2 --set data.segment_len={T} "
         "--set model.d_model=32 --set model.num_layers=1 --set model.num_heads=2 --set data.num_streams=2 "
-        f"--memory-noise 0.1 --save --out {tmp_path}"
+        f"--memory-noise 0.1 --carry-reset 0.5 --save --out {tmp_path}"
     )
     r = _cli(*args.split())
     (path,) = tmp_path.glob("recall-*.json")
@@ -258,3 +258,38 @@ def test_training_window_regularisers():
     _, g_two_held = grads(two, stationarity=1.0)
     for n in g_two:
         torch.testing.assert_close(g_two_held[n], g_two[n], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("carry_reset", [0.0, 1.0])
+def test_training_carries_memory_between_documents(data_dir, texts, monkeypatch, carry_reset):
+    """--carry-reset P: from stage 2 on, a training document starts from the memory the previous one left, its
+    rows reset with probability P (0: never, 1: always); stage 1 always starts from the initial memory."""
+    from memscale.bench import recall as bench
+
+    seen = []
+    real = bench._train_window
+
+    def spy(model, window, *args):
+        out = real(model, window, *args)
+        seen.append((len(window), args[-1], window[0].reset_B.clone(), out.state))
+        return out
+
+    monkeypatch.setattr(bench, "_train_window", spy)
+    bench.train_recall(
+        "rmt",
+        segments=2,
+        max_steps=6,
+        advance_at=2.0,
+        eval_every=100,
+        data_dir=str(data_dir),
+        overrides=["model.d_model=32", "model.num_layers=1", "model.num_heads=2", f"data.segment_len={T}"],
+        texts=texts,
+        mixed_lengths=False,
+        carry_reset=carry_reset,
+        log=lambda *a: None,
+    )
+    assert [n for n, *_ in seen] == [1, 1, 1, 2, 2, 2]
+    assert all(state is None for _, state, _, _ in seen[:3])
+    for (_, _, _, before), (_, state, reset, _) in zip(seen[2:], seen[3:]):
+        assert state is before  # the previous document's memory, as it left it
+        assert bool(reset.all()) if carry_reset == 1.0 else not bool(reset.any())

@@ -79,6 +79,7 @@ def train_recall(
     mixed_lengths: bool = True,
     memory_noise: float = 0.0,
     stationarity: float = 0.0,
+    carry_reset: float | None = None,
     seed: int = 0,
     log=print,
 ) -> tuple[MemoryTransformer, dict]:
@@ -93,6 +94,13 @@ def train_recall(
     per_stage = max_steps // len(stages)
     steps, t0, history = 0, time.perf_counter(), []
     draw = torch.Generator().manual_seed(seed)
+    # `carry_reset`: documents follow each other in a stream and a row's memory is reset at a document start
+    # only with this probability, so the model meets memory of every age (earlier facts included) and must
+    # replace a held fact when a new one comes and hold it through text otherwise. BPTT stays within the
+    # document (at most `segments` segments); the incoming memory is a constant. Measured: carried into stage 1,
+    # old facts in memory kept rmt at chance through the stage's 500 steps (without, it leaves chance
+    # after ~200).
+    carried = None
     for n in stages:
         stage_cfg = recall_config(kind, n, data_dir, vocab, overrides)
         # Documents of every length up to the stage's: a question may come after any number of segments, so the
@@ -115,7 +123,14 @@ def train_recall(
             k = lengths[int(torch.randint(len(lengths), (1,), generator=draw))]
             opt.zero_grad(set_to_none=True)
             window = [next(loaders[k]) for _ in range(k)]
-            out = _train_window(model, window, stage_cfg.train.memory_grad, memory_noise, stationarity)
+            state = None
+            if carry_reset is not None and n > 1:  # stage 1 (fact and question in one segment) has no use for it
+                B = window[0].tokens_BT.shape[0]
+                state = carried if carried is not None else model.init_state(B)
+                reset = torch.rand(B, generator=draw) < carry_reset
+                window[0] = dataclasses.replace(window[0], reset_B=reset)
+            out = _train_window(model, window, stage_cfg.train.memory_grad, memory_noise, stationarity, state)
+            carried = out.state
             torch.nn.utils.clip_grad_norm_(model.parameters(), stage_cfg.train.grad_clip)
             opt.step()
             steps += 1
@@ -134,10 +149,16 @@ def train_recall(
 
 
 def _train_window(
-    model: MemoryTransformer, window: list, memory_grad: str, memory_noise: float, stationarity: float
+    model: MemoryTransformer,
+    window: list,
+    memory_grad: str,
+    memory_noise: float,
+    stationarity: float,
+    state=None,
 ):
-    """Forward and backward over one whole document (every window starts a document, so no state carries in)."""
-    state = model.init_state(window[0].tokens_BT.shape[0])
+    """Forward and backward over one whole document, from `state` (default: the initial memory)."""
+    if state is None:
+        state = model.init_state(window[0].tokens_BT.shape[0])
     if not memory_noise and not stationarity:
         return run_window(model, window, state, memory_grad=memory_grad)
     # As `run_window` (truncated/detached), plus two optional regularisers of the carried memory tokens/slots:
@@ -267,6 +288,7 @@ def main(args) -> int:
                 mixed_lengths=not args.fixed_lengths,
                 memory_noise=args.memory_noise,
                 stationarity=args.stationarity,
+                carry_reset=args.carry_reset,
             )
             saved = _save(model, cfg, trained, f"{args.out}/recall-{kind}") if args.save else None
         val = RecallLoader(cfg, "val", infinite=False, text=texts["val"])
