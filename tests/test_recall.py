@@ -290,6 +290,6 @@ def test_training_carries_memory_between_documents(data_dir, texts, monkeypatch,
     )
     assert [n for n, *_ in seen] == [1, 1, 1, 2, 2, 2]
     assert all(state is None for _, state, _, _ in seen[:3])
-    for (_, _, _, before), (_, state, reset, _) in zip(seen[2:], seen[3:]):
+    for (_, _, _, before), (_, state, reset, _) in zip(seen[2:-1], seen[3:], strict=True):
         assert state is before  # the previous document's memory, as it left it
         assert bool(reset.all()) if carry_reset == 1.0 else not bool(reset.any())

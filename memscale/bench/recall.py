@@ -124,7 +124,8 @@ def train_recall(
             opt.zero_grad(set_to_none=True)
             window = [next(loaders[k]) for _ in range(k)]
             state = None
-            if carry_reset is not None and n > 1:  # stage 1 (fact and question in one segment) has no use for it
+            # Stage 1 (fact and question in one segment) has no use for carried memory.
+            if carry_reset is not None and n > 1:
                 B = window[0].tokens_BT.shape[0]
                 state = carried if carried is not None else model.init_state(B)
                 reset = torch.rand(B, generator=draw) < carry_reset
