@@ -193,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--kinds", default="rmt,none", help="comma-separated memory kinds")
     rc.add_argument("--data-dir", default="data/prepared/bundled", help="prepared corpus: tokenizer and text")
     rc.add_argument("--segments", type=int, default=8, help="longest training document, in segments")
-    rc.add_argument("--max-steps", type=int, default=600, help="optimizer steps per kind, all stages")
+    rc.add_argument(
+        "--max-steps",
+        type=int,
+        default=2000,
+        help="optimizer steps per kind, all stages",
+    )
     rc.add_argument(
         "--advance-at", type=float, default=0.95, help="curriculum: next stage at this val accuracy"
     )
