@@ -26,24 +26,26 @@ def _cli(*args):
     return r
 
 
+def _sets(data_dir, *extra):
+    """The probe's tiny shape as KEY=VALUE overrides (later ones win)."""
+    return [
+        "model.d_model=32",
+        "model.num_layers=2",
+        "model.num_heads=2",
+        f"model.vocab_size={VOCAB}",
+        "model.memory.kind=rmt",
+        "model.memory.num_tokens=4",
+        f"data.dir={data_dir}",
+        "data.source=recall",
+        f"data.segment_len={T}",
+        "data.num_streams=3",
+        "data.task_segments=3",
+        *extra,
+    ]
+
+
 def _cfg(data_dir, *extra):
-    return config_from_dict(
-        {},
-        [
-            "model.d_model=32",
-            "model.num_layers=2",
-            "model.num_heads=2",
-            f"model.vocab_size={VOCAB}",
-            "model.memory.kind=rmt",
-            "model.memory.num_tokens=4",
-            f"data.dir={data_dir}",
-            "data.source=recall",
-            f"data.segment_len={T}",
-            "data.num_streams=3",
-            "data.task_segments=3",
-            *extra,
-        ],
-    )
+    return config_from_dict({}, _sets(data_dir, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -158,16 +160,9 @@ def test_config_errors_are_one_line_and_name_the_fix(data_dir, texts):
 
 def test_train_and_eval_commands_on_the_probe(data_dir, tmp_path):
     """`memscale train` and `memscale eval` take data.source=recall end to end on real files."""
-    sets = [
-        "model.d_model=32",
+    sets = _sets(
+        data_dir,
         "model.num_layers=1",
-        "model.num_heads=2",
-        f"model.vocab_size={VOCAB}",
-        "model.memory.kind=rmt",
-        "model.memory.num_tokens=4",
-        f"data.dir={data_dir}",
-        "data.source=recall",
-        f"data.segment_len={T}",
         "data.num_streams=2",
         "data.task_segments=2",
         "train.bptt_segments=2",
@@ -176,7 +171,7 @@ def test_train_and_eval_commands_on_the_probe(data_dir, tmp_path):
         "train.eval_every=3",
         "train.eval_segments=2",
         f"train.out_dir={tmp_path / 'run'}",
-    ]
+    )
     config = tmp_path / "probe.yaml"
     config.write_text("train:\n  lr: 0.001\n")
     args = [str(config), *(a for s in sets for a in ("--set", s))]
