@@ -17,6 +17,16 @@ import os
 import sys
 
 
+def _probability(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        p = -1.0
+    if not 0.0 <= p <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability: use a value in [0, 1]")
+    return p
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     p.add_argument(
@@ -229,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument(
         "--carry-reset",
-        type=float,
+        type=_probability,
         default=None,
         metavar="P",
         help="carry memory from one training document to the next, resetting a row with probability P "

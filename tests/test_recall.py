@@ -288,3 +288,14 @@ def test_training_carries_memory_between_documents(data_dir, texts, monkeypatch,
     for (_, _, _, before), (_, state, reset, _) in zip(seen[2:-1], seen[3:], strict=True):
         assert state is before  # the previous document's memory, as it left it
         assert bool(reset.all()) if carry_reset == 1.0 else not bool(reset.any())
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "x"])
+def test_carry_reset_must_be_a_probability(value):
+    r = subprocess.run(
+        [sys.executable, "-m", "memscale.cli", "bench", "recall", "--carry-reset", value],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].endswith(f"{value} is not a probability: use a value in [0, 1]")
