@@ -11,6 +11,7 @@ failure raises `ConfigError` with one line that names the key and the fix. This 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -106,6 +107,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (> 0)."""
+    max_bad_steps: int = 10
+    """A step whose loss or gradient norm is NaN or inf is skipped (no optimizer update); this many skipped steps
+    in a row stop the run with exit code 3 (diverged), before any checkpoint of the bad state is written."""
     bptt_segments: int = 2
     """Segments per optimizer step; with memory_grad=truncated or replay, gradient crosses all of them."""
     memory_grad: MemoryGrad = "detached"
@@ -145,6 +150,7 @@ class Config:
 
     def validate(self) -> Config:
         m, d, t, p, mem = self.model, self.data, self.train, self.parallel, self.model.memory
+        _check_finite(self, "")
         _positive(d.segment_len, "data.segment_len", "use a positive segment length, e.g. 512")
         _positive(d.num_streams, "data.num_streams", "use at least one stream")
         _positive(m.d_model, "model.d_model", "use a positive width")
@@ -175,6 +181,14 @@ class Config:
             )
         if t.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(t, key) < 1.0:
+                raise ConfigError(f"train.{key}={getattr(t, key)} must be in [0, 1), e.g. 0.9 / 0.95")
+        if t.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0 (0 turns it off)")
+        if t.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip={t.grad_clip} must be > 0, e.g. 1.0")
+        _positive(t.max_bad_steps, "train.max_bad_steps", "stop after N >= 1 skipped steps in a row, e.g. 10")
         if mem.kind in ("rmt", "memformer"):
             _positive(mem.num_tokens, "model.memory.num_tokens", f"{mem.kind} needs at least one memory slot")
         if mem.kind == "infinity":
@@ -211,6 +225,16 @@ class Config:
                 "remove the parallel overrides to train on one process"
             )
         return self
+
+
+def _check_finite(node: Any, prefix: str) -> None:
+    """Every number in the config is finite: NaN passes every `<` / `>` check, so it is refused first."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
 
 
 def _positive(value: int, key: str, fix: str) -> None:
