@@ -11,16 +11,24 @@ Layout of `<out_dir>/checkpoints/step-000200/`:
 
 A checkpoint is built in a temporary sibling directory, every file fsync'ed, then renamed into place in one
 `os.replace`; `latest` (a one-line file) is replaced the same way. A kill at any moment leaves either the old or the
-new checkpoint, never a half-written one that `load` would accept.
+new checkpoint, never a half-written one that `load` would accept. Re-saving a step that already exists swaps the
+two directories in one atomic `renameat2(RENAME_EXCHANGE)`, so `latest` never names a missing directory.
+
+Only finite weights and optimizer state are written (`NonFiniteError` otherwise): a diverging run cannot replace
+or prune good checkpoints with NaN ones. Names read back from disk (`latest`, manifest entries) must be plain
+names inside the checkpoint folder; anything else is refused with the file named.
 
 Sharded checkpoints (megatron-core dist_checkpointing) build on the same `TrainState` gathering.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -31,6 +39,32 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"step-(\d{6,})")
+"""Checkpoint directory names: `step-` and the step number, zero-padded to at least six digits."""
+
+
+class NonFiniteError(ValueError):
+    """A tensor to be checkpointed holds NaN or inf; nothing was written."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def step_of(path: str | os.PathLike) -> int | None:
+    """The step number of a checkpoint directory name, or None when the name is not one."""
+    m = STEP_DIR.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories under `ckpt_root`, oldest first by step number (not by name: step 1,000,000 sorts
+    after 999,999 although its name is longer)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=step_of)
 
 
 @dataclass
@@ -96,12 +130,61 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _first_non_finite(tree: Any, prefix: str) -> str | None:
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+            return prefix
+        return None
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return None
+    for k, v in items:
+        bad = _first_non_finite(v, f"{prefix}.{k}")
+        if bad is not None:
+            return bad
+    return None
+
+
+def check_finite(ts: TrainState) -> None:
+    """Raise NonFiniteError naming the first weight or optimizer tensor that holds NaN or inf."""
+    for part in ("model", "optimizer", "memory"):
+        bad = _first_non_finite(getattr(ts, part), part)
+        if bad is not None:
+            raise NonFiniteError(f"step {ts.step}: {bad} holds NaN or inf: not written")
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where the OS or the file
+    system cannot (the caller then falls back to two renames). Python's os module does not expose it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 def save(ckpt_root: str | os.PathLike, ts: TrainState, *, keep: int = 2) -> Path:
-    """Write `ts` to `<ckpt_root>/step-<step>` atomically, point `latest` at it, keep the newest `keep`."""
+    """Write `ts` to `<ckpt_root>/step-<step>` atomically, point `latest` at it, keep the newest `keep` (by step
+    number; the one just written is always kept). Raises NonFiniteError, writing nothing, when a weight, an
+    optimizer tensor or the memory holds NaN or inf."""
+    check_finite(ts)
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{ts.step:06d}"
-    for stale in root.glob(".step-*.tmp-*"):  # left by a writer killed mid-save; one writer per run owns root
+    final = root / step_dir_name(ts.step)
+    # Left by a writer killed mid-save. One writer per run owns root (the run lock, memscale/train/rundir.py).
+    for stale in [*root.glob(".step-*.tmp-*"), *root.glob(".step-*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
@@ -129,9 +212,17 @@ def save(ckpt_root: str | os.PathLike, ts: TrainState, *, keep: int = 2) -> Path
         (tmp / "manifest.json").write_text(json.dumps({"step": ts.step, "files": manifest}, indent=1))
         _fsync_file(tmp / "manifest.json")
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it as a whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if not final.exists():
+            os.replace(tmp, final)
+        elif _exchange(
+            tmp, final
+        ):  # re-saving a step (e.g. right after a resume): swap, then drop the old one
+            shutil.rmtree(tmp)
+        else:  # no atomic exchange here: `final` is missing between these two renames
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=root))
+            os.replace(final, old / "ckpt")
+            os.replace(tmp, final)
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -140,23 +231,51 @@ def save(ckpt_root: str | os.PathLike, ts: TrainState, *, keep: int = 2) -> Path
     _fsync_file(latest_tmp)
     os.replace(latest_tmp, root / "latest")
     _fsync_dir(root)
-    _prune(root, keep=keep)
+    _prune(root, keep=keep, current=final)
     return final
 
 
-def _prune(root: Path, *, keep: int) -> None:
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def _prune(root: Path, *, keep: int, current: Path) -> None:
+    for old in checkpoints(root)[:-keep] if keep > 0 else []:
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_name(ckpt_root: str | os.PathLike) -> str | None:
+    """What `<ckpt_root>/latest` names, checked to be a checkpoint directory name inside the folder; None when
+    there is no `latest`."""
+    pointer = Path(ckpt_root) / "latest"
+    if not pointer.exists():
+        return None
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (UnicodeDecodeError, OSError) as e:
+        raise ValueError(
+            f"{pointer} cannot be read ({type(e).__name__}): delete it and resume with --resume-from STEP"
+        ) from None
+    if STEP_DIR.fullmatch(name) is None:
+        shown = name[:40] + ("..." if len(name) > 40 else "")
+        raise ValueError(
+            f"{pointer} holds {shown!r}, not a checkpoint name like step-000300: "
+            "delete it and resume with --resume-from STEP"
+        )
+    return name
 
 
 def latest(ckpt_root: str | os.PathLike) -> Path | None:
-    root = Path(ckpt_root)
-    pointer = root / "latest"
-    if not pointer.exists():
+    """The directory `latest` names, or None when there is no `latest` or it names a missing directory."""
+    name = latest_name(ckpt_root)
+    if name is None:
         return None
-    path = root / pointer.read_text().strip()
+    path = Path(ckpt_root) / name
     return path if path.is_dir() else None
+
+
+def _read_json(path: Path, *, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not valid JSON: {fix}") from None
 
 
 def verify(path: str | os.PathLike) -> dict:
@@ -167,8 +286,18 @@ def verify(path: str | os.PathLike) -> dict:
         raise ValueError(
             f"checkpoint {path} has no manifest.json: it is incomplete; resume from an earlier one"
         )
-    manifest = json.loads(manifest_path.read_text())
-    for name, info in manifest["files"].items():
+    fix = "the checkpoint is damaged; resume from another one (--resume-from STEP)"
+    manifest = _read_json(manifest_path, fix=fix)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise ValueError(f"{manifest_path} has no file list: {fix}")
+    for name, info in files.items():
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise ValueError(
+                f"{manifest_path} lists {name!r}, which is not a file inside the checkpoint: {fix}"
+            )
+        if not isinstance(info, dict) or not {"bytes", "sha256"} <= set(info):
+            raise ValueError(f"{manifest_path} entry {name!r} has no size and checksum: {fix}")
         f = path / name
         if not f.exists() or f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
             raise ValueError(
@@ -180,10 +309,14 @@ def verify(path: str | os.PathLike) -> dict:
 def load(path: str | os.PathLike) -> TrainState:
     path = Path(path)
     verify(path)
-    meta = json.loads((path / "trainer.json").read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
+    meta = _read_json(
+        path / "trainer.json", fix="the checkpoint is damaged; resume from another one (--resume-from STEP)"
+    )
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
         raise ValueError(
-            f"checkpoint {path} has format {meta.get('format_version')}, expected {FORMAT_VERSION}"
+            f"{path / 'trainer.json'} has format {version}, expected {FORMAT_VERSION}: "
+            "it was written by another memscale version"
         )
     model = load_file(path / "model.safetensors")
     for alias, target in meta["tied"].items():
@@ -199,3 +332,48 @@ def load(path: str | os.PathLike) -> TrainState:
         config=meta["config"],
         extra=meta.get("extra", {}),
     )
+
+
+def load_for_resume(ckpt_root: str | os.PathLike, *, say=print) -> tuple[Path, TrainState]:
+    """The checkpoint `--resume` continues from: the one `latest` names when it loads, verifies and is finite,
+    otherwise the newest (by step) that does. Every checkpoint passed over is reported through `say` with the
+    reason; ValueError when none is usable."""
+    root = Path(ckpt_root)
+    candidates = list(reversed(checkpoints(root)))
+    try:
+        named = latest_name(root)
+    except ValueError as e:
+        say(f"resume: ignoring {e}")
+        named = None
+    if named is not None:
+        if (root / named).is_dir():
+            candidates.remove(root / named)
+            candidates.insert(0, root / named)
+        else:
+            say(f"resume: {root / 'latest'} names {named}, which does not exist")
+    if not candidates:
+        raise ValueError(f"--resume: no checkpoint under {root}: start without --resume")
+    for path in candidates:
+        try:
+            ts = load(path)
+            check_finite(ts)
+        except (ValueError, OSError) as e:
+            say(f"resume: skipping {path.name}: {e}")
+            continue
+        return path, ts
+    raise ValueError(
+        f"--resume: none of the {len(candidates)} checkpoints under {root} is usable (see the lines above): "
+        "start a new run"
+    )
+
+
+def resolve(ckpt_root: str | os.PathLike, step_or_path: str) -> Path:
+    """`--resume-from` argument -> checkpoint directory: a step number (`300`) of this run, or a path."""
+    text = str(step_or_path).strip()
+    path = Path(ckpt_root) / step_dir_name(int(text)) if text.isdigit() else Path(text)
+    if not (path / "manifest.json").is_file():
+        have = ", ".join(str(step_of(p)) for p in checkpoints(ckpt_root)) or "none"
+        raise ValueError(
+            f"--resume-from {text}: {path} is not a checkpoint (steps available under {ckpt_root}: {have})"
+        )
+    return path
