@@ -137,6 +137,15 @@ class _ChunkRequests:
                 yield row
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM / SIGUSR1 to the training process, which finishes its step and checkpoints
+    (a cluster scheduler signals every process of a job; a worker killed by it would fail the step first)."""
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def _identity(item: np.ndarray) -> np.ndarray:
     # The DataLoader's default conversion would make tensors of the arrays; the packer slices them as numpy.
     return item
@@ -227,7 +236,12 @@ class StreamLoader:
         if self.num_workers == 0:
             return (dataset[row] for row in requests)
         loader = DataLoader(
-            dataset, sampler=requests, batch_size=None, num_workers=self.num_workers, collate_fn=_identity
+            dataset,
+            sampler=requests,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            worker_init_fn=_ignore_stop_signals,
         )
         return iter(loader)
 

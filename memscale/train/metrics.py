@@ -43,11 +43,13 @@ class MetricsLogger:
         tokens_per_s: float,
         mfu: float,
         step_seconds: float,
+        skipped: int = 0,
     ) -> None:
         eta = (max_steps - step) * step_seconds
         self.line(
             f"step {step:>6}/{max_steps} | loss {loss:7.4f} | lr {lr:.2e} | grad {grad_norm:6.3f} | "
             f"{tokens_per_s:8.0f} tok/s | mfu {mfu:5.3f} | eta {format_duration(eta)}"
+            + (f" | skipped {skipped}" if skipped else "")
         )
 
     def close(self) -> None:

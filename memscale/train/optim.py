@@ -19,8 +19,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
             continue
         (decay if p.dim() >= 2 and "memory." not in name else no_decay).append(p)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "decay": False},
     ]
     # foreach=True is the fast multi-tensor path on CPU and GPU alike; fused= is GPU only.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
@@ -35,5 +35,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig, *, step: int) -> float:
+    """Set every group's learning rate for optimizer step `step` (0-based), and its betas and weight decay, from
+    `cfg`; returns the learning rate.
+
+    Called before every optimizer step instead of keeping a scheduler object: the rate is a pure function of the
+    step and the *current* config, so a run resumed with a changed lr, min_lr, warmup_steps or max_steps follows
+    the new schedule from the resumed step on, and changed betas or weight_decay apply at once (a loaded
+    optimizer state would otherwise bring back the old values silently).
+    """
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["betas"] = (cfg.beta1, cfg.beta2)
+        group["weight_decay"] = cfg.weight_decay if group.get("decay", group["weight_decay"] > 0) else 0.0
+    return lr

@@ -1,13 +1,25 @@
 """The training loop: one loop for every memory kind (and, later, every parallel layout).
 
-    build model -> stream segments -> BPTT window -> clip -> AdamW step -> log -> validate -> checkpoint
+    build model -> stream segments -> BPTT window -> clip -> AdamW step -> log -> checkpoint -> validate
 
 Run it with `memscale train configs/quickstart.yaml --set train.max_steps=20`.
+
+Nothing is lost (README, "When things go wrong"):
+- a step whose loss or gradient norm is not finite is skipped; `train.max_bad_steps` in a row raise
+  `TrainingDiverged` (exit code 3) without writing the bad state;
+- one run per `train.out_dir` (memscale/train/rundir.py);
+- every shard the run reads is verified before step 1, and a checkpoint is written before each validation;
+- SIGTERM / SIGUSR1 finish the current optimizer step, write a checkpoint and return with `preempted` set
+  (exit code 75, EX_TEMPFAIL, for a scheduler to requeue);
+- `--resume` falls back to the newest checkpoint that verifies; resumed runs follow the current config's
+  schedule from the resumed step and print which keys changed.
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +34,19 @@ from memscale.models import MemoryTransformer
 from memscale.models.memory.base import MemoryState
 from memscale.train.bptt import run_window
 from memscale.train.metrics import MetricsLogger
-from memscale.train.optim import build_optimizer, build_scheduler
+from memscale.train.optim import apply_hyperparameters, build_optimizer
+from memscale.train.rundir import RunLock, check_out_dir
 from memscale.utils.flops import PeakMeter
+
+EXIT_DIVERGED = 3
+"""`memscale train` exit code after `train.max_bad_steps` skipped steps in a row."""
+EXIT_PREEMPTED = 75
+"""`memscale train` exit code after SIGTERM / SIGUSR1: checkpoint written, continue with --resume (EX_TEMPFAIL)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -36,26 +59,69 @@ class TrainSummary:
     mfu: float
     out_dir: str
     checkpoint: str
+    skipped_steps: int = 0
+    """Optimizer steps skipped for a non-finite loss or gradient norm."""
+    preempted: str | None = None
+    """The signal (SIGTERM, SIGUSR1) that stopped the run early, after writing `checkpoint`."""
 
 
-def _check_out_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    if resume or overwrite or not out_dir.exists():
-        return
-    if any(out_dir.iterdir()):
-        raise ConfigError(
-            f"train.out_dir={out_dir} already holds files: pass --resume to continue that run, "
-            "choose another train.out_dir, or set train.overwrite=true"
-        )
+class _StopSignals:
+    """Turns SIGTERM / SIGUSR1 into a flag that the loop reads between optimizer steps (Slurm sends these before
+    it preempts or times out a job). Only the main thread can install handlers; elsewhere this is a no-op."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """`key old -> new` for every config key whose value differs between a checkpoint and this run."""
+    a, b = _flatten(saved), _flatten(current)
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _non_finite_rows(state: MemoryState) -> torch.Tensor | None:
+    bad = None
+    for t in state.tensors.values():
+        if t.is_floating_point():
+            rows = ~torch.isfinite(t).flatten(1).all(dim=1)
+            bad = rows if bad is None else bad | rows
+    return bad
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: bool = False, log=None):
+    def __init__(self, cfg: Config, *, resume: bool = False, resume_from: str | None = None, log=None):
         self.cfg = cfg
-        self.resume = resume
         self.out_dir = Path(cfg.train.out_dir)
         self.device = torch.device(cfg.train.device)
-        # Everything that can fail on user input is checked before anything is written to disk.
-        _check_out_dir(self.out_dir, resume=resume, overwrite=cfg.train.overwrite)
+        self.say = log or (lambda text: print(text, flush=True))
+        resuming = resume or resume_from is not None
+        # Everything that can fail on user input is checked before anything is written to disk: the config
+        # against the data, and every shard this run will read (building a loader verifies its split's
+        # checksums), so a damaged validation shard stops the run now and not after hours of training.
+        check_out_dir(self.out_dir, resume=resuming, overwrite=cfg.train.overwrite)
         vocab = data_vocab_size(cfg.data)
         if vocab is not None and vocab != cfg.model.vocab_size:
             raise ConfigError(
@@ -63,18 +129,30 @@ class Trainer:
                 f"({vocab}): set model.vocab_size={vocab}"
             )
         self.train_loader = build_loader(cfg, "train", infinite=True)
+        if cfg.train.eval_every:
+            build_loader(cfg, "val", infinite=False)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         self.model = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.state = self.model.init_state(cfg.data.num_streams)
         self.step = 0
         self.log = log
         self.ckpt_root = self.out_dir / "checkpoints"
-        if resume:
-            self._restore()
+        self.resumed_from: Path | None = None
+        self.lock = RunLock(self.out_dir).acquire()  # held until train() returns; see rundir.py
+        try:
+            if resume_from is not None:
+                path = ckpt.resolve(self.ckpt_root, resume_from)
+                ts = ckpt.load(path)
+                ckpt.check_finite(ts)
+                self._restore(path, ts)
+            elif resume:
+                self._restore(*ckpt.load_for_resume(self.ckpt_root, say=self.say))
+        except BaseException:
+            self.lock.release()
+            raise
 
     # -- checkpointing -------------------------------------------------------------------------------------------
     def gather_state(self) -> ckpt.TrainState:
@@ -82,40 +160,79 @@ class Trainer:
             step=self.step,
             model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
+            # The schedule is a function of the step and the config (optim.apply_hyperparameters): nothing to
+            # restore. The rate in effect is kept for reading.
+            scheduler={"lr": self.optimizer.param_groups[0]["lr"]},
             loader=self.train_loader.state_dict(),
             memory=self.state.state_dict(),
             rng=ckpt.rng_state(),
             config=to_dict(self.cfg),
         )
 
-    def _restore(self) -> None:
-        path = ckpt.latest(self.ckpt_root)
-        if path is None:
-            raise ConfigError(f"--resume: no checkpoint under {self.ckpt_root}: start without --resume")
-        ts = ckpt.load(path)
+    def _restore(self, path: Path, ts: ckpt.TrainState) -> None:
         if model_architecture(ts.config.get("model", {})) != model_architecture(self.cfg.model):
             raise ConfigError(
                 f"--resume: the model config differs from the one saved in {path}: resume with the same model.* keys"
             )
-        self.model.load_state_dict(ts.model)
+        try:
+            self.model.load_state_dict(ts.model)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()[:160]
+            raise ValueError(
+                f"{path / 'model.safetensors'} does not fit the model of its own config ({first}): "
+                "it was written by another memscale version or edited; resume from another checkpoint"
+            ) from None
         self.optimizer.load_state_dict(ts.optimizer)
-        self.scheduler.load_state_dict(ts.scheduler)
         self.train_loader.load_state_dict(ts.loader)
         self.state = MemoryState.from_state_dict(ts.memory, device=self.device)
         ckpt.set_rng_state(ts.rng)
         self.step = ts.step
+        self.resumed_from = path
+        changes = config_changes(ts.config, to_dict(self.cfg))
+        self.say(f"resume: {path} at step {ts.step}")
+        if changes:
+            self.say(f"resume: config changed since {path.name}: {'; '.join(changes)}")
 
     def save(self) -> Path:
         return ckpt.save(self.ckpt_root, self.gather_state(), keep=self.cfg.train.keep_checkpoints)
 
+    def _validate(self, logger, uni) -> tuple[float, float]:
+        """One validation pass. It runs under its own RNG state, so training after it (dropout masks, sampled
+        memories) does not depend on whether or when validation ran: a run stopped before a validation and
+        resumed continues exactly as one that ran it."""
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            ev = evaluate_lm(
+                self.model,
+                build_loader(cfg, "val", infinite=False),
+                num_segments=cfg.train.eval_segments,
+                num_streams=cfg.data.num_streams,
+                device=self.device,
+                unigram_logp=uni,
+            )
+        self.model.train()
+        logger.scalars(self.step, {"val/loss": ev.loss, "val/ppl": ev.ppl})
+        msg = f"validation @ step {self.step}: loss {ev.loss:.4f} | ppl {ev.ppl:.2f} | {ev.num_tokens} tokens"
+        if ev.unigram_ppl is not None:
+            logger.scalars(self.step, {"val/unigram_ppl": ev.unigram_ppl})
+            msg += f" | unigram baseline ppl {ev.unigram_ppl:.2f}"
+        self.say(msg)
+        return ev.loss, ev.ppl
+
     # -- loop ----------------------------------------------------------------------------------------------------
     def train(self) -> TrainSummary:
+        try:
+            with _StopSignals() as signals:
+                return self._train(signals)
+        finally:
+            self.lock.release()
+
+    def _train(self, signals: _StopSignals) -> TrainSummary:
         cfg, t = self.cfg, self.cfg.train
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
         logger = MetricsLogger(self.out_dir)
-        say = self.log or logger.line
+        say = self.say
         peak = PeakMeter(device=self.device)
         peak.sample()
         flops_per_token = self.model.flops_per_token()
@@ -129,73 +246,106 @@ class Trainer:
         train_iter = iter(self.train_loader)
         last = {"loss": math.nan, "val_loss": math.nan, "val_ppl": math.nan, "tok_s": 0.0, "mfu": 0.0}
         window_loss, window_targets, window_time, window_steps = 0.0, 0, 0.0, 0
+        skipped, streak = 0, 0
+        path = self.resumed_from
+        if self.step >= t.max_steps:
+            say(f"nothing to do: step {self.step} already reaches train.max_steps={t.max_steps}")
         self.model.train()
-        while self.step < t.max_steps:
-            t0 = time.perf_counter()
-            batches = [next(train_iter).to(self.device) for _ in range(t.bptt_segments)]
-            self.optimizer.zero_grad(set_to_none=True)
-            result = run_window(self.model, batches, self.state, memory_grad=t.memory_grad)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
-            self.optimizer.step()
-            self.scheduler.step()
-            self.state = result.state
-            self.step += 1
-            window_time += time.perf_counter() - t0
-            window_loss += result.loss_sum
-            window_targets += result.num_targets
-            window_steps += 1
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                step_s = window_time / window_steps
-                tok_s = tokens_per_step / step_s
-                mfu = tok_s * flops_per_token / peak.sample()
-                loss = window_loss / max(window_targets, 1)
-                lr = self.scheduler.get_last_lr()[0]
-                logger.scalars(
-                    self.step,
-                    {
-                        "train/loss": loss,
-                        "train/ppl": math.exp(min(loss, 50.0)),
-                        "train/lr": lr,
-                        "train/grad_norm": grad_norm,
-                        "train/tokens_per_s": tok_s,
-                        "train/mfu": mfu,
-                        **{f"memory/norm/{k}": v for k, v in self.state.norms().items()},
-                    },
-                )
-                logger.progress(
-                    step=self.step,
-                    max_steps=t.max_steps,
-                    loss=loss,
-                    lr=lr,
-                    grad_norm=grad_norm,
-                    tokens_per_s=tok_s,
-                    mfu=mfu,
-                    step_seconds=step_s,
-                )
-                last.update(loss=loss, tok_s=tok_s, mfu=mfu)
-                window_loss, window_targets, window_time, window_steps = 0.0, 0, 0.0, 0
-            if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
-                ev = evaluate_lm(
-                    self.model,
-                    build_loader(cfg, "val", infinite=False),
-                    num_segments=t.eval_segments,
-                    num_streams=cfg.data.num_streams,
-                    device=self.device,
-                    unigram_logp=uni,
-                )
-                self.model.train()
-                logger.scalars(self.step, {"val/loss": ev.loss, "val/ppl": ev.ppl})
-                msg = f"validation @ step {self.step}: loss {ev.loss:.4f} | ppl {ev.ppl:.2f} | {ev.num_tokens} tokens"
-                if ev.unigram_ppl is not None:
-                    logger.scalars(self.step, {"val/unigram_ppl": ev.unigram_ppl})
-                    msg += f" | unigram baseline ppl {ev.unigram_ppl:.2f}"
-                say(msg)
-                last.update(val_loss=ev.loss, val_ppl=ev.ppl)
-            if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
-                say(f"checkpoint: {self.save()}")
-        path = self.save()
-        say(f"checkpoint: {path}")
-        logger.close()
+        try:
+            while self.step < t.max_steps:
+                t0 = time.perf_counter()
+                batches = [next(train_iter).to(self.device) for _ in range(t.bptt_segments)]
+                self.optimizer.zero_grad(set_to_none=True)
+                result = run_window(self.model, batches, self.state, memory_grad=t.memory_grad)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
+                lr = apply_hyperparameters(self.optimizer, t, step=self.step)
+                state = result.state
+                if math.isfinite(result.loss_sum) and math.isfinite(grad_norm):
+                    self.optimizer.step()
+                    streak = 0
+                    window_loss += result.loss_sum
+                    window_targets += result.num_targets
+                else:
+                    # Skip the update: the weights and the optimizer moments stay as they were, and streams whose
+                    # memory went non-finite restart from the initial memory.
+                    skipped, streak = skipped + 1, streak + 1
+                    bad_B = _non_finite_rows(state)
+                    if bad_B is not None and bool(bad_B.any()):
+                        state = state.where(bad_B, self.model.init_state(len(bad_B), device=self.device))
+                    logger.scalars(self.step + 1, {"train/skipped_steps": skipped})
+                    say(
+                        f"step {self.step + 1}: loss {result.loss_sum / max(result.num_targets, 1):.4g}, "
+                        f"grad norm {grad_norm:.4g}: not finite, optimizer step skipped "
+                        f"({streak} in a row, {skipped} in all; the run stops at {t.max_bad_steps} in a row)"
+                    )
+                self.state = state
+                self.step += 1
+                window_time += time.perf_counter() - t0
+                window_steps += 1
+                if streak >= t.max_bad_steps:
+                    good = ckpt.latest(self.ckpt_root)
+                    where = (
+                        f"the newest checkpoint is {good}: resume from it with a lower train.lr "
+                        f"(--resume-from {ckpt.step_of(good)} --set train.lr=...)"
+                        if good is not None
+                        else "no checkpoint was written: lower train.lr and start again"
+                    )
+                    raise TrainingDiverged(
+                        f"training diverged: {streak} optimizer steps in a row (up to step {self.step}) had a "
+                        f"non-finite loss or gradient norm (train.max_bad_steps={t.max_bad_steps}); {where}"
+                    )
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    step_s = window_time / window_steps
+                    tok_s = tokens_per_step / step_s
+                    mfu = tok_s * flops_per_token / peak.sample()
+                    loss = window_loss / window_targets if window_targets else math.nan
+                    logger.scalars(
+                        self.step,
+                        {
+                            "train/loss": loss,
+                            "train/ppl": math.exp(min(loss, 50.0)),
+                            "train/lr": lr,
+                            "train/grad_norm": grad_norm,
+                            "train/tokens_per_s": tok_s,
+                            "train/mfu": mfu,
+                            "train/skipped_steps": skipped,
+                            **{f"memory/norm/{k}": v for k, v in self.state.norms().items()},
+                        },
+                    )
+                    logger.progress(
+                        step=self.step,
+                        max_steps=t.max_steps,
+                        loss=loss,
+                        lr=lr,
+                        grad_norm=grad_norm,
+                        tokens_per_s=tok_s,
+                        mfu=mfu,
+                        step_seconds=step_s,
+                        skipped=skipped,
+                    )
+                    last.update(loss=loss, tok_s=tok_s, mfu=mfu)
+                    window_loss, window_targets, window_time, window_steps = 0.0, 0, 0.0, 0
+                final = self.step == t.max_steps
+                # A checkpoint is written before the validation that may fail; never during a streak of skipped
+                # steps, whose weights produced a non-finite loss.
+                if streak == 0 and (
+                    final or signals.received or (t.save_every and self.step % t.save_every == 0)
+                ):
+                    path = self.save()
+                    say(f"checkpoint: {path}")
+                if signals.received and not final:
+                    say(
+                        f"{signals.received} received: stopped after step {self.step}, checkpoint {path}; "
+                        f"continue with --resume (exit code {EXIT_PREEMPTED})"
+                    )
+                    return self._summary(last, path, skipped, preempted=signals.received)
+                if t.eval_every and (self.step % t.eval_every == 0 or final):
+                    last["val_loss"], last["val_ppl"] = self._validate(logger, uni)
+        finally:
+            logger.close()
+        return self._summary(last, path, skipped)
+
+    def _summary(self, last: dict, path: Path | None, skipped: int, *, preempted: str | None = None):
         return TrainSummary(
             steps=self.step,
             final_loss=last["loss"],
@@ -204,7 +354,9 @@ class Trainer:
             tokens_per_s=last["tok_s"],
             mfu=last["mfu"],
             out_dir=str(self.out_dir),
-            checkpoint=str(path),
+            checkpoint=str(path) if path is not None else "",
+            skipped_steps=skipped,
+            preempted=preempted,
         )
 
 
