@@ -6,8 +6,11 @@
     memscale bench throughput
 
 Heavy imports (torch, the data stack) happen inside the subcommands, so `memscale --help` answers at once.
-User errors (bad config, missing data, corrupt shard or checkpoint) print one line and exit with status 2;
-MEMSCALE_DEBUG=1 shows the traceback instead.
+
+Exit codes: 0 done; 2 bad input (config, data, checkpoint, flag: one line naming the file and the fix);
+3 training diverged (`train.max_bad_steps` skipped steps in a row); 75 preempted by SIGTERM / SIGUSR1 after writing
+a checkpoint (continue with --resume); 1 an unexpected error: one line, the traceback in `<out_dir>/error.log`
+(or a file under the temp dir when no run directory is held). MEMSCALE_DEBUG=1 shows tracebacks instead.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 
 def _probability(text: str) -> float:
@@ -54,13 +60,22 @@ def _cmd_data_prepare(args) -> int:
 
 def _cmd_train(args) -> int:
     from memscale.config import load_config
-    from memscale.train.trainer import Trainer
+    from memscale.train.trainer import EXIT_DIVERGED, EXIT_PREEMPTED, Trainer, TrainingDiverged
 
     cfg = load_config(args.config, args.overrides)
-    summary = Trainer(cfg, resume=args.resume).train()
+    trainer = Trainer(cfg, resume=args.resume, resume_from=args.resume_from)
+    args.error_log = trainer.out_dir / "error.log"  # the run directory is ours from here on
+    try:
+        summary = trainer.train()
+    except TrainingDiverged as e:
+        print(f"memscale: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if summary.preempted:
+        return EXIT_PREEMPTED
+    skipped = f" | {summary.skipped_steps} steps skipped (non-finite)" if summary.skipped_steps else ""
     print(
         f"done: {summary.steps} steps | final train loss {summary.final_loss:.4f} | "
-        f"validation ppl {summary.val_ppl:.2f} | {summary.tokens_per_s:.0f} tok/s | mfu {summary.mfu:.3f}"
+        f"validation ppl {summary.val_ppl:.2f} | {summary.tokens_per_s:.0f} tok/s | mfu {summary.mfu:.3f}{skipped}"
     )
     return 0
 
@@ -122,8 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a memory-augmented language model")
     _add_config_args(train)
-    train.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir"
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in train.out_dir (the newest one that verifies, when latest "
+        "does not)",
+    )
+    resume.add_argument(
+        "--resume-from",
+        default=None,
+        metavar="STEP_OR_PATH",
+        help="continue from this checkpoint: a step number of this run (300) or a checkpoint directory",
     )
     train.set_defaults(func=_cmd_train)
 
@@ -261,6 +286,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write_error_log(exc: BaseException, path: Path | None) -> Path:
+    """The full traceback of an unexpected error: into the run's directory when this process holds it, else a
+    new file in the temp dir (creating files in a directory that a run does not hold would make it refuse to
+    start there next time)."""
+    text = "".join(traceback.format_exception(exc))
+    if path is not None:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except OSError:
+            pass
+    fd, name = tempfile.mkstemp(prefix="memscale-error-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -273,6 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("memscale: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get("MEMSCALE_DEBUG"):
+            raise
+        log = _write_error_log(e, getattr(args, "error_log", None))
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(
+            f"memscale: internal error: {type(e).__name__}: {first} (full traceback in {log})",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

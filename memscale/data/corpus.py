@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -446,19 +447,40 @@ def write_jsonl(path: Path, docs: Iterable[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def _lines(f, path) -> Iterator[tuple[int, bytes]]:
+    line_no = 0
+    try:
+        for line_no, raw in enumerate(f, 1):  # noqa: B007 (line_no is read after the loop on error)
+            yield line_no, raw
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(
+            f"{path} is truncated or not gzip after line {line_no} ({type(e).__name__}): restore the file"
+        ) from None
+
+
 def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """Documents of a JSONL file (gzip'ed when the name ends in .gz)."""
+    """Documents of a JSONL file (gzip'ed when the name ends in .gz); a bad line is named with its number."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with opener(path, "rb") as f:  # bytes, decoded line by line, so a bad byte is reported with its line
+        for line_no, raw in _lines(f, path):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path} line {line_no} is not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}): "
+                    "re-encode the file as UTF-8"
+                ) from None
             try:
                 doc = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{path} line {line_no} is not valid JSON: regenerate the file") from None
             if not (
-                isinstance(doc, dict) and isinstance(doc.get("id"), str) and isinstance(doc.get("text"), str)
+                isinstance(doc, dict) and all(isinstance(doc.get(k), str) for k in ("id", "source", "text"))
             ):
-                raise ValueError(f'{path} line {line_no}: expected {{"id": str, "source": str, "text": str}}')
+                raise ValueError(
+                    f'{path} line {line_no}: expected {{"id": str, "source": str, "text": str}}, '
+                    f"got keys {sorted(doc) if isinstance(doc, dict) else type(doc).__name__}"
+                )
             yield doc
 
 

@@ -28,9 +28,19 @@ def resolve_checkpoint(path: str) -> Path:
 
 def load_model(path: Path, *, device: str = "cpu") -> tuple[MemoryTransformer, dict]:
     ts = ckpt.load(path)
-    saved = config_from_dict({k: ts.config[k] for k in ("model", "data")})
+    try:
+        saved = config_from_dict({k: ts.config.get(k, {}) for k in ("model", "data")})
+    except ConfigError as e:
+        raise ConfigError(f"{path / 'trainer.json'}: its config does not load ({e})") from None
     model = MemoryTransformer(saved.model, segment_len=saved.data.segment_len)
-    model.load_state_dict(ts.model)
+    try:
+        model.load_state_dict(ts.model)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()[:160]
+        raise ValueError(
+            f"{path / 'model.safetensors'} does not fit the model described by {path / 'trainer.json'} ({first}): "
+            "it was written by another memscale version or edited"
+        ) from None
     return model.to(device).eval(), ts.config
 
 
