@@ -214,9 +214,8 @@ def save(ckpt_root: str | os.PathLike, ts: TrainState, *, keep: int = 2) -> Path
         _fsync_dir(tmp)
         if not final.exists():
             os.replace(tmp, final)
-        elif _exchange(
-            tmp, final
-        ):  # re-saving a step (e.g. right after a resume): swap, then drop the old one
+        # Re-saving a step (e.g. preempted right after a resume): swap the two directories, drop the old one.
+        elif _exchange(tmp, final):
             shutil.rmtree(tmp)
         else:  # no atomic exchange here: `final` is missing between these two renames
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=root))
