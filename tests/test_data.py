@@ -261,7 +261,7 @@ def test_missing_data_is_reported_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"split 'val' not in .*meta\.json"):
         StreamLoader(tmp_path / "d", "val", segment_len=8, num_streams=2)
     loader = StreamLoader(tmp_path / "d", "train", segment_len=8, num_streams=2)
-    with pytest.raises(ValueError, match=r"num_streams=2 but this loader has num_streams=3"):
+    with pytest.raises(ValueError, match=r"the saved position has 2 streams in all, this run 3"):
         StreamLoader(tmp_path / "d", "train", segment_len=8, num_streams=3).load_state_dict(
             loader.state_dict()
         )
@@ -340,3 +340,48 @@ def test_prepare_bundled_end_to_end(tmp_path):
     prepare(out, source="bundled", vocab_size=400, overwrite=True)
     assert json.loads((out / "meta.json").read_text())["vocab_size"] == 400
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no temporary dirs left behind
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ranks_slice_one_global_plan_and_share_a_layout_free_position(data_dir, num_workers):
+    """dp=2 with 3 streams each reads exactly the rows of dp=1 with 6 streams; the position is the same on every
+    rank and resumes on another layout (1 x 6, 3 x 2) with the same global rows."""
+    root, _ = data_dir
+    kw = dict(segment_len=8, seed=5, num_workers=num_workers)
+
+    def loaders(world_size):
+        return [
+            StreamLoader(root, "train", num_streams=6 // world_size, rank=r, world_size=world_size, **kw)
+            for r in range(world_size)
+        ]
+
+    def global_batches(group, n):
+        its = [iter(loader) for loader in group]
+        out = []
+        for _ in range(n):
+            parts = [next(it) for it in its]
+            out.append(
+                tuple(
+                    torch.cat([getattr(b, f) for b in parts])
+                    for f in ("tokens_BT", "targets_BT", "reset_B", "doc_pos_B")
+                )
+            )
+        return out
+
+    one, two = loaders(1), loaders(2)
+    a, b = global_batches(one, 30), global_batches(two, 30)
+    assert all(all(torch.equal(x, y) for x, y in zip(p, q, strict=True)) for p, q in zip(a, b, strict=True))
+    states = [loader.state_dict() for loader in (*one, *two)]
+    assert all(s == states[0] for s in states)
+    # Continue the dp=2 position on 3 ranks of 2 streams, and on 1 rank of 6: the same next rows.
+    three = loaders(3)
+    for loader in three:
+        loader.load_state_dict(states[0])
+    again = loaders(1)
+    again[0].load_state_dict(states[0])
+    c, d, e = global_batches(three, 20), global_batches(again, 20), global_batches(one, 20)
+    for p, q, r in zip(c, d, e, strict=True):
+        assert all(torch.equal(x, y) and torch.equal(y, z) for x, y, z in zip(p, q, r, strict=True))
+    wrong = StreamLoader(root, "train", num_streams=4, **kw)
+    with pytest.raises(ValueError, match=r"the saved position has 6 streams in all, this run 4"):
+        wrong.load_state_dict(states[0])

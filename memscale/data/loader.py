@@ -13,9 +13,13 @@ token of the same document: a document of L tokens ([bos] ... [eos]) gives L - 1
 ceil((L - 1) / T) segments.
 
 How the work is divided, deterministically:
-- ranks: epoch e shuffles all documents with (seed, e) and rank r takes every world_size-th one of that order,
-  so across ranks every document, and every sample of it, is read exactly once per epoch;
-- streams: a stream that finishes its document takes the next one of its rank's list (lowest stream first);
+- streams: the run has G = num_streams x world_size *global* streams. Epoch e shuffles all documents with
+  (seed, e); a stream that finishes its document takes the next one of that order (lowest stream first);
+- ranks: data-parallel rank r owns global streams [r B, (r + 1) B) and reads only their chunks. Every rank runs
+  the same plan over all G streams (bookkeeping over the index, no token data), so every document is read exactly
+  once per epoch across ranks, and the position (`state_dict`) is the same on every rank and free of the rank
+  layout: a run saved on 2 ranks of B streams resumes on 1 rank of 2B streams, or 4 of B/2, and reads the same
+  tokens in the same global rows;
 - workers: which chunk each stream needs at each step follows from the document lengths in the index alone, so
   the plan runs in this process and worker processes only read and decode the chunks it asks for. A torch
   DataLoader over a map-style dataset returns items in the order of its sampler, whatever the number of
@@ -37,9 +41,10 @@ from torch.utils.data import DataLoader, Dataset
 from memscale.data.batch import IGNORE_INDEX, Batch
 from memscale.data.shards import SplitIndex, load_split, read_row
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 # The settings that fix the sequence of batches: a saved position is only valid for a loader that shares them.
-_STATE_SETTINGS = ("split", "data", "rank", "world_size", "num_streams", "segment_len", "seed", "infinite")
+# The rank layout is not among them (see the module docstring).
+_STATE_SETTINGS = ("split", "data", "global_streams", "segment_len", "seed", "infinite")
 
 Row = tuple[int, int]  # (document, position in it of the row's first input token)
 Fetch = tuple[int, int, int]  # (stream, chunk of the stream's document, index row)
@@ -54,26 +59,24 @@ class _Plan:
 
     def __init__(self, index: SplitIndex, *, settings: dict, state: dict):
         self._index = index
-        self._rank, self._world_size = settings["rank"], settings["world_size"]
         self._segment_len = settings["segment_len"]
         self._seed, self._infinite = settings["seed"], settings["infinite"]
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.streams: list[list[int] | None] = [list(s) if s is not None else None for s in state["streams"]]
         # The last chunk read so far of each stream's document; -1: none (also after a resume: read it again).
         self._have = [-1] * len(self.streams)
-        self._order = self._rank_order(self.epoch)
+        self._order = self._epoch_order(self.epoch)
 
-    def _rank_order(self, epoch: int) -> np.ndarray:
-        order = np.random.default_rng([self._seed, epoch]).permutation(self._index.num_docs)
-        return order[self._rank :: self._world_size]
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self._seed, epoch]).permutation(self._index.num_docs)
 
     def _next_doc(self) -> int | None:
         while self.cursor >= len(self._order):
             if not self._infinite:
                 return None
-            assert len(self._order) > 0, "StreamLoader checks that every rank has documents when infinite"
+            assert len(self._order) > 0, "StreamLoader checks that the split has documents when infinite"
             self.epoch, self.cursor = self.epoch + 1, 0
-            self._order = self._rank_order(self.epoch)
+            self._order = self._epoch_order(self.epoch)
         self.cursor += 1
         return int(self._order[self.cursor - 1])
 
@@ -127,14 +130,15 @@ class _ChunkDataset(Dataset):
 class _ChunkRequests:
     """Sampler: the index rows that the plan needs, in the order in which the packer consumes them."""
 
-    def __init__(self, index: SplitIndex, settings: dict, state: dict):
-        self._index, self._settings, self._state = index, settings, state
+    def __init__(self, index: SplitIndex, settings: dict, state: dict, streams: range):
+        self._index, self._settings, self._state, self._streams = index, settings, state, streams
 
     def __iter__(self) -> Iterator[int]:
         plan = _Plan(self._index, settings=self._settings, state=self._state)
         while (step := plan.step()) is not None:
-            for _, _, row in step[1]:
-                yield row
+            for stream, _, row in step[1]:
+                if stream in self._streams:
+                    yield row
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -180,28 +184,24 @@ class StreamLoader:
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
         self._index = load_split(data_dir, split)
-        if infinite and self._index.num_docs < world_size:
-            raise ValueError(
-                f"split '{split}' of {data_dir} has {self._index.num_docs} documents, fewer than "
-                f"world_size={world_size}: prepare more data or use fewer ranks"
-            )
+        if infinite and self._index.num_docs < 1:
+            raise ValueError(f"split '{split}' of {data_dir} has no documents: prepare more data")
         self.num_workers = num_workers
+        self._streams = range(rank * num_streams, (rank + 1) * num_streams)  # this rank's global streams
         self._settings = {
             "split": split,
             "data": self._index.fingerprint,
-            "rank": rank,
-            "world_size": world_size,
-            "num_streams": num_streams,
+            "global_streams": num_streams * world_size,
             "segment_len": segment_len,
             "seed": seed,
             "infinite": infinite,
         }
-        self._state = {"epoch": 0, "cursor": 0, "streams": [None] * num_streams}
+        self._state = {"epoch": 0, "cursor": 0, "streams": [None] * (num_streams * world_size)}
         self._steps = 0
 
     @property
     def epoch(self) -> int:
-        """The epoch of the most recently started document of this rank."""
+        """The epoch of the most recently started document (of any rank: the plan is global)."""
         return self._state["epoch"]
 
     @property
@@ -212,12 +212,14 @@ class StreamLoader:
     def __iter__(self) -> Iterator[Batch]:
         plan = _Plan(self._index, settings=self._settings, state=self._state)
         chunks = self._chunks()
-        buffers: list[dict[int, np.ndarray]] = [{} for _ in range(self._settings["num_streams"])]
+        lo, hi = self._streams.start, self._streams.stop
+        buffers: list[dict[int, np.ndarray]] = [{} for _ in self._streams]
         while (step := plan.step()) is not None:
             rows, fetches = step
             for stream, chunk, _ in fetches:
-                buffers[stream][chunk] = next(chunks)
-            batch = self._pack(rows, buffers)
+                if lo <= stream < hi:
+                    buffers[stream - lo][chunk] = next(chunks)
+            batch = self._pack(rows[lo:hi], buffers)
             self._state = plan.state()
             self._steps += 1
             yield batch
@@ -228,11 +230,11 @@ class StreamLoader:
         for _ in range(num_steps):
             # One next() per step: pulling a batch beyond num_steps would move the saved position past it.
             batch = next(batches, None)
-            yield batch if batch is not None else self._pack([None] * self._settings["num_streams"], [])
+            yield batch if batch is not None else self._pack([None] * len(self._streams), [])
 
     def _chunks(self) -> Iterator[np.ndarray]:
         dataset = _ChunkDataset(self._index)
-        requests = _ChunkRequests(self._index, self._settings, self._state)
+        requests = _ChunkRequests(self._index, self._settings, self._state, self._streams)
         if self.num_workers == 0:
             return (dataset[row] for row in requests)
         loader = DataLoader(
@@ -278,7 +280,14 @@ class StreamLoader:
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(
-                f"loader state version {state.get('version')!r} is not {STATE_VERSION}: cannot resume"
+                f"loader state version {state.get('version')!r} is not {STATE_VERSION}: the position was saved by "
+                "another memscale version and cannot be continued; start a new run"
+            )
+        if state.get("global_streams") != self._settings["global_streams"]:
+            raise ValueError(
+                f"the saved position has {state.get('global_streams')} streams in all, this run "
+                f"{self._settings['global_streams']} (data.num_streams x data-parallel ranks): keep the product, "
+                "e.g. twice the ranks with half the streams each"
             )
         for key in _STATE_SETTINGS:
             if state.get(key) != self._settings[key]:
