@@ -333,6 +333,20 @@ def load(path: str | os.PathLike) -> TrainState:
     )
 
 
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, weights: dict[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(weights)` for the checkpoint at `path`, with a one-line error naming its files when
+    the weights do not fit the model its config describes."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        path = Path(path)
+        first = str(e).strip().splitlines()[-1].strip()[:160]
+        raise ValueError(
+            f"{path / 'model.safetensors'} does not fit the model described by {path / 'trainer.json'} ({first}): "
+            "it was written by another memscale version or edited; use another checkpoint"
+        ) from None
+
+
 def load_for_resume(ckpt_root: str | os.PathLike, *, say=print) -> tuple[Path, TrainState]:
     """The checkpoint `--resume` continues from: the one `latest` names when it loads, verifies and is finite,
     otherwise the newest (by step) that does. Every checkpoint passed over is reported through `say` with the

@@ -33,14 +33,7 @@ def load_model(path: Path, *, device: str = "cpu") -> tuple[MemoryTransformer, d
     except ConfigError as e:
         raise ConfigError(f"{path / 'trainer.json'}: its config does not load ({e})") from None
     model = MemoryTransformer(saved.model, segment_len=saved.data.segment_len)
-    try:
-        model.load_state_dict(ts.model)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()[:160]
-        raise ValueError(
-            f"{path / 'model.safetensors'} does not fit the model described by {path / 'trainer.json'} ({first}): "
-            "it was written by another memscale version or edited"
-        ) from None
+    ckpt.load_weights(model, path, ts.model)
     return model.to(device).eval(), ts.config
 
 

@@ -174,14 +174,7 @@ class Trainer:
             raise ConfigError(
                 f"--resume: the model config differs from the one saved in {path}: resume with the same model.* keys"
             )
-        try:
-            self.model.load_state_dict(ts.model)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[-1].strip()[:160]
-            raise ValueError(
-                f"{path / 'model.safetensors'} does not fit the model of its own config ({first}): "
-                "it was written by another memscale version or edited; resume from another checkpoint"
-            ) from None
+        ckpt.load_weights(self.model, path, ts.model)
         self.optimizer.load_state_dict(ts.optimizer)
         self.train_loader.load_state_dict(ts.loader)
         self.state = MemoryState.from_state_dict(ts.memory, device=self.device)
