@@ -4,7 +4,8 @@ The patterns that ZeRO-3 does not see by itself:
 - `memory.mem_init` (like rmt's memory tokens, memformer's bias, `init_state`): expanded in plain Python by
   `init_state`, outside any forward, and used by the decoder's `step` (not by its owner's forward) to reset rows;
 - `embed.weight` used by the decoder's `step` as the tied head (`F.linear(h, embed.weight)`), outside `embed`'s forward;
-- `step` is a method, not `forward`: nothing of the decoder itself runs inside a module forward.
+- `step` is a method, not `forward`: nothing of the decoder itself runs inside a module forward;
+- with `cached_head=True`, the tied head weight is reached through a Python list rather than the module attribute.
 The memory carries gradient from one segment to the next (like rmt/memformer), so the three memory_grad modes differ.
 
 The window functions mirror memscale/train/bptt.py (detached: one backward per segment; truncated: one backward;
@@ -44,12 +45,15 @@ class Memory(nn.Module):
 
 
 class StandIn(nn.Module):
-    def __init__(self):
+    def __init__(self, *, cached_head: bool = False):
         super().__init__()
         self.embed = nn.Embedding(V, D)
         self.memory = Memory()
         self.block = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
         self.norm = nn.LayerNorm(D)
+        # The tied head reached through a plain Python reference instead of the module attribute: DeepSpeed's
+        # fetch-on-attribute-access (ZeROOrderedDict) cannot see this use; only registration gathers it.
+        self._head = [self.embed.weight] if cached_head else None
 
     def init_state(self, batch_size: int) -> MemoryState:
         return MemoryState({"mem": self.memory.mem_init.unsqueeze(0).expand(batch_size, -1, -1)})
@@ -60,7 +64,7 @@ class StandIn(nn.Module):
         x_BTD = self.embed(tokens_BT) + mem_BMD.mean(1, keepdim=True)
         h_BTD = self.norm(x_BTD + self.block(x_BTD))
         new_mem = self.memory(mem_BMD, h_BTD)
-        logits_BTV = F.linear(h_BTD, self.embed.weight)
+        logits_BTV = F.linear(h_BTD, self._head[0] if self._head else self.embed.weight)
         loss_sum = F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(), reduction="sum", ignore_index=IGNORE)
         return StandInOutput(loss_sum=loss_sum, state=MemoryState({"mem": new_mem}))
 

@@ -3,7 +3,7 @@
 Each memory_grad mode is a different backward pattern per optimizer step: detached = k backward calls, truncated =
 one, replay = k calls with two roots each (loss and output state). The stand-in model (tests/parallel_standin.py) has
 a parameter used outside any forward (`init_state`), one used by a parent's method (reset to `mem_init`) and a tied
-head used through `embed.weight`, the patterns ZeRO-3 misses unless they are registered.
+head reached through a Python reference to `embed.weight`: the patterns ZeRO-3 misses (test_zero3_blind_spots).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _dp_worker(stages, modes):
         cfg = si.train_config()
         for mode in modes:
             torch.manual_seed(0)
-            model = si.StandIn()
+            model = si.StandIn(cached_head=True)
             opt = build_optimizer(model, cfg.train)
 
             def probe(m):
@@ -131,3 +131,49 @@ def test_find_external_parameters_sees_the_blind_spots():
     found = {(type(mod).__name__, next(n for n, p in model.named_parameters() if p is q)) for mod, q in find_external_parameters(root, probe)}
     # All used by the root's forward (the dispatched methods), none by the modules that own them.
     assert found == {("_Dispatch", "memory.mem_init"), ("_Dispatch", "embed.weight")}
+
+
+def _blind_spot_worker():
+    from memscale.parallel.dims import destroy_distributed, init_distributed
+    from memscale.parallel.zero import build_engine
+    from memscale.train.optim import build_optimizer
+
+    dims = ParallelDims(tp=1, pp=1, dp=2, zero_stage=3, world_size=2).validate()
+    groups = init_distributed(dims)
+    cfg = si.train_config()
+    seg = si.make_data(num_windows=1, k=1, B=2, T=4)[0][0]
+    out = {}
+    for use_probe in (False, True):
+        torch.manual_seed(0)
+        model = si.StandIn(cached_head=True)
+
+        def probe(m):
+            return m.step(seg[0], m.init_state(2), targets_BT=seg[1], reset_B=seg[2])
+
+        engine = build_engine(model, build_optimizer(model, cfg.train), cfg, dims, groups=groups, probe=probe if use_probe else None)
+        res = {"plain_init_numel": model.init_state(2)["mem"].numel()}
+        res["engine_init_shape"] = tuple(engine.model.init_state(2)["mem"].shape)
+        try:
+            o = engine.model.step(seg[0], engine.model.init_state(2), targets_BT=seg[1], reset_B=seg[2])
+            engine.backward(o.loss_sum)
+            engine.step()
+            res["step"] = "ok"
+        except RuntimeError as e:
+            res["step"] = str(e)
+        out[use_probe] = res
+    destroy_distributed()
+    return out
+
+
+def test_zero3_blind_spots():
+    """Under ZeRO-3 a parameter is an empty shard outside the engine's forward; the engine's dispatch and the
+    registration of what the probe finds are what make the model run."""
+    out = run_distributed(_blind_spot_worker, 2)[0]
+    for res in out.values():
+        # Called directly, init_state expands an empty shard: a silently wrong state. Through the engine: gathered.
+        assert res["plain_init_numel"] == 0
+        assert res["engine_init_shape"] == (2, si.M, si.D)
+    # DeepSpeed fetches parameters on attribute access inside the engine's forward, but not the head weight reached
+    # through a Python reference; without registration the product sees the empty shard.
+    assert "size mismatch" in out[False]["step"]
+    assert out[True]["step"] == "ok"

@@ -22,15 +22,17 @@ What DeepSpeed does not give directly, and how it is solved here:
 - **Loss normalisation**: memscale's loss is the sum of token cross-entropies divided by the number of target
   tokens of the window over *all* data-parallel ranks. DeepSpeed averages gradients over dp; `global_token_scale`
   returns dp / N_global, so that the average of the ranks' gradients is the gradient of the global mean.
-- **Parameters used outside their owning module's forward** (ZeRO-3 gathers a parameter only during the forward
-  of the module that owns it): a memory's init parameter expanded in `init_state` (plain Python, no forward at all),
-  a tied head `F.linear(h, embed.weight)` in the decoder's `step`, per-layer vectors used by the parent module.
-  Two parts: (1) every model method the trainer calls (`step`, `init_state`, ...) runs *inside* one forward of a
-  small root module (`_Dispatch`), so no parameter use happens outside a forward; (2) `find_external_parameters`
-  runs a probe of the plain model once, sees every op that receives a parameter while no module owning it is in
-  forward, and `deepspeed.zero.register_external_parameter` registers it on the innermost module in forward there.
-  Inputs and outputs are flattened to tuples of tensors across the root's forward, so ZeRO-3's backward hooks see
-  every tensor (they do not look inside dataclasses or `MemoryState`).
+- **Parameters used outside their owning module's forward.** ZeRO-3 keeps each parameter as an empty shard except
+  while it is gathered: during its owning module's forward, or (DeepSpeed 0.19) when it is read as a module
+  attribute while the *engine's* forward runs (fetch-on-access through `ZeROOrderedDict`, which then registers it as
+  external). Outside the engine's forward nothing gathers it: `model.init_state(B)` expands an rmt/memformer init
+  parameter into a silently empty state. Two parts: (1) every model method the trainer calls (`step`, `init_state`,
+  ...) runs inside one forward of a small root module (`_Dispatch`), through `ZeroEngine.model`; (2) uses that do not
+  go through a module attribute (a Python reference kept elsewhere, iteration over `parameters()`) are found by
+  `find_external_parameters`, which runs a probe of the plain model once and sees every op that receives a parameter
+  while no module owning it is in forward; `deepspeed.zero.register_external_parameter` registers each on the
+  innermost module in forward there. Inputs and outputs cross the root's forward as flat tuples of tensors, so
+  ZeRO-3's backward hooks see every tensor (they do not look inside dataclasses or `MemoryState`).
 
 DeepSpeed is imported lazily (the import costs seconds). fp16 is not supported: its loss scale would also scale the
 state gradients that replay carries between segments; use fp32 (CPU) or bf16 (GPU).
