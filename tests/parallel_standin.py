@@ -100,8 +100,13 @@ def _step(model, seg, state):
     return model.step(tokens, state, targets_BT=targets, reset_B=reset)
 
 
-def run_window(model, backward, segs, state: MemoryState, *, mode: str, scale: float):
-    """Forward and backward over one window; returns (loss_sum, next state detached)."""
+def run_window(model, backward, segs, state: MemoryState, *, mode: str, scale: float, rng: str = "all"):
+    """Forward and backward over one window; returns (loss_sum, next state detached).
+
+    replay recomputes each segment under the RNG streams it first ran with: `rng="all"` restores the default
+    generator and megatron-core's tracker streams (memscale.parallel.random), `rng="cpu"` only the default generator
+    (what bptt.py's own snapshot holds: not enough under TP, kept as the negative control).
+    """
     if mode == "detached":
         loss_sum = 0.0
         for seg in segs:
@@ -121,17 +126,23 @@ def run_window(model, backward, segs, state: MemoryState, *, mode: str, scale: f
         backward([loss * scale])
         return loss.item(), state.detach()
     if mode == "replay":
+        from memscale.parallel.random import RNGSnapshot, replayed_rng, rng_snapshot
+
         states = [state.detach()]
+        snaps = []
         loss_sum = 0.0
         with torch.no_grad():
             for seg in segs:
+                snap = rng_snapshot()
+                snaps.append(snap if rng == "all" else RNGSnapshot(cpu=snap.cpu, cuda=None, tracker={}))
                 out = _step(model, seg, states[-1])
                 loss_sum += out.loss_sum.item()
                 states.append(out.state.detach())
         grad_out = None
         for t in range(len(segs) - 1, -1, -1):
             s_in = states[t].map(lambda x: x.detach().clone().requires_grad_())
-            out = _step(model, segs[t], s_in)
+            with replayed_rng(snaps[t]):
+                out = _step(model, segs[t], s_in)
             roots, grads = [out.loss_sum * scale], [None]
             if grad_out is not None:
                 roots.append(out.state["mem"])

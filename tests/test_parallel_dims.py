@@ -44,6 +44,17 @@ def test_world_size_mismatch_names_the_fix():
         ParallelDims.from_config(ParallelConfig(tp=2, dp=1), world_size=4).validate()
 
 
+def test_for_config_checks_the_model():
+    from memscale.config import config_from_dict
+
+    cfg = config_from_dict({}, ["model.num_heads=8", "model.d_model=64", "model.vocab_size=501"])
+    cfg.parallel = ParallelConfig(tp=2, dp=0)  # Config.validate still refuses parallel layouts
+    with pytest.raises(ConfigError, match="model.vocab_size=501"):
+        ParallelDims.for_config(cfg, world_size=4)
+    cfg.model.vocab_size = 512
+    assert ParallelDims.for_config(cfg, world_size=4) == dims(tp=2, dp=2)
+
+
 def test_dp_inferred_from_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     d = ParallelDims.from_config(ParallelConfig(tp=2, pp=2, dp=0, zero_stage=1))

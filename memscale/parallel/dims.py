@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from memscale.config import ConfigError, ParallelConfig
+from memscale.config import Config, ConfigError, ParallelConfig
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +52,14 @@ class ParallelDims:
                 )
             dp = world_size // model_parallel
         return cls(tp=parallel.tp, pp=parallel.pp, dp=dp, zero_stage=parallel.zero_stage, world_size=world_size)
+
+    @classmethod
+    def for_config(cls, cfg: Config, *, world_size: int | None = None) -> ParallelDims:
+        """`from_config(cfg.parallel)` validated against the model's sizes: what the trainer calls first."""
+        m = cfg.model
+        return cls.from_config(cfg.parallel, world_size=world_size).validate(
+            num_heads=m.num_heads, vocab_size=m.vocab_size, num_layers=m.num_layers
+        )
 
     def validate(
         self, *, num_heads: int | None = None, vocab_size: int | None = None, num_layers: int | None = None
