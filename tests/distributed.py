@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import queue
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -64,7 +65,9 @@ def run_distributed(
             try:
                 rank, ok, value = results.get(timeout=timeout)
             except queue.Empty:
-                raise TimeoutError(f"{world_size - len(out)} worker(s) gave no result within {timeout} s") from None
+                raise TimeoutError(
+                    f"{world_size - len(out)} worker(s) gave no result within {timeout} s"
+                ) from None
             if ok:
                 out[rank] = value
             else:

@@ -19,6 +19,8 @@ if __name__ == "__main__":
     t = torch.tensor([float(env.rank)])
     dist.all_reduce(t)
     dist.destroy_process_group()
-    (out_dir / f"rank{env.rank}.txt").write_text(f"{env.rank} {env.world_size} {env.local_rank} {env.launched} {t.item()}")
+    (out_dir / f"rank{env.rank}.txt").write_text(
+        f"{env.rank} {env.world_size} {env.local_rank} {env.launched} {t.item()}"
+    )
     if env.rank == exit_rank:
         sys.exit(exit_code)

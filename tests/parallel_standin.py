@@ -65,7 +65,9 @@ class StandIn(nn.Module):
         h_BTD = self.norm(x_BTD + self.block(x_BTD))
         new_mem = self.memory(mem_BMD, h_BTD)
         logits_BTV = F.linear(h_BTD, self._head[0] if self._head else self.embed.weight)
-        loss_sum = F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(), reduction="sum", ignore_index=IGNORE)
+        loss_sum = F.cross_entropy(
+            logits_BTV.flatten(0, 1), targets_BT.flatten(), reduction="sum", ignore_index=IGNORE
+        )
         return StandInOutput(loss_sum=loss_sum, state=MemoryState({"mem": new_mem}))
 
 

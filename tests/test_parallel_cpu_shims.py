@@ -23,7 +23,9 @@ TOL = 2e-6
 def _mp_config():
     from megatron.core import ModelParallelConfig
 
-    return ModelParallelConfig(tensor_model_parallel_size=2, use_cpu_initialization=True, params_dtype=torch.float32)
+    return ModelParallelConfig(
+        tensor_model_parallel_size=2, use_cpu_initialization=True, params_dtype=torch.float32
+    )
 
 
 def _no_init(w):
@@ -49,7 +51,9 @@ def _layers_check(g) -> dict:
     targets = torch.randint(0, V, (T, B), generator=gen)
 
     # Reference (TP=1): plain ops on the full weights.
-    ref = {n: t.clone().requires_grad_() for n, t in dict(emb=emb_w, w1=w1, b1=b1, w2=w2, b2=b2, w3=w3).items()}
+    ref = {
+        n: t.clone().requires_grad_() for n, t in dict(emb=emb_w, w1=w1, b1=b1, w2=w2, b2=b2, w3=w3).items()
+    }
     x = Fn.embedding(tokens, ref["emb"])
     h = Fn.gelu(Fn.linear(x, ref["w1"], ref["b1"]))
     y = Fn.linear(h, ref["w2"], ref["b2"]) + Fn.linear(x, ref["w3"]).sum(-1, keepdim=True)
@@ -58,9 +62,18 @@ def _layers_check(g) -> dict:
 
     r = g.tp_rank
     emb = mtp.VocabParallelEmbedding(V, D, init_method=_no_init, config=cfg, tp_group=g.tp)
-    col = mtp.ColumnParallelLinear(D, F, config=cfg, init_method=_no_init, bias=True, gather_output=False, tp_group=g.tp)
+    col = mtp.ColumnParallelLinear(
+        D, F, config=cfg, init_method=_no_init, bias=True, gather_output=False, tp_group=g.tp
+    )
     row = mtp.RowParallelLinear(
-        F, D, config=cfg, init_method=_no_init, bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=g.tp
+        F,
+        D,
+        config=cfg,
+        init_method=_no_init,
+        bias=True,
+        input_is_parallel=True,
+        skip_bias_add=False,
+        tp_group=g.tp,
     )
     # gather_output=True allocates its all-gather buffer on torch.cuda.current_device(): shim 1.
     gathered = mtp.ColumnParallelLinear(
@@ -135,7 +148,9 @@ def _rng_check(g) -> dict:
     dist.all_gather(both, torch.stack([tp1, default1]), group=g.tp)
     return {
         "forked_differs_from_default": not torch.equal(tp1, default1),
-        "replay_equal": all(torch.equal(a, b) for a, b in zip((tp1, default1, drop1), (tp2, default2, drop2), strict=True))
+        "replay_equal": all(
+            torch.equal(a, b) for a, b in zip((tp1, default1, drop1), (tp2, default2, drop2), strict=True)
+        )
         and all(torch.equal(a, b) for a, b in zip(after1, after2, strict=True)),
         "replayed_rng_equal": torch.equal(tp3, tp1),
         "ambient_kept": all(torch.equal(a, b) for a, b in zip(ambient, third, strict=True)),
@@ -152,8 +167,19 @@ def _checkpoint_check(g) -> dict:
     from memscale.parallel.random import model_parallel_seed
 
     cfg = _mp_config()
-    col = mtp.ColumnParallelLinear(D, F, config=cfg, init_method=torch.nn.init.normal_, bias=True, gather_output=False, tp_group=g.tp)
-    row = mtp.RowParallelLinear(F, D, config=cfg, init_method=torch.nn.init.normal_, bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=g.tp)
+    col = mtp.ColumnParallelLinear(
+        D, F, config=cfg, init_method=torch.nn.init.normal_, bias=True, gather_output=False, tp_group=g.tp
+    )
+    row = mtp.RowParallelLinear(
+        F,
+        D,
+        config=cfg,
+        init_method=torch.nn.init.normal_,
+        bias=True,
+        input_is_parallel=True,
+        skip_bias_add=False,
+        tp_group=g.tp,
+    )
     x0 = torch.randn(T, B, D, generator=torch.Generator().manual_seed(1))
 
     def block(x):
@@ -216,11 +242,19 @@ def test_shims_idempotent_and_reversible():
         assert cpu_shims.apply_cpu_shims()
         patched = (torch.cuda.current_device, mrandom._get_cuda_rng_state, mrandom.CudaRNGStatesTracker.add)
         assert cpu_shims.apply_cpu_shims()
-        assert (torch.cuda.current_device, mrandom._get_cuda_rng_state, mrandom.CudaRNGStatesTracker.add) == patched
+        assert (
+            torch.cuda.current_device,
+            mrandom._get_cuda_rng_state,
+            mrandom.CudaRNGStatesTracker.add,
+        ) == patched
         assert torch.cuda.current_device() == torch.device("cpu")
     finally:
         cpu_shims.remove_cpu_shims()
-    assert (torch.cuda.current_device, mrandom._get_cuda_rng_state, mrandom.CudaRNGStatesTracker.add) == before
+    assert (
+        torch.cuda.current_device,
+        mrandom._get_cuda_rng_state,
+        mrandom.CudaRNGStatesTracker.add,
+    ) == before
     assert not cpu_shims.cpu_shims_applied()
 
 

@@ -34,8 +34,16 @@ def test_spawn_local_reaches_the_cli():
 def test_torchrun_command():
     cmd = torchrun_command(4, ["train", "c.yaml", "--set", "parallel.tp=2"])
     assert cmd[1:] == [
-        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-        "-m", "memscale.cli", "train", "c.yaml", "--set", "parallel.tp=2",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=4",
+        "-m",
+        "memscale.cli",
+        "train",
+        "c.yaml",
+        "--set",
+        "parallel.tp=2",
     ]
     with pytest.raises(ValueError, match="--nproc=0 must be >= 1"):
         torchrun_command(0, [])
@@ -45,7 +53,14 @@ def test_dist_env():
     assert dist_env({}) == dist_env({"UNRELATED": "1"})
     assert not dist_env({}).launched and dist_env({}).world_size == 1
     e = dist_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
-    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.launched, e.is_main) == (3, 4, 1, 2, True, False)
+    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.launched, e.is_main) == (
+        3,
+        4,
+        1,
+        2,
+        True,
+        False,
+    )
     with pytest.raises(ValueError, match="start with torchrun"):
         dist_env({"WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="out of range"):

@@ -54,19 +54,29 @@ def _dp_worker(stages, modes):
                 return m.step(seg[0], m.init_state(B_local), targets_BT=seg[1], reset_B=seg[2])
 
             engine = build_engine(
-                model, opt, cfg, sdims, groups=groups, probe=probe, lr_scheduler=lambda o: build_scheduler(o, cfg.train)
+                model,
+                opt,
+                cfg,
+                sdims,
+                groups=groups,
+                probe=probe,
+                lr_scheduler=lambda o, t=cfg.train: build_scheduler(o, t),
             )
             state = engine.model.init_state(B_local)
             losses, norms = [], []
             for segs in data:
                 local = si.rows(segs, mine)
                 scale = engine.global_token_scale(si.num_targets(local))
-                loss_sum, state = si.run_window(engine.model, engine.backward, local, state, mode=mode, scale=scale)
+                loss_sum, state = si.run_window(
+                    engine.model, engine.backward, local, state, mode=mode, scale=scale
+                )
                 norms.append(engine.step())
                 totals = torch.tensor([loss_sum, float(si.num_targets(local))], dtype=torch.float64)
                 dist.all_reduce(totals, group=groups.dp)
                 losses.append((totals[0] / totals[1]).item())
             results[(stage, mode)] = (losses, norms)
+    if 3 in stages:
+        results["blind_spots"] = _blind_spots(groups)
     destroy_distributed()
     return results
 
@@ -128,18 +138,19 @@ def test_find_external_parameters_sees_the_blind_spots():
         m = _Facade(call, model, ("step", "init_state"))
         return m.step(seg[0], m.init_state(2), targets_BT=seg[1], reset_B=seg[2])
 
-    found = {(type(mod).__name__, next(n for n, p in model.named_parameters() if p is q)) for mod, q in find_external_parameters(root, probe)}
+    found = {
+        (type(mod).__name__, next(n for n, p in model.named_parameters() if p is q))
+        for mod, q in find_external_parameters(root, probe)
+    }
     # All used by the root's forward (the dispatched methods), none by the modules that own them.
     assert found == {("_Dispatch", "memory.mem_init"), ("_Dispatch", "embed.weight")}
 
 
-def _blind_spot_worker():
-    from memscale.parallel.dims import destroy_distributed, init_distributed
+def _blind_spots(groups) -> dict:
     from memscale.parallel.zero import build_engine
     from memscale.train.optim import build_optimizer
 
     dims = ParallelDims(tp=1, pp=1, dp=2, zero_stage=3, world_size=2).validate()
-    groups = init_distributed(dims)
     cfg = si.train_config()
     seg = si.make_data(num_windows=1, k=1, B=2, T=4)[0][0]
     out = {}
@@ -150,7 +161,14 @@ def _blind_spot_worker():
         def probe(m):
             return m.step(seg[0], m.init_state(2), targets_BT=seg[1], reset_B=seg[2])
 
-        engine = build_engine(model, build_optimizer(model, cfg.train), cfg, dims, groups=groups, probe=probe if use_probe else None)
+        engine = build_engine(
+            model,
+            build_optimizer(model, cfg.train),
+            cfg,
+            dims,
+            groups=groups,
+            probe=probe if use_probe else None,
+        )
         res = {"plain_init_numel": model.init_state(2)["mem"].numel()}
         res["engine_init_shape"] = tuple(engine.model.init_state(2)["mem"].shape)
         try:
@@ -161,14 +179,13 @@ def _blind_spot_worker():
         except RuntimeError as e:
             res["step"] = str(e)
         out[use_probe] = res
-    destroy_distributed()
     return out
 
 
-def test_zero3_blind_spots():
+def test_zero3_blind_spots(dp2):
     """Under ZeRO-3 a parameter is an empty shard outside the engine's forward; the engine's dispatch and the
     registration of what the probe finds are what make the model run."""
-    out = run_distributed(_blind_spot_worker, 2)[0]
+    out = dp2[0]["blind_spots"]
     for res in out.values():
         # Called directly, init_state expands an empty shard: a silently wrong state. Through the engine: gathered.
         assert res["plain_init_numel"] == 0

@@ -45,7 +45,13 @@ class TPStandIn(nn.Module):
             si.D, 2 * si.D, config=cfg, init_method=keep, bias=True, gather_output=False, tp_group=groups.tp
         )
         self.down = mtp.RowParallelLinear(
-            2 * si.D, si.D, config=cfg, init_method=keep, bias=True, input_is_parallel=True, skip_bias_add=False,
+            2 * si.D,
+            si.D,
+            config=cfg,
+            init_method=keep,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=False,
             tp_group=groups.tp,
         )
         self.memory = si.Memory()
@@ -78,11 +84,36 @@ class TPStandIn(nn.Module):
         mlp, _ = self.down(F.gelu(up))
         h_BTD = self.norm(x_BTD + mlp)
         new_mem = self.memory(mem_BMD, h_BTD)
-        logits_BTv = F.linear(mtp.copy_to_tensor_model_parallel_region(h_BTD, group=self.tp_group), self.embed.weight)
+        logits_BTv = F.linear(
+            mtp.copy_to_tensor_model_parallel_region(h_BTD, group=self.tp_group), self.embed.weight
+        )
         # vocab_parallel_cross_entropy has no ignore_index: a target of -100 would count as "outside every shard".
         mask = targets_BT != si.IGNORE
         per_token = mtp.vocab_parallel_cross_entropy(logits_BTv.contiguous(), targets_BT.clamp(min=0))
         return si.StandInOutput(loss_sum=(per_token * mask).sum(), state=MemoryState({"mem": new_mem}))
+
+
+def _group_facts(g, dims) -> dict:
+    import torch.distributed as dist
+
+    from memscale.parallel.dims import init_distributed
+
+    assert init_distributed(dims) is g  # built once
+    # A collective on each group sums the global ranks of its members: membership checked by traffic, too.
+    sums = {}
+    for name in ("tp", "dp", "pp"):
+        t = torch.tensor([float(g.rank)])
+        dist.all_reduce(t, group=getattr(g, name))
+        sums[name] = t.item()
+    return dict(
+        rank=g.rank,
+        backend=g.backend,
+        tp_ranks=g.tp_ranks,
+        dp_ranks=g.dp_ranks,
+        pp_ranks=g.pp_ranks,
+        coords=(g.tp_rank, g.pp_rank, g.dp_rank),
+        sums=sums,
+    )
 
 
 def _tp_dp_worker(stages, modes):
@@ -95,12 +126,14 @@ def _tp_dp_worker(stages, modes):
 
     base = ParallelDims.from_config(ParallelConfig(tp=2, dp=0)).validate(num_heads=2, vocab_size=si.V)
     groups = init_distributed(base)
+    results = {"groups": _group_facts(groups, base)}
     B_local, k, T = 2, 3, 6
     mine = slice(groups.dp_rank * B_local, (groups.dp_rank + 1) * B_local)
     data = si.make_data(num_windows=5, k=k, B=B_local * base.dp, T=T)
-    results = {}
     for stage in stages:
-        dims = ParallelDims(tp=2, pp=1, dp=2, zero_stage=stage, world_size=4).validate(num_heads=2, vocab_size=si.V)
+        dims = ParallelDims(tp=2, pp=1, dp=2, zero_stage=stage, world_size=4).validate(
+            num_heads=2, vocab_size=si.V
+        )
         cfg = si.train_config()
         for mode in modes:
             model_parallel_seed(0, tp_rank=groups.tp_rank)
@@ -113,14 +146,22 @@ def _tp_dp_worker(stages, modes):
                 return m.step(seg[0], m.init_state(B_local), targets_BT=seg[1], reset_B=seg[2])
 
             engine = build_engine(
-                model, opt, cfg, dims, groups=groups, probe=probe, lr_scheduler=lambda o: build_scheduler(o, cfg.train)
+                model,
+                opt,
+                cfg,
+                dims,
+                groups=groups,
+                probe=probe,
+                lr_scheduler=lambda o, t=cfg.train: build_scheduler(o, t),
             )
             state = engine.model.init_state(B_local)
             losses, norms = [], []
             for segs in data:
                 local = si.rows(segs, mine)
                 scale = engine.global_token_scale(si.num_targets(local))
-                loss_sum, state = si.run_window(engine.model, engine.backward, local, state, mode=mode, scale=scale)
+                loss_sum, state = si.run_window(
+                    engine.model, engine.backward, local, state, mode=mode, scale=scale
+                )
                 norms.append(engine.step())
                 totals = torch.tensor([loss_sum, float(si.num_targets(local))], dtype=torch.float64)
                 dist.all_reduce(totals, group=groups.dp)
@@ -140,6 +181,22 @@ def reference():
     return {mode: si.reference_run(mode=mode) for mode in MODES}
 
 
+def test_groups_tp2_dp2(tp2dp2):
+    for r, res in enumerate(tp2dp2):
+        out = res["groups"]
+        assert out["rank"] == r and out["backend"] == "gloo"
+        # megatron-core order tp-cp-ep-dp-pp: tp ranks are neighbours.
+        assert out["tp_ranks"] == ((0, 1) if r < 2 else (2, 3))
+        assert out["dp_ranks"] == ((0, 2) if r % 2 == 0 else (1, 3))
+        assert out["pp_ranks"] == (r,)
+        assert out["coords"] == (r % 2, 0, r // 2)
+        assert out["sums"] == {
+            "tp": float(sum(out["tp_ranks"])),
+            "dp": float(sum(out["dp_ranks"])),
+            "pp": float(r),
+        }
+
+
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_tp2_dp2_equals_one_process(tp2dp2, reference, stage, mode):
@@ -155,15 +212,23 @@ def _tp_replay_worker():
     from memscale.parallel.dims import destroy_distributed, init_distributed
     from memscale.parallel.random import model_parallel_seed
 
-    groups = init_distributed(ParallelDims.from_config(ParallelConfig(tp=2)).validate(num_heads=2, vocab_size=si.V))
+    groups = init_distributed(
+        ParallelDims.from_config(ParallelConfig(tp=2)).validate(num_heads=2, vocab_size=si.V)
+    )
     torch.manual_seed(0)
     model = TPStandIn(groups, si.StandIn(), dropout=0.3)
     segs = si.make_data(num_windows=1, k=3, B=2, T=6)[0]
     grads = {}
-    for name, mode, rng in (("truncated", "truncated", "all"), ("replay", "replay", "all"), ("replay_cpu_only", "replay", "cpu")):
+    for name, mode, rng in (
+        ("truncated", "truncated", "all"),
+        ("replay", "replay", "all"),
+        ("replay_cpu_only", "replay", "cpu"),
+    ):
         model.zero_grad(set_to_none=True)
         model_parallel_seed(5, tp_rank=groups.tp_rank)
-        si.run_window(model, torch.autograd.backward, segs, model.init_state(2), mode=mode, scale=0.01, rng=rng)
+        si.run_window(
+            model, torch.autograd.backward, segs, model.init_state(2), mode=mode, scale=0.01, rng=rng
+        )
         grads[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
     destroy_distributed()
     ref = grads["truncated"]

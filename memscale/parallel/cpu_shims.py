@@ -61,7 +61,9 @@ def apply_cpu_shims(*, force: bool = False) -> bool:
 
     # 3. _get_cuda_rng_state reads the CUDA generator for the RNG tracker's fork() and for tensor_parallel.checkpoint.
     #    On CPU the generator that dropout draws from is the CPU default generator, so that is the state to read.
-    def _get_cpu_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    def _get_cpu_rng_state(
+        device: Any = "cuda", clone: bool = False, graph_safe: bool = False
+    ) -> torch.Tensor:
         return torch.get_rng_state()
 
     _patch(mrandom, "_get_cuda_rng_state", _get_cpu_rng_state)

@@ -51,7 +51,9 @@ class ParallelDims:
                     f"parallel.tp*pp={parallel.tp}*{parallel.pp}: change tp/pp or the number of processes"
                 )
             dp = world_size // model_parallel
-        return cls(tp=parallel.tp, pp=parallel.pp, dp=dp, zero_stage=parallel.zero_stage, world_size=world_size)
+        return cls(
+            tp=parallel.tp, pp=parallel.pp, dp=dp, zero_stage=parallel.zero_stage, world_size=world_size
+        )
 
     @classmethod
     def for_config(cls, cfg: Config, *, world_size: int | None = None) -> ParallelDims:
@@ -77,7 +79,9 @@ class ParallelDims:
                 f"launch {product} processes, or set parallel.dp={self._dp_hint()}"
             )
         if num_heads is not None and num_heads % self.tp:
-            raise ConfigError(f"parallel.tp={self.tp} must divide model.num_heads={num_heads}: change tp or the head count")
+            raise ConfigError(
+                f"parallel.tp={self.tp} must divide model.num_heads={num_heads}: change tp or the head count"
+            )
         if vocab_size is not None and vocab_size % self.tp:
             padded = -(-vocab_size // self.tp) * self.tp
             raise ConfigError(
@@ -85,7 +89,9 @@ class ParallelDims:
                 f"loss split it evenly): pad the vocabulary to {padded} or change tp"
             )
         if num_layers is not None and num_layers % self.pp:
-            raise ConfigError(f"parallel.pp={self.pp} must divide model.num_layers={num_layers}: change pp or the layer count")
+            raise ConfigError(
+                f"parallel.pp={self.pp} must divide model.num_layers={num_layers}: change pp or the layer count"
+            )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         if self.zero_stage >= 2 and self.pp > 1:
@@ -148,7 +154,9 @@ def pick_backend(device: str | None = None) -> tuple[str, str]:
     return "gloo", "cpu"
 
 
-def init_distributed(dims: ParallelDims, *, device: str | None = None, timeout_minutes: int = 10) -> ParallelGroups:
+def init_distributed(
+    dims: ParallelDims, *, device: str | None = None, timeout_minutes: int = 10
+) -> ParallelGroups:
     """Init the default group from the torchrun environment and build megatron-core's groups, once per process.
 
     Call `dims.validate(...)` first. A second call with the same dims returns the same groups; with other dims it
@@ -199,7 +207,10 @@ def init_distributed(dims: ParallelDims, *, device: str | None = None, timeout_m
             # rendezvous time. On GPU megatron-core keeps them for CPU-side collectives.
             create_gloo_process_groups=device_type == "cuda",
         )
-    elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (dims.tp, dims.pp):
+    elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (
+        dims.tp,
+        dims.pp,
+    ):
         raise RuntimeError("megatron-core parallel_state was initialized elsewhere with another layout")
 
     tp = ps.get_tensor_model_parallel_group()
@@ -219,7 +230,9 @@ def init_distributed(dims: ParallelDims, *, device: str | None = None, timeout_m
         pp_ranks=tuple(dist.get_process_group_ranks(pp)),
         dp_ranks=tuple(dist.get_process_group_ranks(dp)),
         backend=backend,
-        device=torch.device(device_type, int(os.environ.get("LOCAL_RANK", "0"))) if device_type == "cuda" else torch.device("cpu"),
+        device=torch.device(device_type, int(os.environ.get("LOCAL_RANK", "0")))
+        if device_type == "cuda"
+        else torch.device("cpu"),
     )
     return _GROUPS
 
@@ -227,7 +240,9 @@ def init_distributed(dims: ParallelDims, *, device: str | None = None, timeout_m
 def get_groups() -> ParallelGroups:
     """The groups built by `init_distributed` (for the code that wires modules together, not for modules)."""
     if _GROUPS is None:
-        raise RuntimeError("process groups are not built: call memscale.parallel.dims.init_distributed(dims) first")
+        raise RuntimeError(
+            "process groups are not built: call memscale.parallel.dims.init_distributed(dims) first"
+        )
     return _GROUPS
 
 

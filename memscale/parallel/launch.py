@@ -85,4 +85,6 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         ) from None
     if not 0 <= rank < world or not 0 <= local_rank < local_world:
         raise ValueError(f"RANK={rank} / LOCAL_RANK={local_rank} out of range for WORLD_SIZE={world}")
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, launched=True)
+    return DistEnv(
+        rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, launched=True
+    )

@@ -268,7 +268,19 @@ class _Facade:
 # ZeRO-3: find the parameters used outside their owning module's forward.
 
 
-_METADATA = {"device", "dtype", "requires_grad", "is_leaf", "layout", "is_cuda", "is_sparse", "is_floating_point", "dim", "ndim", "__len__"}
+_METADATA = {
+    "device",
+    "dtype",
+    "requires_grad",
+    "is_leaf",
+    "layout",
+    "is_cuda",
+    "is_sparse",
+    "is_floating_point",
+    "dim",
+    "ndim",
+    "__len__",
+}
 
 
 class _ParamUseTracer(TorchFunctionMode):
@@ -297,7 +309,9 @@ def _tensor_args(args: Any, kwargs: dict) -> Iterable[torch.Tensor]:
             yield from (x for x in a if isinstance(x, torch.Tensor))
 
 
-def find_external_parameters(root: nn.Module, probe: Callable[[], Any]) -> list[tuple[nn.Module | None, nn.Parameter]]:
+def find_external_parameters(
+    root: nn.Module, probe: Callable[[], Any]
+) -> list[tuple[nn.Module | None, nn.Parameter]]:
     """(module in forward, parameter) for every parameter an op used while no module owning it was in forward.
 
     `probe()` runs the model once (any representative call, e.g. one segment step from an initial state); the RNG
@@ -361,7 +375,9 @@ class ZeroEngine:
         return self.root._out_spec(out)
 
     def backward(
-        self, roots: torch.Tensor | Sequence[torch.Tensor], grad_tensors: Sequence[torch.Tensor | None] | None = None
+        self,
+        roots: torch.Tensor | Sequence[torch.Tensor],
+        grad_tensors: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
         """Like `torch.autograd.backward(roots, grad_tensors)`, through the engine; any number of calls per step."""
         if isinstance(roots, torch.Tensor):
@@ -374,13 +390,17 @@ class ZeroEngine:
                 continue
             if g is None:
                 if r.numel() != 1:
-                    raise RuntimeError("a root without a gradient must be a scalar, as in torch.autograd.backward")
+                    raise RuntimeError(
+                        "a root without a gradient must be a scalar, as in torch.autograd.backward"
+                    )
                 terms.append(r.reshape(()))
             else:
                 terms.append((r * g.detach()).sum())
         if not terms:
             # ZeRO-2/3 reduce inside backward: a rank that skipped one would leave the others waiting.
-            raise RuntimeError("nothing to backpropagate: every data-parallel rank must call backward equally often")
+            raise RuntimeError(
+                "nothing to backpropagate: every data-parallel rank must call backward equally often"
+            )
         surrogate = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
         # scale_wrt_gas=False: the loss is already normalised by the global token count (global_token_scale).
         self.engine.backward(surrogate, scale_wrt_gas=False)
@@ -452,7 +472,9 @@ def build_engine(
     engine, _, _, _ = deepspeed.initialize(
         model=root,
         optimizer=optimizer,
-        model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad],
+        model_parameters=None
+        if optimizer is not None
+        else [p for p in model.parameters() if p.requires_grad],
         lr_scheduler=lr_scheduler,
         mpu=MegatronMPU(groups),
         config=deepspeed_config(cfg, dims, client_optimizer=optimizer is not None),
