@@ -142,15 +142,16 @@ def run_window(model, backward, segs, state: MemoryState, *, mode: str, scale: f
                 states.append(out.state.detach())
         grad_out = None
         for t in range(len(segs) - 1, -1, -1):
-            s_in = states[t].map(lambda x: x.detach().clone().requires_grad_())
+            s_in = states[t].map(lambda x: x.detach().clone().requires_grad_(x.is_floating_point()))
             with replayed_rng(snaps[t]):
                 out = _step(model, segs[t], s_in)
             roots, grads = [out.loss_sum * scale], [None]
-            if grad_out is not None:
-                roots.append(out.state["mem"])
-                grads.append(grad_out)
+            for name, g in (grad_out or {}).items():
+                if out.state[name].requires_grad:
+                    roots.append(out.state[name])
+                    grads.append(g)
             backward(roots, grads)
-            grad_out = s_in["mem"].grad
+            grad_out = {n: x.grad for n, x in s_in.items() if x.grad is not None}
         return loss_sum, states[-1]
     raise ValueError(mode)
 
