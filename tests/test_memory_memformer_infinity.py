@@ -72,7 +72,8 @@ def test_memformer_write_is_slot_attention_over_own_slot_and_tokens():
     tau, H, K = w.temperature, 2, 16
     for i in range(4):
         q = w.q(mem_BMD[:, i : i + 1]).view(2, 1, H, K).transpose(1, 2)
-        k, v = w.kv(torch.cat([mem_BMD[:, i : i + 1], h_BTD], dim=1)).view(2, SEG + 1, 2, H, K).unbind(2)
+        # The key/value rows are laid out per head: [H, 2, K].
+        k, v = w.kv(torch.cat([mem_BMD[:, i : i + 1], h_BTD], dim=1)).view(2, SEG + 1, H, 2, K).unbind(3)
         k, v = (t.transpose(1, 2) for t in (k, v))
         p = torch.softmax(q @ k.transpose(-1, -2) / (math.sqrt(K) * tau), dim=-1)
         ref = (p @ v).transpose(1, 2).reshape(2, 32)

@@ -79,14 +79,16 @@ def sdpa(
 class Attention(nn.Module):
     """Multi-head self-attention; memory kinds reuse `project` / `attend` / `merge` to attend over their own keys.
 
-    The head count is read off the weight, never stored.
+    The fused projection's output rows are laid out per head, [H, 3, K] (head h's query, key and value rows are
+    adjacent), so that a column-parallel split of `qkv` by rows gives each rank whole heads. The head count is
+    read off the weight, never stored, so a split needs no bookkeeping here.
     """
 
     def __init__(self, d_model: int, num_heads: int, *, dropout: float = 0.0):
         super().__init__()
         self.head_dim = d_model // num_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=True)  # one GEMM for q, k and v
-        pass  # rows [H, 3, K]; see `init_weights`
+        self.qkv.head_layout = (3, self.head_dim)  # rows [H, 3, K]; see `init_weights`
         self.out = nn.Linear(d_model, d_model, bias=True)
         self.out.residual_out = True
         self.dropout = dropout
@@ -103,8 +105,8 @@ class Attention(nn.Module):
     def project(self, h_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """h -> q, k, v, each B x H x S x K."""
         B, S, _ = h_BSD.shape
-        qkv = self.qkv(h_BSD).view(B, S, 3, -1, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(h_BSD).view(B, S, -1, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)
         return q, k, v
 
     def merge(self, o_BHSK: Tensor) -> Tensor:

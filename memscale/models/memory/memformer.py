@@ -51,15 +51,15 @@ def merge_heads(x_BHSK: Tensor) -> Tensor:
 
 
 def per_head_kv(kv: nn.Linear, x_BSD: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
-    """k, v (B x H x S x K each) from a fused key/value projection, rows [2, H, K]."""
+    """k, v (B x H x S x K each) from a fused key/value projection laid out per head, rows [H, 2, K]."""
     B, S, _ = x_BSD.shape
-    k_BSHK, v_BSHK = kv(x_BSD).view(B, S, 2, -1, head_dim).unbind(2)
+    k_BSHK, v_BSHK = kv(x_BSD).view(B, S, -1, 2, head_dim).unbind(3)
     return k_BSHK.transpose(1, 2), v_BSHK.transpose(1, 2)
 
 
 def kv_projection(d_model: int, head_dim: int) -> nn.Linear:
     kv = nn.Linear(d_model, 2 * d_model)
-    pass  # rows [H, 2, K]: a column-parallel split gives whole heads
+    kv.head_layout = (2, head_dim)  # rows [H, 2, K]: a column-parallel split gives whole heads
     return kv
 
 
