@@ -198,7 +198,11 @@ attention biases, the forgetting bias)."""
 
 
 def param_role(module: nn.Module, name: str) -> ParamRole:
-    """The role of `module`'s own parameter `name`."""
+    """The role of `module`'s own parameter `name`; a module may declare it (`module.param_role`, e.g. an output
+    projection that is tied to the token embedding)."""
+    declared = getattr(module, "param_role", None)
+    if declared is not None and name == "weight":
+        return declared
     if isinstance(module, nn.LayerNorm):
         return "norm"
     if isinstance(module, nn.Embedding):

@@ -79,6 +79,8 @@ class MemoryTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(d) if self.last else None
         self.head = nn.Linear(d, cfg.vocab_size, bias=False) if self.last else None
+        if self.head is not None and cfg.tie_embeddings:
+            self.head.param_role = "embedding"  # the token embedding, also on a last stage that holds a copy
         init_weights(self._init_order(), num_layers=L)
         if cfg.tie_embeddings and self.first and self.last:
             # A pipeline keeps a copy of the embedding on the last stage as its head; the parallel runtime ties them.
