@@ -12,7 +12,7 @@ A stage runs
 
     x_BSD, new = model.embed_segment(tokens_BT, state)          # first stage
     x_BSD, new = model.run_blocks(x_BSD, state, num_tokens=T)   # every stage, its own layers
-    h_BTD, new = model.finish(x_BSD, state)                     # last stage; then memscale.train.loss.token_loss
+    h_BTD, new = model.finish(x_BSD, state, num_tokens=T)       # last stage; then memscale.train.loss.token_loss
 
 and `step` chains the three on a whole model. The loss lives outside the model (memscale/train/loss.py).
 
@@ -83,7 +83,8 @@ class MemoryTransformer(nn.Module):
             self.head.param_role = "embedding"  # the token embedding, also on a last stage that holds a copy
         init_weights(self._init_order(), num_layers=L)
         if cfg.tie_embeddings and self.first and self.last:
-            # A pipeline keeps a copy of the embedding on the last stage as its head; the parallel runtime ties them.
+            # Split into stages, the last one holds its own copy of the embedding as its head (drawn here like the
+            # head of a whole model): the parallel runtime keeps the two equal.
             self.head.weight = self.embed.weight
         self.memory.reset_parameters(parts)  # kinds with a paper-specified initialisation of their own
 

@@ -16,7 +16,7 @@ A segment step, on the layers of one stage:
     for each block:                                   # block(x, *ctx tensors, *its layer's state) -> x, *new state
         x_BSD, *layer_new = block(x_BSD, *[ctx[n] for n in block.context_names],
                                   *[state[f"{n}.{layer}"] for n in block.state_names])
-    h_BTD, new = kind.exit(norm(x_BSD), state, num_tokens=T)  # last stage, after the final norm (rmt: write -> memory)
+    h_BTD, new = kind.exit(norm(x_BSD), state, num_tokens=T)  # last stage, after the final norm (rmt: write)
 
 State enters a block as explicit tensors and leaves as explicit tensors (no mutable context crosses blocks), so
 activation checkpointing (reentrant or not) and segment recompute replay one block by itself. Per-layer state is
