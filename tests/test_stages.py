@@ -239,3 +239,66 @@ def test_xl_layer_split_by_heads():
             total = total + part
             assert torch.equal(mem_r, new_mem)
     torch.testing.assert_close(total, whole, atol=1e-6, rtol=0)
+
+
+def test_lamemo_layer_split_by_heads():
+    """LaMemo attends per head and keeps per-head state (attention vectors, log-normalisers): split with the heads
+    (`head_sharded_state`), a rank's new state is its heads' share of the whole."""
+    from memscale.models.memory.lamemo import LookAheadLayer
+
+    torch.manual_seed(0)
+    model = tiny_model("lamemo", "model.num_heads=4", "model.memory.mem_len=8").eval()
+    block = model.blocks["0"]
+    assert block.memory.head_sharded_state == ("attn", "lognorm")
+    T, M, K = 8, 8, 8
+    state = model.init_state(2)
+    state.tensors["valid"][:, 2:] = True
+    state.tensors["attn.0"] = torch.randn(2, M, 32)
+    state.tensors["lognorm.0"] = torch.randn(2, M, 4)
+    ctx, _ = model.memory.begin(state, num_tokens=T, device=torch.device("cpu"), dtype=torch.float32)
+    h = torch.randn(2, M + T, 32)
+    layer_state = {"attn": state["attn.0"], "lognorm": state["lognorm.0"]}
+    with torch.no_grad():
+        whole, (attn_new, lognorm_new) = block.memory.attention(block.attn, h, ctx, layer_state)
+        total = torch.zeros_like(whole)
+        for r in range(TP):
+            layer = LookAheadLayer(32)
+            layer.r_net = _column_shard(block.memory.r_net, r)
+            heads, cols = slice(2 * r, 2 * r + 2), slice(2 * r * K, (2 * r + 2) * K)
+            ctx_r = {**ctx, **{n: ctx[n][heads] for n in ("u", "v", "v_future")}}
+            state_r = {"attn": layer_state["attn"][..., cols], "lognorm": layer_state["lognorm"][..., heads]}
+            part, (attn_r, lognorm_r) = layer.attention(_attention_shard(block.attn, r), h, ctx_r, state_r)
+            total = total + part
+            torch.testing.assert_close(attn_r, attn_new[..., cols], atol=1e-6, rtol=0)
+            torch.testing.assert_close(lognorm_r, lognorm_new[..., heads], atol=1e-6, rtol=0)
+    torch.testing.assert_close(total, whole, atol=1e-6, rtol=0)
+
+
+def test_infinity_layer_split_by_heads():
+    """The long-term attention's key/value maps split by heads, its output map by rows; the coefficients are
+    replicated, and without sticky sampling every rank refits the same memory."""
+    from memscale.models.memory.infinity import LongTermAttention
+
+    torch.manual_seed(0)
+    model = tiny_model("infinity", "model.num_heads=4", *EXTRA[1:], "model.memory.sticky=false").eval()
+    block = model.blocks["0"]
+    T = 8
+    state = model.init_state(2)
+    state.tensors["coef.0"] = torch.randn(2, 16, 32)
+    state.tensors["empty"][:] = False
+    ctx, _ = model.memory.begin(state, num_tokens=T, device=torch.device("cpu"), dtype=torch.float32)
+    h = torch.randn(2, T, 32)
+    with torch.no_grad():
+        whole, (coef_new,) = block.memory.attention(block.attn, h, ctx, {"coef": state["coef.0"]})
+        total = torch.zeros_like(whole)
+        for r in range(TP):
+            layer = LongTermAttention(32, 4, 16, sticky=False, num_samples=32)
+            layer.load_state_dict(block.memory.state_dict())
+            layer.key, layer.value = _column_shard(block.memory.key, r), _column_shard(block.memory.value, r)
+            layer.out = _row_shard(block.memory.out, r)
+            part, (coef_r,) = layer.attention(
+                _attention_shard(block.attn, r), h, ctx, {"coef": state["coef.0"]}
+            )
+            total = total + part
+            assert torch.equal(coef_r, coef_new)
+    torch.testing.assert_close(total, whole, atol=1e-6, rtol=0)

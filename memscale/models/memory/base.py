@@ -125,6 +125,9 @@ class LayerMemory(nn.Module):
 
     context_names: ClassVar[tuple[str, ...]] = ()
     state_names: ClassVar[tuple[str, ...]] = ()
+    head_sharded_state: ClassVar[tuple[str, ...]] = ()
+    """State names whose last dimension runs over heads (H, or H x K flattened): split with the heads under tensor
+    parallelism. The others (cached layer inputs, basis coefficients, memory slots) are replicated."""
 
     def attention(
         self, attn: nn.Module, h_BSD: Tensor, ctx: dict[str, Tensor], state: dict[str, Tensor]

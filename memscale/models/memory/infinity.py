@@ -143,7 +143,9 @@ class LongTermAttention(LayerMemory):
     """One layer's continuous attention over its long-term memory, and the memory's update after the segment.
 
     The layer's state `coef` [B, N, D] (float32) holds the basis coefficients; keys and values are its
-    projections, split by heads of the attention's head width.
+    projections, split by heads of the attention's head width. Under tensor parallelism `coef` is replicated and
+    each rank reads with its own heads; sticky sampling draws from the densities of all heads of a row, so a
+    split run must gather mu and sigma^2 over the ranks (and draw alike) before `refit` to keep the copies equal.
     """
 
     context_names = ("empty", "basis_mu", "basis_sigma", "fit_first", "fit_update", "psi_uniform")

@@ -105,6 +105,7 @@ class LookAheadLayer(LayerMemory):
 
     context_names = ("mask", "ahead_mask", "pos", "u", "v", "v_future", "valid", "valid_next")
     state_names = ("attn", "lognorm")
+    head_sharded_state = ("attn", "lognorm")
 
     def __init__(self, d_model: int):
         super().__init__()
