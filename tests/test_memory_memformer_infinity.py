@@ -72,8 +72,9 @@ def test_memformer_write_is_slot_attention_over_own_slot_and_tokens():
     tau, H, K = w.temperature, 2, 16
     for i in range(4):
         q = w.q(mem_BMD[:, i : i + 1]).view(2, 1, H, K).transpose(1, 2)
-        k, v = w.kv(torch.cat([mem_BMD[:, i : i + 1], h_BTD], dim=1)).chunk(2, dim=-1)
-        k, v = (t.view(2, SEG + 1, H, K).transpose(1, 2) for t in (k, v))
+        # The key/value rows are laid out per head: [H, 2, K].
+        k, v = w.kv(torch.cat([mem_BMD[:, i : i + 1], h_BTD], dim=1)).view(2, SEG + 1, H, 2, K).unbind(3)
+        k, v = (t.transpose(1, 2) for t in (k, v))
         p = torch.softmax(q @ k.transpose(-1, -2) / (math.sqrt(K) * tau), dim=-1)
         ref = (p @ v).transpose(1, 2).reshape(2, 32)
         torch.testing.assert_close(written[:, i], ref, rtol=1e-5, atol=1e-6)
@@ -244,27 +245,30 @@ def test_infinity_sticky_sampling_follows_attention_and_replays():
     torch.set_rng_state(rng)
     b = model.step(tokens(2, 2), state).state
     c = model.step(tokens(2, 2), state).state
-    torch.testing.assert_close(a["coef"], b["coef"], rtol=0, atol=0)
-    assert not torch.equal(a["coef"], c["coef"])  # the sticky draw is random
+    for coef in ("coef.0", "coef.1"):
+        torch.testing.assert_close(a[coef], b[coef], rtol=0, atol=0)
+        assert not torch.equal(a[coef], c[coef])  # the sticky draw is random
 
 
 def test_infinity_memory_is_read_and_detached():
     model = build_infinity()
     state0 = model.init_state(2)
-    assert state0["coef"].shape == (2, 2, 16, 32) and state0["empty"].all()
+    assert [state0[f"coef.{layer}"].shape for layer in range(2)] == [(2, 16, 32)] * 2
+    assert state0["empty"].all()
     out1 = model.step(tokens(2, 1), state0, targets_BT=tokens(2, 1))
     assert not out1.state["empty"].any()
     assert all(not t.requires_grad and t.grad_fn is None for _, t in out1.state.items())
     # An empty memory reads as zero: a first segment's loss does not depend on the long-term attention at all.
     out1.loss_sum.backward()
-    assert all(p.grad is None or (p.grad == 0).all() for p in model.memory.read.parameters())
+    reads = [block.memory for block in model.blocks.values()]
+    assert all(p.grad is None or (p.grad == 0).all() for read in reads for p in read.parameters())
     # The second segment reads: its logits depend on the first segment, and the read's parameters learn.
     seg2 = tokens(2, 3)
     other = model.step(tokens(2, 2), state0).state
     out2 = model.step(seg2, out1.state, targets_BT=seg2)
     assert (out2.logits_BTV - model.step(seg2, other).logits_BTV).abs().max() > 1e-4
     out2.loss_sum.backward()
-    assert model.memory.read[1].key.weight.grad.abs().sum() > 0
+    assert reads[1].key.weight.grad.abs().sum() > 0
 
 
 def test_infinity_reset_isolates_rows():
@@ -272,13 +276,15 @@ def test_infinity_reset_isolates_rows():
     state = model.step(tokens(2, 1), model.init_state(2)).state
     reset = model.memory.reset(state, torch.tensor([True, False]))
     assert reset["empty"].tolist() == [True, False]
-    assert (reset["coef"][0] == 0).all()
-    torch.testing.assert_close(reset["coef"][1], state["coef"][1])
+    for coef in ("coef.0", "coef.1"):
+        assert (reset[coef][0] == 0).all()
+        torch.testing.assert_close(reset[coef][1], state[coef][1])
     seg2 = tokens(2, 3)
     kept = model.step(seg2, state)
     after = model.step(seg2, state, reset_B=torch.tensor([True, False]))
     torch.testing.assert_close(after.logits_BTV[1], kept.logits_BTV[1])
-    torch.testing.assert_close(after.state["coef"][1], kept.state["coef"][1])
+    for coef in ("coef.0", "coef.1"):
+        torch.testing.assert_close(after.state[coef][1], kept.state[coef][1])
     assert (after.logits_BTV[0] - kept.logits_BTV[0]).abs().max() > 1e-4
 
 

@@ -36,9 +36,9 @@ def _xl_reference_logits(model: MemoryTransformer, tokens_BN: torch.Tensor, clam
     dist_NN = torch.arange(N)[:, None] - torch.arange(N)[None, :]
     rel_NN = dist_NN.clamp(min=0, max=clamp_len if clamp_len > 0 else None)
     x = model.embed(tokens_BN)
-    for layer, block in enumerate(model.blocks):
+    for block in model.blocks.values():
         q, k, v = block.attn.project(block.norm1(x))
-        r_NNHK = mem.r_nets[layer](_sinusoid(rel_NN, D)).view(N, N, H, K)
+        r_NNHK = block.memory.r_net(_sinusoid(rel_NN, D)).view(N, N, H, K)
         ac = torch.einsum("bhik,bhjk->bhij", q + mem.u_HK[:, None], k)
         bd = torch.einsum("bhik,ijhk->bhij", q + mem.v_HK[:, None], r_NNHK)
         scores = ((ac + bd) / K**0.5).masked_fill(dist_NN < 0, float("-inf"))
@@ -78,7 +78,9 @@ def test_xl_memory_keeps_exactly_the_last_mem_len_layer_inputs():
     M = 12
     model = tiny_model("xl", f"model.memory.mem_len={M}").eval()
     seen = {layer: [] for layer in range(2)}
-    for layer, block in enumerate(model.blocks):  # the normed layer inputs the attention hook receives
+    for layer, block in enumerate(
+        model.blocks.values()
+    ):  # the normed layer inputs the attention hook receives
         block.norm1.register_forward_hook(lambda mod, inp, out, layer=layer: seen[layer].append(out))
     state = model.init_state(2)
     with torch.no_grad():
@@ -88,8 +90,8 @@ def test_xl_memory_keeps_exactly_the_last_mem_len_layer_inputs():
             assert state["valid"].sum(1).tolist() == [n, n] and state["valid"][:, M - n :].all()
             for layer in range(2):
                 expected = torch.cat(seen[layer], dim=1)[:, -n:]
-                assert torch.equal(state["mem"][:, layer, M - n :], expected)
-                assert not state["mem"][:, layer, : M - n].any()
+                assert torch.equal(state[f"mem.{layer}"][:, M - n :], expected)
+                assert not state[f"mem.{layer}"][:, : M - n].any()
 
 
 def test_xl_rel_shift_matches_explicit_gather():
@@ -120,13 +122,13 @@ def test_lamemo_memory_is_one_softmax_over_every_key_it_has_seen():
     over all of them. M = 3T keeps a position in memory through two look-aheads."""
     M, S, clamp = 3 * T, 5, 20
     model = tiny_model("lamemo", f"model.memory.mem_len={M}", f"model.memory.clamp_len={clamp}").eval()
-    mem, attn = model.memory, model.blocks[0].attn
+    mem, attn = model.memory, model.blocks["0"].attn
     D, H = model.cfg.d_model, model.cfg.num_heads
     K = D // H
     tokens = _tokens(2, N=S * T)
     state = model.init_state(2)
     with torch.no_grad():
-        q, k, v = attn.project(model.blocks[0].norm1(model.embed(tokens)))  # B x H x N x K
+        q, k, v = attn.project(model.blocks["0"].norm1(model.embed(tokens)))  # B x H x N x K
         for s, seg in enumerate(tokens.split(T, dim=1)):
             state = model.step(seg, state).state
             first_slot_pos = (s + 1) * T - M
@@ -136,7 +138,7 @@ def test_lamemo_memory_is_one_softmax_over_every_key_it_has_seen():
                 future = torch.arange(p + 1, max(p + 1, s * T + 1))  # empty for the newest segment
                 keys = torch.cat([past, future])
                 dist = torch.cat([p - past, future - p]).clamp(max=clamp)
-                r_nHK = mem.r_nets[0](_sinusoid(dist, D)).view(-1, H, K)
+                r_nHK = model.blocks["0"].memory.r_net(_sinusoid(dist, D)).view(-1, H, K)
                 pos_bias_nHK = torch.cat(
                     [mem.v_HK.expand(len(past), H, K), mem.v_future_HK.expand(len(future), H, K)]
                 )
@@ -145,10 +147,10 @@ def test_lamemo_memory_is_one_softmax_over_every_key_it_has_seen():
                 bd = ((q_p + pos_bias_nHK.transpose(0, 1)) * r_nHK.transpose(0, 1)).sum(-1)
                 logits = (ac + bd) / K**0.5  # B x H x n
                 expected = (logits.softmax(-1)[..., None] * v[:, :, keys]).sum(2)
-                got = state["attn"][:, 0, slot].view(2, H, K)
+                got = state["attn.0"][:, slot].view(2, H, K)
                 torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
                 torch.testing.assert_close(
-                    state["lognorm"][:, 0, slot], logits.logsumexp(-1), atol=1e-5, rtol=0
+                    state["lognorm.0"][:, slot], logits.logsumexp(-1), atol=1e-5, rtol=0
                 )
 
 
@@ -176,12 +178,20 @@ def test_lamemo_rel_shift_future_matches_explicit_gather():
 def test_lamemo_log_normaliser_stays_float32():
     model = tiny_model("lamemo").to(torch.bfloat16).eval()
     state = model.init_state(2)
-    assert state["lognorm"].dtype == torch.float32 and state["attn"].dtype == torch.bfloat16
+    for layer in range(2):
+        assert (
+            state[f"lognorm.{layer}"].dtype == torch.float32
+            and state[f"attn.{layer}"].dtype == torch.bfloat16
+        )
     with torch.no_grad():
         for seed in range(2):
             state = model.step(_tokens(seed), state, reset_B=torch.tensor([seed == 1, False])).state
-    assert state["lognorm"].dtype == torch.float32 and state["attn"].dtype == torch.bfloat16
-    assert state["lognorm"].isfinite().all()
+    for layer in range(2):
+        assert (
+            state[f"lognorm.{layer}"].dtype == torch.float32
+            and state[f"attn.{layer}"].dtype == torch.bfloat16
+        )
+        assert state[f"lognorm.{layer}"].isfinite().all()
 
 
 # -- both ----------------------------------------------------------------------------------------------------
@@ -220,7 +230,7 @@ def test_memory_is_detached(kind):
     out2.loss_sum.backward()
     assert grabbed[0].grad is None  # segment 1's embeddings: unreachable from segment 2's loss
     assert grabbed[1].grad is not None
-    assert model.memory.r_nets[0].weight.grad.abs().sum() > 0
+    assert model.blocks["0"].memory.r_net.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("kind", KINDS)

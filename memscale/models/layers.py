@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,15 +77,26 @@ def sdpa(
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; memory kinds reuse `project` / `merge` to attend over their own keys."""
+    """Multi-head self-attention; memory kinds reuse `project` / `attend` / `merge` to attend over their own keys.
+
+    The fused projection's output rows are laid out per head, [H, 3, K] (head h's query, key and value rows are
+    adjacent), so that a column-parallel split of `qkv` by rows gives each rank whole heads. The head count is
+    read off the weight, never stored, so a split needs no bookkeeping here.
+    """
 
     def __init__(self, d_model: int, num_heads: int, *, dropout: float = 0.0):
         super().__init__()
-        self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=True)  # one GEMM for q, k and v
+        self.qkv.head_layout = (3, self.head_dim)  # rows [H, 3, K]; see `init_weights`
         self.out = nn.Linear(d_model, d_model, bias=True)
+        self.out.residual_out = True
         self.dropout = dropout
+
+    @property
+    def num_heads(self) -> int:
+        """Heads held by this module (all of them, or a tensor-parallel rank's share)."""
+        return self.qkv.weight.shape[0] // (3 * self.head_dim)
 
     def split_heads(self, x_BSD: Tensor) -> Tensor:
         B, S, _ = x_BSD.shape
@@ -93,8 +105,8 @@ class Attention(nn.Module):
     def project(self, h_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """h -> q, k, v, each B x H x S x K."""
         B, S, _ = h_BSD.shape
-        qkv = self.qkv(h_BSD).view(B, S, 3, -1, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(h_BSD).view(B, S, -1, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)
         return q, k, v
 
     def merge(self, o_BHSK: Tensor) -> Tensor:
@@ -120,15 +132,31 @@ class MLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(d_model, d_ff)
         self.down = nn.Linear(d_ff, d_model)
+        self.down.residual_out = True
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; the memory kind decides how attention sees the memory."""
+    """Pre-norm transformer block; its layer's part of the memory kind (`memory`) decides how attention sees the
+    memory.
 
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, *, dropout: float, layer: int):
+    `block(x_BSD, *ctx, *state) -> (x_BSD, *new_state)`: the per-segment tensors named by `context_names` and
+    this layer's state named by `state_names` come in as explicit tensors, and the layer's new state goes out as
+    explicit tensors, so that `torch.utils.checkpoint` can replay the block by itself.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        d_ff: int,
+        *,
+        dropout: float,
+        layer: int,
+        memory: nn.Module | None = None,
+    ):
         super().__init__()
         self.layer = layer
         self.norm1 = nn.LayerNorm(d_model)
@@ -136,26 +164,87 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, d_ff)
         self.drop = nn.Dropout(dropout)
+        self.memory = memory
 
-    def forward(self, x_BSD: Tensor, memory, ctx) -> Tensor:
-        x_BSD = x_BSD + self.drop(memory.attention(self.layer, self.attn, self.norm1(x_BSD), ctx))
-        x_BSD = memory.after_attention(self.layer, x_BSD, ctx)
-        return x_BSD + self.drop(self.mlp(self.norm2(x_BSD)))
+    @property
+    def context_names(self) -> tuple[str, ...]:
+        return self.memory.context_names if self.memory is not None else ()
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return self.memory.state_names if self.memory is not None else ()
+
+    def forward(self, x_BSD: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        h_BSD = self.norm1(x_BSD)
+        if self.memory is None:
+            x_BSD = x_BSD + self.drop(self.attn(h_BSD, is_causal=True))
+            return (x_BSD + self.drop(self.mlp(self.norm2(x_BSD))),)
+        names = self.memory.context_names
+        ctx = dict(zip(names, inputs[: len(names)], strict=True))
+        state = dict(zip(self.memory.state_names, inputs[len(names) :], strict=True))
+        a_BSD, new_state = self.memory.attention(self.attn, h_BSD, ctx, state)
+        x_BSD = x_BSD + self.drop(a_BSD)
+        x_BSD = self.memory.after_attention(x_BSD, ctx)
+        return (x_BSD + self.drop(self.mlp(self.norm2(x_BSD))), *new_state)
 
 
-def init_weights(module: nn.Module, *, num_layers: int) -> None:
-    """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1 / sqrt(2 L)."""
-    for name, p in module.named_parameters():
-        if p.dim() >= 2:
-            std = (
-                0.02 / math.sqrt(2 * num_layers)
-                if name.endswith(("attn.out.weight", "mlp.down.weight"))
-                else 0.02
-            )
-            nn.init.normal_(p, mean=0.0, std=std)
-        elif name.endswith("bias"):
-            nn.init.zeros_(p)
-    for m in module.modules():
-        if isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+# -- parameter roles -------------------------------------------------------------------------------------------
+ParamRole = Literal["matrix", "bias", "norm", "embedding", "vector"]
+"""What a parameter is, from the module that holds it (never from its name):
+matrix: the weight of a projection (nn.Linear), memory projections included;
+bias: a projection's bias; norm: a LayerNorm gain or bias; embedding: a token or position table (nn.Embedding);
+vector: a learned tensor held directly by a memory module (initial memory, memory position embeddings, per-head
+attention biases, the forgetting bias)."""
+
+
+def param_role(module: nn.Module, name: str) -> ParamRole:
+    """The role of `module`'s own parameter `name`; a module may declare it (`module.param_role`, e.g. an output
+    projection that is tied to the token embedding)."""
+    declared = getattr(module, "param_role", None)
+    if declared is not None and name == "weight":
+        return declared
+    if isinstance(module, nn.LayerNorm):
+        return "norm"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Linear):
+        return "matrix" if name == "weight" else "bias"
+    return "vector"
+
+
+def param_roles(model: nn.Module) -> dict[nn.Parameter, ParamRole]:
+    """Every parameter of `model` (each once, tied ones included) with its role."""
+    roles: dict[nn.Parameter, ParamRole] = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            roles.setdefault(p, param_role(module, name))
+    return roles
+
+
+def init_weights(params, *, num_layers: int) -> None:
+    """GPT-2 initialisation by role, over `(module, name)` pairs in the order given (the order of the draws):
+
+    matrices, embeddings and memory vectors N(0, 0.02), the residual output projections (a Linear marked
+    `residual_out`) N(0, 0.02 / sqrt(2 L)); biases 0; norms gain 1, bias 0. A Linear marked `head_layout = (G, K)`
+    (rows laid out per head, [H, G, K]) draws its numbers in the stacked order [G, H, K] and stores them per head,
+    so that the per-head layout holds the same initial function as the stacked one.
+    """
+    with torch.no_grad():
+        for module, name in params:
+            p = getattr(module, name)
+            role = param_role(module, name)
+            if role == "norm":
+                nn.init.ones_(p) if name == "weight" else nn.init.zeros_(p)
+            elif role == "bias":
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * num_layers) if getattr(module, "residual_out", False) else 0.02
+                layout = getattr(module, "head_layout", None) if role == "matrix" else None
+                if layout is not None:
+                    groups, head_dim = layout
+                    out, d_in = p.shape
+                    stacked = p.new_empty(groups, out // (groups * head_dim), head_dim, d_in)
+                    nn.init.normal_(stacked, mean=0.0, std=std)
+                    p.copy_(stacked.transpose(0, 1).reshape(out, d_in))
+                else:
+                    nn.init.normal_(p, mean=0.0, std=std)

@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, and a linear-warmup + cosine learning-rate schedule."""
+"""AdamW with decoupled weight decay on projection matrices only, and a linear-warmup + cosine learning-rate
+schedule."""
 
 from __future__ import annotations
 
@@ -8,16 +9,26 @@ import torch
 from torch import nn
 
 from memscale.config import TrainConfig
+from memscale.models.layers import param_roles
+
+
+def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decayed, not decayed) trainable parameters, by role (memscale.models.layers.param_role), never by name.
+
+    Decayed: the weight matrix of every projection, the memory kinds' projections included. Not decayed: biases,
+    norm gains and biases, token and position embeddings (and a head tied to the embedding), and the memory
+    kinds' learned vectors (initial memory, memory position embeddings, per-head attention biases, forgetting
+    bias): decaying them pulls them toward zero for no regularising benefit (GPT-2 / nanoGPT practice).
+    """
+    decay, no_decay = [], []
+    for p, role in param_roles(model).items():
+        if p.requires_grad:
+            (decay if role == "matrix" else no_decay).append(p)
+    return decay, no_decay
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    # Decay matrices (projections, embeddings); leave biases, norm gains and learned memory vectors alone, as
-    # decaying them pulls them toward zero for no regularising benefit (GPT-2 / nanoGPT practice).
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "memory." not in name else no_decay).append(p)
+    decay, no_decay = decay_groups(model)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
         {"params": no_decay, "weight_decay": 0.0, "decay": False},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from memscale.models.memory.base import MemoryKind, MemoryState, StepContext
+from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState
 
 # name -> "module:Class"; imported lazily so that a kind's optional dependencies cost nothing to the others.
 REGISTRY: dict[str, str] = {
@@ -17,8 +17,8 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def build_memory(cfg, *, segment_len: int) -> MemoryKind:
-    """Build the memory kind named by `cfg.memory.kind` for a model config `cfg`."""
+def build_memory(cfg, *, segment_len: int, layers: range | None = None) -> MemoryKind:
+    """Build the memory kind named by `cfg.memory.kind` for a model config `cfg` (for `layers` of it)."""
     name = cfg.memory.kind
     if name not in REGISTRY:
         raise ValueError(f"model.memory.kind={name!r} is not available: choose one of {', '.join(REGISTRY)}")
@@ -30,7 +30,9 @@ def build_memory(cfg, *, segment_len: int) -> MemoryKind:
         num_heads=cfg.num_heads,
         segment_len=segment_len,
         cfg=cfg.memory,
+        layers=layers,
+        dropout=cfg.dropout,
     )
 
 
-__all__ = ["MemoryKind", "MemoryState", "StepContext", "build_memory", "REGISTRY"]
+__all__ = ["LayerMemory", "MemoryKind", "MemoryState", "build_memory", "REGISTRY"]

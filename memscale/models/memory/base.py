@@ -1,13 +1,31 @@
 """The memory-kind protocol and the memory state container.
 
 Every memory-augmented model in memscale is `logits, new_state = model(segment_tokens, state)` (DESIGN.md §1). A
-memory kind is one module that plugs into the generic decoder (`memscale.models.transformer`) at four points:
+memory kind is one module in two parts, cut so that a pipeline stage owns exactly the parts of its own layers:
 
-    x_BSD, ctx = kind.begin(x_BTD, state)          # before the blocks (rmt prepends/appends memory tokens)
-    for each layer l:
-        a_BSD = kind.attention(l, attn, h_BSD, ctx)   # the block's self-attention (xl: cached prefix + rel. pos.)
-        x_BSD = kind.after_attention(l, x_BSD, ctx)   # extra read sub-layer (memformer cross-attention)
-    h_BTD, new_state = kind.end(norm(x_BSD), ctx)   # after the final norm (rmt: write positions -> memory)
+  - the kind itself (`MemoryKind`, `model.memory`): what all layers share (rmt's initial memory and read/write
+    positions, memformer's writer and forgetting bias, xl/lamemo's content and position biases u, v), the
+    state's construction and reset, and the hooks around the blocks;
+  - one `LayerMemory` per layer (`block.memory`), built by the kind and owned by that layer's block: the layer's
+    memory modules and parameters (memformer's reader, xl's `r_net`, infinity's long-term attention).
+
+A segment step, on the layers of one stage:
+
+    x_BSD, new = kind.enter(x_BTD, state)           # first stage, after the embedding (rmt adds memory tokens)
+    ctx, new = kind.begin(state, num_tokens=T, ...)   # every stage: tensors that all its layers read (masks, ...)
+    for each block:                                   # block(x, *ctx tensors, *its layer's state) -> x, *new state
+        x_BSD, *layer_new = block(x_BSD, *[ctx[n] for n in block.context_names],
+                                  *[state[f"{n}.{layer}"] for n in block.state_names])
+    h_BTD, new = kind.exit(norm(x_BSD), state, num_tokens=T)  # last stage, after the final norm (rmt: write)
+
+State enters a block as explicit tensors and leaves as explicit tensors (no mutable context crosses blocks), so
+activation checkpointing (reentrant or not) and segment recompute replay one block by itself. Per-layer state is
+named `<name>.<layer>` (`mem.3`, `coef.3`); state that all layers share keeps a plain name (`mem` of rmt and
+memformer, the `valid` bookkeeping of xl and lamemo).
+
+Head counts. Attention is laid out per head (memscale/models/layers.py) and every kind derives its head count
+from the tensors and modules it holds (a view with -1 heads of a fixed head width), never from the config, so
+that a tensor-parallel split of the projections by heads needs no change here.
 
 Legend for tensor names: B batch (streams), T segment tokens, S tokens inside the blocks (T plus memory tokens),
 M memory positions or slots, D model width, H heads, K head width, L layers, V vocabulary.
@@ -16,7 +34,6 @@ M memory positions or slots, D model width, H heads, K head width, L layers, V v
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -91,13 +108,34 @@ class MemoryState:
         return sum(v.numel() * v.element_size() for v in self.tensors.values())
 
 
-@dataclass
-class StepContext:
-    """Scratch space of one segment step, shared by a kind's hooks across the layers."""
+def layer_state_name(name: str, layer: int) -> str:
+    """The state name of `name` at layer `layer`: `mem.3`."""
+    return f"{name}.{layer}"
 
-    state: MemoryState
-    new: dict[str, Tensor] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+
+class LayerMemory(nn.Module):
+    """One layer's part of a memory kind, owned by that layer's block (`block.memory`).
+
+    The block calls `attention` in place of its plain causal self-attention and `after_attention` between the
+    attention and the MLP residual branches. `context_names` are the per-segment tensors the layer reads from the
+    kind's `begin` (masks, positions, shared parameters such as xl's u and v); `state_names` are the layer's own
+    carried tensors, stored as `<name>.<layer>`; both arrive as dicts of explicit tensors, and `attention` returns
+    the layer's new state in the order of `state_names`.
+    """
+
+    context_names: ClassVar[tuple[str, ...]] = ()
+    state_names: ClassVar[tuple[str, ...]] = ()
+    head_sharded_state: ClassVar[tuple[str, ...]] = ()
+    """State names whose last dimension runs over heads (H, or H x K flattened): split with the heads under tensor
+    parallelism. The others (cached layer inputs, basis coefficients, memory slots) are replicated."""
+
+    def attention(
+        self, attn: nn.Module, h_BSD: Tensor, ctx: dict[str, Tensor], state: dict[str, Tensor]
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return attn(h_BSD, is_causal=True), ()
+
+    def after_attention(self, x_BSD: Tensor, ctx: dict[str, Tensor]) -> Tensor:
+        return x_BSD
 
 
 class MemoryKind(nn.Module):
@@ -110,20 +148,57 @@ class MemoryKind(nn.Module):
     absolute_positions: ClassVar[bool] = True
     """False for kinds with relative positional attention (the model then adds no position embeddings)."""
 
-    def __init__(self, *, d_model: int, num_layers: int, num_heads: int, segment_len: int, cfg: Any):
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        num_layers: int,
+        num_heads: int,
+        segment_len: int,
+        cfg: Any,
+        layers: range | None = None,
+        dropout: float = 0.0,
+    ):
+        """`layers`: the contiguous slice of layers this model (a pipeline stage) holds; all of them by default.
+
+        `num_heads` is the head count of the attention the kind is built for; the kind sizes its per-head
+        parameters by it and, at run time, reads the head count off its tensors.
+        """
         super().__init__()
         self.d_model = d_model
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.segment_len = segment_len
         self.cfg = cfg
+        self.dropout = dropout
+        """The model's dropout rate (`model.dropout`), for the kinds that drop something of their own."""
+        self.layers = range(num_layers) if layers is None else layers
+        self.first = self.layers.start == 0
+        """This model holds the first layer (and the embedding): it runs `enter`."""
+        self.last = self.layers.stop == num_layers
+        """This model holds the last layer (and the head): it runs `exit`."""
+        # The per-layer parts, built in __init__ by the kinds that have them and handed over to the blocks by the
+        # model (`take_layer_parts`); a plain list, so the kind never registers (or reaches into) them.
+        self._layer_parts: list[LayerMemory | None] = [None] * len(self.layers)
+
+    def take_layer_parts(self) -> list[LayerMemory | None]:
+        """The per-layer parts, one per layer of `self.layers`, for the blocks to own; the kind keeps none."""
+        parts, self._layer_parts = self._layer_parts, []
+        return parts
+
+    def reset_parameters(self, parts: list[LayerMemory | None]) -> None:
+        """A paper-specified initialisation of the kind's own parameters and its layers' `parts`, applied after
+        the model's generic one (memscale.models.layers.init_weights); none by default."""
 
     # -- state ------------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, *, device: torch.device | str, dtype: torch.dtype) -> MemoryState:
         return MemoryState()
 
     def reset(self, state: MemoryState, reset_B: Tensor) -> MemoryState:
-        """Rows whose stream starts a new document get the initial state; the others keep theirs."""
+        """Rows whose stream starts a new document get the initial state; the others keep theirs.
+
+        Names that this model does not create in `init_state` (global state owned by another stage) pass through.
+        """
         if not len(state):
             return state
         # The model's dtype is that of the floating tensors; kinds that keep some tensor in another dtype (a bool
@@ -132,20 +207,25 @@ class MemoryKind(nn.Module):
             (t for t in state.tensors.values() if t.is_floating_point()), next(iter(state.tensors.values()))
         )
         init = self.init_state(reset_B.shape[0], device=ref.device, dtype=ref.dtype)
-        return state.where(reset_B, init)
+        own = MemoryState({n: t for n, t in state.items() if n in init})
+        reset = own.where(reset_B, init)
+        return MemoryState({n: reset[n] if n in reset else t for n, t in state.items()})
 
-    # -- the four hooks -----------------------------------------------------------------------------------------
-    def begin(self, x_BTD: Tensor, state: MemoryState) -> tuple[Tensor, StepContext]:
-        return x_BTD, StepContext(state=state)
+    # -- the hooks around the blocks --------------------------------------------------------------------------
+    def enter(self, x_BTD: Tensor, state: MemoryState) -> tuple[Tensor, dict[str, Tensor]]:
+        """First stage, after the embedding: the blocks' input and the new state this stage writes here."""
+        return x_BTD, {}
 
-    def attention(self, layer: int, attn: nn.Module, h_BSD: Tensor, ctx: StepContext) -> Tensor:
-        return attn(h_BSD, is_causal=True)
+    def begin(
+        self, state: MemoryState, *, num_tokens: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Every stage, before its blocks: the tensors its layers read (`LayerMemory.context_names`) and the new
+        shared bookkeeping state (which every stage that holds it updates alike)."""
+        return {}, {}
 
-    def after_attention(self, layer: int, x_BSD: Tensor, ctx: StepContext) -> Tensor:
-        return x_BSD
-
-    def end(self, h_BSD: Tensor, ctx: StepContext) -> tuple[Tensor, MemoryState]:
-        return h_BSD, ctx.state
+    def exit(self, h_BSD: Tensor, state: MemoryState, *, num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Last stage, after the final norm: the segment tokens' hidden states and the new state written here."""
+        return h_BSD, {}
 
     # -- accounting -----------------------------------------------------------------------------------------------
     def mean_attended_len(self, segment_len: int) -> float:

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memscale.models.memory.base import MemoryKind, MemoryState, StepContext
+from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState, layer_state_name
 
 BASIS_WIDTHS = (0.01, 0.05)
 """Standard deviations of the basis functions, all used at every centre (sorting/long_term_attention.py)."""
@@ -134,34 +134,102 @@ def sticky_positions(mu_BQ: Tensor, sigma_BQ: Tensor, *, num_samples: int, num_b
 # ------------------------------------------------------------------------------------------------------------
 
 
-def split_heads(x_BSD: Tensor, num_heads: int) -> Tensor:
-    B, S, D = x_BSD.shape
-    return x_BSD.view(B, S, num_heads, D // num_heads).transpose(1, 2)
+def split_heads(x_BSD: Tensor, head_dim: int) -> Tensor:
+    B, S, _ = x_BSD.shape
+    return x_BSD.view(B, S, -1, head_dim).transpose(1, 2)
 
 
-class LongTermAttention(nn.Module):
-    """One layer's continuous attention over its long-term memory."""
+class LongTermAttention(LayerMemory):
+    """One layer's continuous attention over its long-term memory, and the memory's update after the segment.
 
-    def __init__(self, d_model: int, num_heads: int, num_basis: int):
+    The layer's state `coef` [B, N, D] (float32) holds the basis coefficients; keys and values are its
+    projections, split by heads of the attention's head width. Under tensor parallelism `coef` is replicated and
+    each rank reads with its own heads; sticky sampling draws from the densities of all heads of a row, so a
+    split run must gather mu and sigma^2 over the ranks (and draw alike) before `refit` to keep the copies equal.
+    """
+
+    context_names = ("empty", "basis_mu", "basis_sigma", "fit_first", "fit_update", "psi_uniform")
+    state_names = ("coef",)
+
+    def __init__(self, d_model: int, num_heads: int, num_basis: int, *, sticky: bool, num_samples: int):
         super().__init__()
-        self.num_heads = num_heads
+        self.sticky = sticky
+        self.num_samples = num_samples
         self.key = nn.Linear(d_model, d_model, bias=False)
         self.value = nn.Linear(d_model, d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.mu = nn.Linear(num_basis, 1, bias=False)
         self.sigma = nn.Linear(num_basis, 1, bias=False)
 
+    def attention(self, attn, h_BTD, ctx, state):
+        q_BHTK, k_BHTK, v_BHTK = attn.project(h_BTD)
+        out_BTD = attn.merge(attn.attend(q_BHTK, k_BHTK, v_BHTK, is_causal=True))
+        coef_BND = state["coef"]
+        # An empty memory has zero coefficients and the value and output maps have no bias, so it reads as
+        # exactly zero: the official "no long-term attention until there is a memory", without a branch.
+        long_BTD, mu_BHT, sigma_sq_BHT = self(
+            q_BHTK, coef_BND.to(h_BTD.dtype), ctx["basis_mu"], ctx["basis_sigma"]
+        )
+        new_coef_BND = refit(
+            coef_BND,
+            h_BTD,
+            mu_BHT,
+            sigma_sq_BHT,
+            ctx["empty"],
+            fits=(ctx["fit_first"], ctx["fit_update"], ctx["psi_uniform"]),
+            basis=(ctx["basis_mu"], ctx["basis_sigma"]),
+            sticky=self.sticky,
+            num_samples=self.num_samples,
+        )
+        return out_BTD + long_BTD, (new_coef_BND,)
+
     def forward(self, q_BHTK: Tensor, coef_BND: Tensor, mu_N: Tensor, sigma_N: Tensor):
         """-> output B x T x D, and the densities' mu and sigma^2 (B x H x T)."""
-        keys_BHNK = split_heads(self.key(coef_BND), self.num_heads)
-        values_BHNK = split_heads(self.value(coef_BND), self.num_heads)
-        scores_BHTN = q_BHTK @ keys_BHNK.transpose(-1, -2) / math.sqrt(q_BHTK.shape[-1])
+        K = q_BHTK.shape[-1]
+        keys_BHNK = split_heads(self.key(coef_BND), K)
+        values_BHNK = split_heads(self.value(coef_BND), K)
+        scores_BHTN = q_BHTK @ keys_BHNK.transpose(-1, -2) / math.sqrt(K)
         mu_BHT = torch.sigmoid(self.mu(scores_BHTN)).squeeze(-1)
         sigma_sq_BHT = F.softplus(self.sigma(scores_BHTN)).squeeze(-1).clamp_min(SIGMA_SQ_MIN)
         r_BHTN = gaussian_expectation(mu_BHT, sigma_sq_BHT, mu_N.to(q_BHTK.dtype), sigma_N.to(q_BHTK.dtype))
         context_BHTK = r_BHTN @ values_BHNK
         B, H, T, K = context_BHTK.shape
         return self.out(context_BHTK.transpose(1, 2).reshape(B, T, H * K)), mu_BHT, sigma_sq_BHT
+
+
+@torch.no_grad()
+def refit(
+    coef_BND: Tensor,
+    x_BTD: Tensor,
+    mu_BHT: Tensor | None,
+    sigma_sq_BHT: Tensor | None,
+    empty_B: Tensor,
+    *,
+    fits: tuple[Tensor, Tensor, Tensor],
+    basis: tuple[Tensor, Tensor],
+    sticky: bool,
+    num_samples: int,
+) -> Tensor:
+    """The memory after this segment: old signal resampled onto (0, tau], new vectors on (tau, 1].
+
+    mu and sigma^2 are the segment's read densities over the old signal, used by sticky memories only;
+    `fits` are the kind's `fit_matrices`, `basis` its centres and widths.
+    """
+    G_first_NT, G_update_NP, psi_uniform_RN = fits
+    x_BTD = x_BTD.float()
+    if sticky:
+        t_BR = sticky_positions(
+            mu_BHT.float().flatten(1),
+            sigma_sq_BHT.float().sqrt().flatten(1),
+            num_samples=num_samples,
+            num_bins=NUM_STICKY_BINS,
+        )
+        old_BRD = evaluate_basis(t_BR, basis[0].float(), basis[1].float()) @ coef_BND
+    else:
+        old_BRD = psi_uniform_RN @ coef_BND
+    updated_BND = G_update_NP @ torch.cat([old_BRD, x_BTD], dim=1)
+    first_BND = G_first_NT @ x_BTD
+    return torch.where(empty_B.view(-1, 1, 1), first_BND, updated_BND)
 
 
 class InfinityMemory(MemoryKind):
@@ -178,9 +246,12 @@ class InfinityMemory(MemoryKind):
                 f"one basis function per width {BASIS_WIDTHS}; use e.g. {N + 1}"
             )
         self.num_basis = N
-        self.read = nn.ModuleList(
-            LongTermAttention(self.d_model, self.num_heads, N) for _ in range(self.num_layers)
-        )
+        self._layer_parts = [
+            LongTermAttention(
+                self.d_model, self.num_heads, N, sticky=self.cfg.sticky, num_samples=self.cfg.num_samples
+            )
+            for _ in self.layers
+        ]
         mu_N, sigma_N = basis_parameters(N)
         # Buffers, so that they follow the module across devices; the fits rebuild them in float64.
         self.basis_mu_N: Tensor
@@ -193,8 +264,13 @@ class InfinityMemory(MemoryKind):
     def init_state(self, batch_size: int, *, device, dtype) -> MemoryState:
         # Coefficients stay float32 whatever the model dtype: each update refits the previous fit, and bf16
         # rounding would compound over a long document.
-        coef = torch.zeros(batch_size, self.num_layers, self.num_basis, self.d_model, device=device)
-        return MemoryState({"coef": coef, "empty": torch.ones(batch_size, dtype=torch.bool, device=device)})
+        coefs = {
+            layer_state_name("coef", layer): torch.zeros(
+                batch_size, self.num_basis, self.d_model, device=device
+            )
+            for layer in self.layers
+        }
+        return MemoryState({**coefs, "empty": torch.ones(batch_size, dtype=torch.bool, device=device)})
 
     def fit_matrices(self, T: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(G_first N x T, G_update N x (R + T), psi_uniform R x N), float32, built once per segment length.
@@ -219,53 +295,31 @@ class InfinityMemory(MemoryKind):
         return self._fits[key]
 
     # -- hooks -----------------------------------------------------------------------------------------------
-    def begin(self, x_BTD: Tensor, state: MemoryState) -> tuple[Tensor, StepContext]:
-        return x_BTD, StepContext(state=state, extra={"coef": [None] * self.num_layers})
+    def begin(self, state, *, num_tokens, device, dtype):
+        G_first_NT, G_update_NP, psi_uniform_RN = self.fit_matrices(num_tokens, device)
+        ctx = {
+            "empty": state["empty"],
+            "basis_mu": self.basis_mu_N,
+            "basis_sigma": self.basis_sigma_N,
+            "fit_first": G_first_NT,
+            "fit_update": G_update_NP,
+            "psi_uniform": psi_uniform_RN,
+        }
+        return ctx, {"empty": torch.zeros_like(state["empty"])}
 
-    def attention(self, layer: int, attn: nn.Module, h_BTD: Tensor, ctx: StepContext) -> Tensor:
-        q_BHTK, k_BHTK, v_BHTK = attn.project(h_BTD)
-        out_BTD = attn.merge(attn.attend(q_BHTK, k_BHTK, v_BHTK, is_causal=True))
-        coef_BND = ctx.state["coef"][:, layer]
-        # An empty memory has zero coefficients and the value and output maps have no bias, so it reads as
-        # exactly zero: the official "no long-term attention until there is a memory", without a branch.
-        long_BTD, mu_BHT, sigma_sq_BHT = self.read[layer](
-            q_BHTK, coef_BND.to(h_BTD.dtype), self.basis_mu_N, self.basis_sigma_N
+    def refit(self, coef_BND, x_BTD, mu_BHT, sigma_sq_BHT, empty_B) -> Tensor:
+        """One layer's memory update (`refit`) with this kind's basis, fit matrices and sampling settings."""
+        return refit(
+            coef_BND,
+            x_BTD,
+            mu_BHT,
+            sigma_sq_BHT,
+            empty_B,
+            fits=self.fit_matrices(x_BTD.shape[1], x_BTD.device),
+            basis=(self.basis_mu_N, self.basis_sigma_N),
+            sticky=self.cfg.sticky,
+            num_samples=self.cfg.num_samples,
         )
-        ctx.extra["coef"][layer] = self.refit(coef_BND, h_BTD, mu_BHT, sigma_sq_BHT, ctx.state["empty"])
-        return out_BTD + long_BTD
-
-    @torch.no_grad()
-    def refit(
-        self,
-        coef_BND: Tensor,
-        x_BTD: Tensor,
-        mu_BHT: Tensor | None,
-        sigma_sq_BHT: Tensor | None,
-        empty_B: Tensor,
-    ) -> Tensor:
-        """The memory after this segment: old signal resampled onto (0, tau], new vectors on (tau, 1].
-
-        mu and sigma^2 are the segment's read densities over the old signal, used by sticky memories only.
-        """
-        G_first_NT, G_update_NP, psi_uniform_RN = self.fit_matrices(x_BTD.shape[1], x_BTD.device)
-        x_BTD = x_BTD.float()
-        if self.cfg.sticky:
-            t_BR = sticky_positions(
-                mu_BHT.float().flatten(1),
-                sigma_sq_BHT.float().sqrt().flatten(1),
-                num_samples=self.cfg.num_samples,
-                num_bins=NUM_STICKY_BINS,
-            )
-            old_BRD = evaluate_basis(t_BR, self.basis_mu_N.float(), self.basis_sigma_N.float()) @ coef_BND
-        else:
-            old_BRD = psi_uniform_RN @ coef_BND
-        updated_BND = G_update_NP @ torch.cat([old_BRD, x_BTD], dim=1)
-        first_BND = G_first_NT @ x_BTD
-        return torch.where(empty_B.view(-1, 1, 1), first_BND, updated_BND)
-
-    def end(self, h_BTD: Tensor, ctx: StepContext) -> tuple[Tensor, MemoryState]:
-        coef_BLND = torch.stack(ctx.extra["coef"], dim=1)
-        return h_BTD, MemoryState({"coef": coef_BLND, "empty": torch.zeros_like(ctx.state["empty"])})
 
     def mean_attended_len(self, segment_len: int) -> float:
         # Each query also scores the N basis keys and mixes the N values of its layer's memory.

@@ -25,11 +25,17 @@ for the past, v_future (`r_r_bias_future`) for the future; the content bias u (`
 v_future are shared by all layers, as in the official code.
 
 State, fixed shapes and batch first (the official list `[emb, recur_1, denom_1, ...]` at a fixed size M):
-    emb     [B, M, D]     layer-0 input (embeddings after dropout) of the memory positions, FIFO as in XL
-    attn    [B, L, M, D]  per-head attention vectors (before the output projection) of the memory positions
-    lognorm [B, L, M, H]  float32 log-normaliser of each head's attention, d_old above
-    valid   [B, M]        which slots hold a position of the current document; invalid slots are masked as keys,
-                          get no interpolation (a = 0) and are stored as zeros
+    emb       [B, M, D]  layer-0 input (embeddings after dropout) of the memory positions, FIFO as in XL; the
+                         first stage's
+    attn.l    [B, M, D]  layer l's per-head attention vectors (before the output projection) of the memory
+                         positions (H x K, so a split of the heads splits it)
+    lognorm.l [B, M, H]  float32 log-normaliser of each of layer l's heads, d_old above
+    valid     [B, M]     which slots hold a position of the current document; invalid slots are masked as keys,
+                         get no interpolation (a = 0) and are stored as zeros; every stage holds its own copy
+
+Where the parameters live: each layer's `r_net` in its block (`LookAheadLayer`); u, v and v_future, shared by all
+layers as in the official code, in the kind, handed to the layers as explicit tensors (see xl.py for why one
+parameter rather than per-layer copies).
 Everything is detached (`.detach()` on `new_recur_mems`, `new_denom` and in `_update_mems`). With M = T (the
 official scripts: tgt_len = mem_len = 150) the interpolated rows are used within the step and then replaced by
 the segment's own causal rows; with M > T a position is refreshed by several look-aheads and the normaliser
@@ -48,8 +54,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memscale.models.memory.base import MemoryKind, MemoryState, StepContext
-from memscale.models.memory.xl import causal_mask, clamp_distances, positions, rel_shift, sinusoid, slide
+from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState, layer_state_name
+from memscale.models.memory.xl import (
+    causal_mask,
+    clamp_distances,
+    rel_shift,
+    relative_positions,
+    slide,
+)
 
 
 def rel_shift_future(bd_BHMM: Tensor) -> Tensor:
@@ -88,6 +100,71 @@ def softmax_attend(logits_BHQX: Tensor, v_BHXK: Tensor, *, dropout: float) -> tu
     return probs_BHQX @ v_BHXK, lse_BHQ
 
 
+class LookAheadLayer(LayerMemory):
+    """A layer of LaMemo: causal relative attention of the segment, look-ahead and interpolation of the memory."""
+
+    context_names = ("mask", "ahead_mask", "pos", "u", "v", "v_future", "valid", "valid_next")
+    state_names = ("attn", "lognorm")
+    head_sharded_state = ("attn", "lognorm")
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.r_net = nn.Linear(d_model, d_model, bias=False)
+
+    def attention(self, attn, h_BSD, ctx, state):
+        M, K = state["attn"].shape[1], attn.head_dim
+        T = h_BSD.shape[1] - M
+        W = min(M, T)
+        scale = K**-0.5
+        p_drop = attn.dropout if self.training else 0.0
+        u_HK, v_HK, v_future_HK = ctx["u"], ctx["v"], ctx["v_future"]
+        q_BHSK, k_BHSK, v_BHSK = attn.project(h_BSD)
+        pos_CD = ctx["pos"]
+        r_CHK = self.r_net(pos_CD).view(pos_CD.shape[0], -1, K)
+        r_past_SHK, r_future_MHK = r_CHK[: M + T], r_CHK[M + T :]
+
+        # Segment tokens: causal relative attention over [memory; segment], as in Transformer-XL.
+        q_BHTK = q_BHSK[:, :, M:]
+        ac_BHTS = torch.einsum("bhtk,bhsk->bhts", q_BHTK + u_HK[:, None], k_BHSK)
+        bd_BHTS = rel_shift(torch.einsum("bhtk,shk->bhts", q_BHTK + v_HK[:, None], r_past_SHK))
+        logits_BHTS = (ac_BHTS + bd_BHTS) * scale + ctx["mask"]
+        o_BHTK, lse_BHT = softmax_attend(logits_BHTS, v_BHSK, dropout=p_drop)
+
+        # Memory: look ahead to the window of keys at block positions M-W+1 .. M.
+        q_BHMK = q_BHSK[:, :, :M]
+        k_BHWK, v_BHWK = k_BHSK[:, :, M - W + 1 : M + 1], v_BHSK[:, :, M - W + 1 : M + 1]
+        ac_BHMW = torch.einsum("bhmk,bhwk->bhmw", q_BHMK + u_HK[:, None], k_BHWK)
+        bd_BHMM = rel_shift_future(
+            torch.einsum("bhmk,dhk->bhmd", q_BHMK + v_future_HK[:, None], r_future_MHK)
+        )
+        logits_BHMW = (ac_BHMW + bd_BHMM[..., M - W :]) * scale + ctx["ahead_mask"]
+        ahead_BHMK, lse_new_BHM = softmax_attend(logits_BHMW, v_BHWK, dropout=p_drop)
+
+        # Interpolation with the old memory by the softmax normalisers, in float32 (the official code mixes with a
+        # float32 alpha too). sigmoid(d_old - d_new) is e^d_old / (e^d_old + e^d_new) without the official
+        # max-subtraction and eps = 1e-6, which only guarded both normalisers being zero: the first segment
+        # token is always a visible key, so d_new is finite, and invalid slots get a = 0 by the mask instead.
+        lse_old_BHM = state["lognorm"].transpose(1, 2)
+        valid_B1M = ctx["valid"][:, None]
+        a_BHM1 = torch.where(valid_B1M, torch.sigmoid(lse_old_BHM - lse_new_BHM), 0.0)[..., None]
+        old_BHMK = attn.split_heads(state["attn"]).float()
+        mem_BHMK = (a_BHM1 * old_BHMK + (1 - a_BHM1) * ahead_BHMK.float()).to(o_BHTK.dtype)
+
+        o_BHSK = torch.cat([mem_BHMK, o_BHTK], dim=2)
+        # This layer's next state: the last M positions of [memory; segment] (`new_recur_mems`, `new_denom`).
+        # Slots still empty after this segment keep the initial zeros, so a row's state depends only on its
+        # document (a reset row matches a fresh one, and checkpoints hold no stale values).
+        lse_BHS = torch.cat([torch.logaddexp(lse_old_BHM, lse_new_BHM), lse_BHT], dim=2)
+        keep_BM1 = ctx["valid_next"][..., None]
+        attn_BMD = o_BHSK[:, :, -M:].transpose(1, 2).flatten(2).detach()
+        lognorm_BMH = lse_BHS[:, :, -M:].transpose(1, 2).detach()
+        new = (
+            torch.where(keep_BM1, attn_BMD, 0.0).to(state["attn"].dtype),
+            torch.where(keep_BM1, lognorm_BMH, 0.0),
+        )
+        return attn.merge(o_BHSK), new
+
+
 class LookAheadMemory(MemoryKind):
     kind = "lamemo"
     topology = "per_layer"
@@ -98,115 +175,65 @@ class LookAheadMemory(MemoryKind):
         super().__init__(**kw)
         D, H = self.d_model, self.num_heads
         self.mem_len = self.cfg.mem_len or self.segment_len
-        self.r_nets = nn.ModuleList(nn.Linear(D, D, bias=False) for _ in range(self.num_layers))
+        self._layer_parts = [LookAheadLayer(D) for _ in self.layers]
         self.u_HK = nn.Parameter(torch.empty(H, D // H))  # r_w_bias: content bias, past and future
         self.v_HK = nn.Parameter(torch.empty(H, D // H))  # r_r_bias: position bias towards the past
         # r_r_bias_future: position bias towards the future (the "disentangled" direction term, eq. 12)
         self.v_future_HK = nn.Parameter(torch.empty(H, D // H))
-        self.reset_parameters()
+        self.reset_parameters(self._layer_parts)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, parts) -> None:
         # train_ddp.py `weights_init` redraws Linear weights, r_w_bias and r_r_bias from N(0, 0.02); it does not
         # touch r_r_bias_future, which keeps the Xavier-uniform draw of `MemTransformerLM._create_params`.
-        for p in (*(r.weight for r in self.r_nets), self.u_HK, self.v_HK):
+        for p in (*(part.r_net.weight for part in parts), self.u_HK, self.v_HK):
             nn.init.normal_(p, std=0.02)
         nn.init.xavier_uniform_(self.v_future_HK)
 
     # -- state ------------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, *, device, dtype) -> MemoryState:
-        B, L, M, D, H = batch_size, self.num_layers, self.mem_len, self.d_model, self.num_heads
-        return MemoryState(
-            {
-                "emb": torch.zeros(B, M, D, device=device, dtype=dtype),
-                "attn": torch.zeros(B, L, M, D, device=device, dtype=dtype),
-                "lognorm": torch.zeros(B, L, M, H, device=device, dtype=torch.float32),
-                "valid": torch.zeros(B, M, dtype=torch.bool, device=device),
-            }
-        )
-
-    def reset(self, state: MemoryState, reset_B: Tensor) -> MemoryState:
-        # Built explicitly: the base class would take one dtype for all tensors, and lognorm stays float32.
-        emb = state["emb"]
-        return state.where(reset_B, self.init_state(reset_B.shape[0], device=emb.device, dtype=emb.dtype))
+        B, M, D, H = batch_size, self.mem_len, self.d_model, self.num_heads
+        tensors = {}
+        if self.first:
+            tensors["emb"] = torch.zeros(B, M, D, device=device, dtype=dtype)
+        for layer in self.layers:
+            tensors[layer_state_name("attn", layer)] = torch.zeros(B, M, D, device=device, dtype=dtype)
+        for layer in self.layers:
+            tensors[layer_state_name("lognorm", layer)] = torch.zeros(
+                B, M, H, device=device, dtype=torch.float32
+            )
+        tensors["valid"] = torch.zeros(B, M, dtype=torch.bool, device=device)
+        return MemoryState(tensors)
 
     # -- hooks --------------------------------------------------------------------------------------------------
-    def begin(self, x_BTD: Tensor, state: MemoryState) -> tuple[Tensor, StepContext]:
-        B, T, _ = x_BTD.shape
-        M, device = self.mem_len, x_BTD.device
+    def enter(self, x_BTD: Tensor, state: MemoryState) -> tuple[Tensor, dict[str, Tensor]]:
         emb_BMD = state["emb"].to(x_BTD.dtype)
+        return torch.cat([emb_BMD, x_BTD], dim=1), {"emb": slide(emb_BMD, x_BTD.detach(), dim=1)}
+
+    def begin(self, state, *, num_tokens, device, dtype):
+        T, M = num_tokens, self.mem_len
         valid_BM = state["valid"]
+        B = valid_BM.shape[0]
         # Past distances S-1 .. 0 then future distances 1 .. M, one sinusoid table (`cat([pos_seq, pos_seq_fut])`).
         dist_past = torch.arange(M + T - 1, -1, -1, device=device)
         dist_future = torch.arange(1, M + 1, device=device)
         dist = clamp_distances(torch.cat([dist_past, dist_future]), self.cfg.clamp_len)
-        extra = {
-            "T": T,
-            "mask": causal_mask(valid_BM, T, same_length=self.cfg.same_length, dtype=x_BTD.dtype),
-            "ahead_mask": look_ahead_mask(valid_BM, T, dtype=x_BTD.dtype),
-            "pos_CD": sinusoid(dist, self.d_model).to(x_BTD.dtype),
-            "emb": slide(emb_BMD, x_BTD.detach(), dim=1),
-            "valid": slide(valid_BM, valid_BM.new_ones(B, T), dim=1),
-        }
-        return torch.cat([emb_BMD, x_BTD], dim=1), StepContext(state=state, extra=extra)
-
-    def attention(self, layer: int, attn: nn.Module, h_BSD: Tensor, ctx: StepContext) -> Tensor:
-        M, T, H = self.mem_len, ctx.extra["T"], self.num_heads
-        K, W = self.d_model // H, min(self.mem_len, ctx.extra["T"])
-        scale = K**-0.5
-        p_drop = attn.dropout if self.training else 0.0
-        q_BHSK, k_BHSK, v_BHSK = attn.project(h_BSD)
-        r_CHK = self.r_nets[layer](positions(ctx, attn, self.training)).view(-1, H, K)
-        r_past_SHK, r_future_MHK = r_CHK[: M + T], r_CHK[M + T :]
-
-        # Segment tokens: causal relative attention over [memory; segment], as in Transformer-XL.
-        q_BHTK = q_BHSK[:, :, M:]
-        ac_BHTS = torch.einsum("bhtk,bhsk->bhts", q_BHTK + self.u_HK[:, None], k_BHSK)
-        bd_BHTS = rel_shift(torch.einsum("bhtk,shk->bhts", q_BHTK + self.v_HK[:, None], r_past_SHK))
-        logits_BHTS = (ac_BHTS + bd_BHTS) * scale + ctx.extra["mask"]
-        o_BHTK, lse_BHT = softmax_attend(logits_BHTS, v_BHSK, dropout=p_drop)
-
-        # Memory: look ahead to the window of keys at block positions M-W+1 .. M.
-        q_BHMK = q_BHSK[:, :, :M]
-        k_BHWK, v_BHWK = k_BHSK[:, :, M - W + 1 : M + 1], v_BHSK[:, :, M - W + 1 : M + 1]
-        ac_BHMW = torch.einsum("bhmk,bhwk->bhmw", q_BHMK + self.u_HK[:, None], k_BHWK)
-        bd_BHMM = rel_shift_future(
-            torch.einsum("bhmk,dhk->bhmd", q_BHMK + self.v_future_HK[:, None], r_future_MHK)
-        )
-        logits_BHMW = (ac_BHMW + bd_BHMM[..., M - W :]) * scale + ctx.extra["ahead_mask"]
-        ahead_BHMK, lse_new_BHM = softmax_attend(logits_BHMW, v_BHWK, dropout=p_drop)
-
-        # Interpolation with the old memory by the softmax normalisers, in float32 (the official code mixes with a
-        # float32 alpha too). sigmoid(d_old - d_new) is e^d_old / (e^d_old + e^d_new) without the official
-        # max-subtraction and eps = 1e-6, which only guarded both normalisers being zero: the first segment
-        # token is always a visible key, so d_new is finite, and invalid slots get a = 0 by the mask instead.
-        lse_old_BHM = ctx.state["lognorm"][:, layer].transpose(1, 2)
-        valid_B1M = ctx.state["valid"][:, None]
-        a_BHM1 = torch.where(valid_B1M, torch.sigmoid(lse_old_BHM - lse_new_BHM), 0.0)[..., None]
-        old_BHMK = attn.split_heads(ctx.state["attn"][:, layer]).float()
-        mem_BHMK = (a_BHM1 * old_BHMK + (1 - a_BHM1) * ahead_BHMK.float()).to(o_BHTK.dtype)
-
-        o_BHSK = torch.cat([mem_BHMK, o_BHTK], dim=2)
-        # This layer's next state: the last M positions of [memory; segment] (`new_recur_mems`, `new_denom`).
-        lse_BHS = torch.cat([torch.logaddexp(lse_old_BHM, lse_new_BHM), lse_BHT], dim=2)
-        ctx.new[f"attn{layer}"] = o_BHSK[:, :, -M:].transpose(1, 2).flatten(2).detach()
-        ctx.new[f"lognorm{layer}"] = lse_BHS[:, :, -M:].transpose(1, 2).detach()
-        return attn.merge(o_BHSK)
-
-    def end(self, h_BSD: Tensor, ctx: StepContext) -> tuple[Tensor, MemoryState]:
-        L, M = self.num_layers, self.mem_len
-        valid_BM = ctx.extra["valid"]
-        attn_BLMD = torch.stack([ctx.new[f"attn{layer}"] for layer in range(L)], dim=1)
-        lognorm_BLMH = torch.stack([ctx.new[f"lognorm{layer}"] for layer in range(L)], dim=1)
-        # Slots still empty after this segment keep the initial zeros, so a row's state depends only on its
-        # document (a reset row matches a fresh one, and checkpoints hold no stale values).
-        keep_B1M1 = valid_BM[:, None, :, None]
-        new = {
-            "emb": ctx.extra["emb"],
-            "attn": torch.where(keep_B1M1, attn_BLMD, 0.0).to(ctx.state["attn"].dtype),
-            "lognorm": torch.where(keep_B1M1, lognorm_BLMH, 0.0),
+        valid_next_BM = slide(valid_BM, valid_BM.new_ones(B, T), dim=1)
+        ctx = {
+            "mask": causal_mask(valid_BM, T, same_length=self.cfg.same_length, dtype=dtype),
+            "ahead_mask": look_ahead_mask(valid_BM, T, dtype=dtype),
+            "pos": relative_positions(
+                dist, self.d_model, dropout=self.dropout, training=self.training, dtype=dtype
+            ),
+            "u": self.u_HK,
+            "v": self.v_HK,
+            "v_future": self.v_future_HK,
             "valid": valid_BM,
+            "valid_next": valid_next_BM,
         }
-        return h_BSD[:, M:], MemoryState(new)
+        return ctx, {"valid": valid_next_BM}
+
+    def exit(self, h_BSD: Tensor, state: MemoryState, *, num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return h_BSD[:, h_BSD.shape[1] - num_tokens :], {}
 
     def mean_attended_len(self, segment_len: int) -> float:
         # Segment tokens attend to M memory positions plus their causal past. The memory's own look-ahead and its

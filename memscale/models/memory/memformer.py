@@ -37,12 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memscale.models.layers import sdpa
-from memscale.models.memory.base import MemoryKind, MemoryState, StepContext
+from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState
 
 
-def split_heads(x_BSD: Tensor, num_heads: int) -> Tensor:
-    B, S, D = x_BSD.shape
-    return x_BSD.view(B, S, num_heads, D // num_heads).transpose(1, 2)
+def split_heads(x_BSD: Tensor, head_dim: int) -> Tensor:
+    B, S, _ = x_BSD.shape
+    return x_BSD.view(B, S, -1, head_dim).transpose(1, 2)
 
 
 def merge_heads(x_BHSK: Tensor) -> Tensor:
@@ -50,21 +50,38 @@ def merge_heads(x_BHSK: Tensor) -> Tensor:
     return x_BHSK.transpose(1, 2).reshape(B, S, H * K)
 
 
-class MemoryRead(nn.Module):
+def per_head_kv(kv: nn.Linear, x_BSD: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """k, v (B x H x S x K each) from a fused key/value projection laid out per head, rows [H, 2, K]."""
+    B, S, _ = x_BSD.shape
+    k_BSHK, v_BSHK = kv(x_BSD).view(B, S, -1, 2, head_dim).unbind(3)
+    return k_BSHK.transpose(1, 2), v_BSHK.transpose(1, 2)
+
+
+def kv_projection(d_model: int, head_dim: int) -> nn.Linear:
+    kv = nn.Linear(d_model, 2 * d_model)
+    kv.head_layout = (2, head_dim)  # rows [H, 2, K]: a column-parallel split gives whole heads
+    return kv
+
+
+class MemoryRead(LayerMemory):
     """One layer's read sub-layer: x + W_O MHA(q = LN(x) W_Q, k|v = mem W_K|W_V)."""
+
+    context_names = ("mem",)
 
     def __init__(self, d_model: int, num_heads: int):
         super().__init__()
-        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
         self.norm = nn.LayerNorm(d_model)
         self.q = nn.Linear(d_model, d_model)
-        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.kv = kv_projection(d_model, self.head_dim)
         self.out = nn.Linear(d_model, d_model)
 
+    def after_attention(self, x_BTD: Tensor, ctx: dict[str, Tensor]) -> Tensor:
+        return self(x_BTD, ctx["mem"])
+
     def forward(self, x_BTD: Tensor, mem_BMD: Tensor) -> Tensor:
-        q_BHTK = split_heads(self.q(self.norm(x_BTD)), self.num_heads)
-        k_BMD, v_BMD = self.kv(mem_BMD).chunk(2, dim=-1)
-        k_BHMK, v_BHMK = split_heads(k_BMD, self.num_heads), split_heads(v_BMD, self.num_heads)
+        q_BHTK = split_heads(self.q(self.norm(x_BTD)), self.head_dim)
+        k_BHMK, v_BHMK = per_head_kv(self.kv, mem_BMD.to(x_BTD.dtype), self.head_dim)
         # The slots summarise the past only, so every token may see all of them: no mask.
         o_BHTK = sdpa(q_BHTK, k_BHMK, v_BHMK)
         return x_BTD + self.out(merge_heads(o_BHTK))
@@ -75,10 +92,10 @@ class MemoryWrite(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, *, temperature: float):
         super().__init__()
-        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
         self.temperature = temperature
         self.q = nn.Linear(d_model, d_model)
-        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.kv = kv_projection(d_model, self.head_dim)
         self._masks: dict[tuple[int, int, torch.device], Tensor] = {}
 
     def mask(self, M: int, T: int, device: torch.device) -> Tensor:
@@ -91,17 +108,20 @@ class MemoryWrite(nn.Module):
 
     def forward(self, mem_BMD: Tensor, h_BTD: Tensor) -> Tensor:
         """The written memory before forgetting (B x M x D)."""
-        M, T, H = mem_BMD.shape[1], h_BTD.shape[1], self.num_heads
-        q_BHMK = split_heads(self.q(mem_BMD), H)
+        M, T, K = mem_BMD.shape[1], h_BTD.shape[1], self.head_dim
+        q_BHMK = split_heads(self.q(mem_BMD), K)
         # One projection of [slots; tokens]: the paper applies the same W_K, W_V to both.
-        k_BSD, v_BSD = self.kv(torch.cat([mem_BMD, h_BTD], dim=1)).chunk(2, dim=-1)
-        k_BHSK, v_BHSK = split_heads(k_BSD, H), split_heads(v_BSD, H)
-        scale = 1.0 / (math.sqrt(q_BHMK.shape[-1]) * self.temperature)
+        k_BHSK, v_BHSK = per_head_kv(self.kv, torch.cat([mem_BMD, h_BTD], dim=1), K)
+        scale = 1.0 / (math.sqrt(K) * self.temperature)
         o_BHMK = sdpa(q_BHMK, k_BHSK, v_BHSK, attn_mask=self.mask(M, T, mem_BMD.device), scale=scale)
         return merge_heads(o_BHMK)
 
 
 class MemformerMemory(MemoryKind):
+    """Every layer reads the slots (its `MemoryRead` lives in its block); the writer and the forgetting bias b
+    are used once, after the last layer, so they live with the last stage, which also builds the initial memory
+    (a function of b). Every stage holds the state `mem`: the last stage writes it and sends it to all."""
+
     kind = "memformer"
     topology = "global"
     carries_grad = True
@@ -110,16 +130,18 @@ class MemformerMemory(MemoryKind):
         super().__init__(**kw)
         D, H = self.d_model, self.num_heads
         self.num_slots = self.cfg.num_tokens
-        self.read = nn.ModuleList(MemoryRead(D, H) for _ in range(self.num_layers))
-        self.write = MemoryWrite(D, H, temperature=self.cfg.write_temperature)
-        self.bias_MD = nn.Parameter(torch.empty(self.num_slots, D))
-        self.reset_parameters()
+        self._layer_parts = [MemoryRead(D, H) for _ in self.layers]
+        if self.last:
+            self.write = MemoryWrite(D, H, temperature=self.cfg.write_temperature)
+            self.bias_MD = nn.Parameter(torch.empty(self.num_slots, D))
+        self.reset_parameters(self._layer_parts)
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.bias_MD, std=0.02)
+    def reset_parameters(self, parts) -> None:
+        if self.last:
+            nn.init.normal_(self.bias_MD, std=0.02)
         # The read is one more residual branch per layer: give its output projection the block's residual
         # initialisation (GPT-2: 0.02 / sqrt(2 L), memscale.models.layers.init_weights).
-        for read in self.read:
+        for read in parts:
             nn.init.normal_(read.out.weight, std=0.02 / math.sqrt(2 * self.num_layers))
             nn.init.zeros_(read.out.bias)
 
@@ -128,18 +150,17 @@ class MemformerMemory(MemoryKind):
         return F.normalize(written_BMD + self.bias_MD.to(written_BMD.dtype), dim=-1) * math.sqrt(self.d_model)
 
     def init_state(self, batch_size: int, *, device, dtype) -> MemoryState:
+        if not self.last:
+            return MemoryState()  # the initial memory is the last stage's
         # The terminal state of forgetting: BMN of an empty write.
         mem_MD = (F.normalize(self.bias_MD, dim=-1) * math.sqrt(self.d_model)).to(device=device, dtype=dtype)
         return MemoryState({"mem": mem_MD.unsqueeze(0).expand(batch_size, -1, -1)})
 
-    def begin(self, x_BTD: Tensor, state: MemoryState) -> tuple[Tensor, StepContext]:
-        return x_BTD, StepContext(state=state, extra={"mem": state["mem"].to(x_BTD.dtype)})
+    def begin(self, state, *, num_tokens, device, dtype):
+        return {"mem": state["mem"].to(dtype)}, {}
 
-    def after_attention(self, layer: int, x_BTD: Tensor, ctx: StepContext) -> Tensor:
-        return self.read[layer](x_BTD, ctx.extra["mem"])
-
-    def end(self, h_BTD: Tensor, ctx: StepContext) -> tuple[Tensor, MemoryState]:
-        return h_BTD, MemoryState({"mem": self.forget(self.write(ctx.extra["mem"], h_BTD))})
+    def exit(self, h_BTD: Tensor, state: MemoryState, *, num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return h_BTD, {"mem": self.forget(self.write(state["mem"].to(h_BTD.dtype), h_BTD))}
 
     def mean_attended_len(self, segment_len: int) -> float:
         # Each token also attends to the M slots in every layer; the write is memory overhead, not counted.

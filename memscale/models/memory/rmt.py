@@ -18,10 +18,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from memscale.models.memory.base import MemoryKind, MemoryState, StepContext
+from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState
+
+
+class MaskedLayer(LayerMemory):
+    """A layer of rmt: self-attention over [read; segment; write] under the read/write mask."""
+
+    context_names = ("mask",)
+
+    def attention(self, attn, h_BSD, ctx, state):
+        return attn(h_BSD, attn_mask=ctx["mask"]), ()
 
 
 class RecurrentMemory(MemoryKind):
+    """The memory tokens enter at the first layer and leave at the last: the initial memory and the read/write
+    positions are used by `enter`, so they live with the first stage; `exit` (last stage) only cuts the write
+    positions out. Both stages hold the state `mem`, sent from the last stage to the first between segments."""
+
     kind = "rmt"
     topology = "global"
     carries_grad = True
@@ -30,19 +43,24 @@ class RecurrentMemory(MemoryKind):
         super().__init__(**kw)
         K, D = self.cfg.num_tokens, self.d_model
         self.num_tokens = K
-        self.mem_init_KD = nn.Parameter(torch.empty(K, D))
-        # Read and write copies sit at different places in the sequence; with absolute positions they need their
-        # own position embeddings to be told apart (LM-RMT gets this from relative positions).
-        self.read_pos_KD = nn.Parameter(torch.empty(K, D))
-        self.write_pos_KD = nn.Parameter(torch.empty(K, D))
+        if self.first:
+            self.mem_init_KD = nn.Parameter(torch.empty(K, D))
+            # Read and write copies sit at different places in the sequence; with absolute positions they need
+            # their own position embeddings to be told apart (LM-RMT gets this from relative positions).
+            self.read_pos_KD = nn.Parameter(torch.empty(K, D))
+            self.write_pos_KD = nn.Parameter(torch.empty(K, D))
         self._masks: dict[tuple[int, torch.device], Tensor] = {}
-        self.reset_parameters()
+        self._layer_parts = [MaskedLayer() for _ in self.layers]
+        self.reset_parameters(self._layer_parts)
 
-    def reset_parameters(self) -> None:
-        for p in (self.mem_init_KD, self.read_pos_KD, self.write_pos_KD):
-            nn.init.normal_(p, std=0.02)
+    def reset_parameters(self, parts) -> None:
+        if self.first:
+            for p in (self.mem_init_KD, self.read_pos_KD, self.write_pos_KD):
+                nn.init.normal_(p, std=0.02)
 
     def init_state(self, batch_size: int, *, device, dtype) -> MemoryState:
+        if not self.first:
+            return MemoryState()  # the initial memory is the first stage's
         mem = self.mem_init_KD.to(device=device, dtype=dtype).unsqueeze(0).expand(batch_size, -1, -1)
         return MemoryState({"mem": mem})
 
@@ -60,21 +78,18 @@ class RecurrentMemory(MemoryKind):
             self._masks[key] = m
         return self._masks[key]
 
-    def begin(self, x_BTD: Tensor, state: MemoryState) -> tuple[Tensor, StepContext]:
+    def enter(self, x_BTD: Tensor, state: MemoryState) -> tuple[Tensor, dict[str, Tensor]]:
         mem_BKD = state["mem"].to(x_BTD.dtype)
         read = mem_BKD + self.read_pos_KD
         write = mem_BKD + self.write_pos_KD
-        ctx = StepContext(
-            state=state, extra={"T": x_BTD.shape[1], "mask": self.mask(x_BTD.shape[1], x_BTD.device)}
-        )
-        return torch.cat([read, x_BTD, write], dim=1), ctx
+        return torch.cat([read, x_BTD, write], dim=1), {}
 
-    def attention(self, layer: int, attn: nn.Module, h_BSD: Tensor, ctx: StepContext) -> Tensor:
-        return attn(h_BSD, attn_mask=ctx.extra["mask"])
+    def begin(self, state, *, num_tokens, device, dtype):
+        return {"mask": self.mask(num_tokens, device)}, {}
 
-    def end(self, h_BSD: Tensor, ctx: StepContext) -> tuple[Tensor, MemoryState]:
-        K, T = self.num_tokens, ctx.extra["T"]
-        return h_BSD[:, K : K + T], MemoryState({"mem": h_BSD[:, K + T :]})
+    def exit(self, h_BSD: Tensor, state: MemoryState, *, num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
+        K, T = self.num_tokens, num_tokens
+        return h_BSD[:, K : K + T], {"mem": h_BSD[:, K + T :]}
 
     def mean_attended_len(self, segment_len: int) -> float:
         # Segment tokens attend to the K read tokens plus their causal past; the write block is memory overhead

@@ -24,10 +24,16 @@ pre_lnorm=False) and its q/k/v and output projections have biases (official bias
 is not carried over.
 
 State, fixed shapes and batch first so that a reset, a pipeline stage or a checkpoint sees plain tensors:
-    mem   [B, L, M, D]  normed layer inputs of the last M positions, oldest first (new rows enter on the right)
-    valid [B, M]        which slots hold a position of the current document (False after a reset or at the
-                        start); invalid slots are masked out of attention, so an empty memory is the official
-                        `mems=[]`.
+    mem.l [B, M, D]  layer l's normed inputs of the last M positions, oldest first (new rows enter on the right)
+    valid [B, M]     which slots hold a position of the current document (False after a reset or at the start);
+                     invalid slots are masked out of attention, so an empty memory is the official `mems=[]`.
+                     The same for every layer: each pipeline stage holds and updates its own copy.
+
+Where the parameters live: each layer's `r_net` in its block (`RelativeLayer`); u and v, which all layers share,
+in the kind (`model.memory`), handed to the layers as explicit tensors every segment. One parameter, not one per
+layer: untying them would leave the official default (and change training). Under pipeline parallelism every
+stage holds a replica, and the parallel runtime sums their gradients over the stages (as Megatron does for an
+embedding tied to the head).
 
 Legend: B batch, T segment tokens, M memory positions, C = M + T keys, D width, H heads, K head width, L layers.
 """
@@ -38,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memscale.models.memory.base import MemoryKind, MemoryState, StepContext
+from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState, layer_state_name
 
 
 def sinusoid(dist_C: Tensor, d_model: int) -> Tensor:
@@ -89,14 +95,40 @@ def slide(old_BxMx: Tensor, new_BxTx: Tensor, *, dim: int) -> Tensor:
     return torch.cat([old_BxMx, new_BxTx.to(old_BxMx.dtype)], dim=dim).narrow(dim, -M, M)
 
 
-def positions(ctx: StepContext, attn: nn.Module, training: bool) -> Tensor:
+def relative_positions(dist_C: Tensor, d_model: int, *, dropout: float, training: bool, dtype) -> Tensor:
     """The step's relative-position sinusoids, with dropout drawn once for all layers (`self.drop(pos_emb)`).
 
-    The rate is the attention's, which the model builds from `model.dropout`, the official `dropout`.
+    The rate is the attention's, which the model builds from `model.dropout`, the official `dropout`. Under
+    pipeline parallelism each stage draws its own mask for its layers.
     """
-    if "pos_dropped" not in ctx.extra:
-        ctx.extra["pos_dropped"] = F.dropout(ctx.extra["pos_CD"], attn.dropout, training)
-    return ctx.extra["pos_dropped"]
+    return F.dropout(sinusoid(dist_C, d_model).to(dtype), dropout, training)
+
+
+class RelativeLayer(LayerMemory):
+    """A layer of Transformer-XL: relative attention over [its cached inputs; segment]."""
+
+    context_names = ("mask", "pos", "u", "v")
+    state_names = ("mem",)
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.r_net = nn.Linear(d_model, d_model, bias=False)
+
+    def attention(self, attn, h_BTD, ctx, state):
+        M, K = state["mem"].shape[1], attn.head_dim
+        mem_BMD = state["mem"].to(h_BTD.dtype)
+        u_HK, v_HK = ctx["u"], ctx["v"]
+        # Like the official code, q/k/v come from one fused projection of cat(mem, h); memory queries are dropped.
+        q_BHCK, k_BHCK, v_BHCK = attn.project(torch.cat([mem_BMD, h_BTD], dim=1))
+        q_BHTK = q_BHCK[:, :, M:]
+        pos_CD = ctx["pos"]
+        r_CHK = self.r_net(pos_CD).view(pos_CD.shape[0], -1, K)
+        bd_BHTC = rel_shift(torch.einsum("bhtk,chk->bhtc", q_BHTK + v_HK[:, None], r_CHK))
+        # SDPA computes softmax(q'k^T * scale + mask) v; with q' = q + u and BD * scale folded into the additive
+        # mask, that is softmax((AC + BD) * scale) exactly (same 1/sqrt(K) scale as `self.scale`).
+        bias_BHTC = bd_BHTC * K**-0.5 + ctx["mask"]
+        o_BHTK = attn.attend(q_BHTK + u_HK[:, None], k_BHCK, v_BHCK, attn_mask=bias_BHTC)
+        return attn.merge(o_BHTK), (slide(state["mem"], h_BTD.detach(), dim=1).detach(),)
 
 
 class TransformerXLMemory(MemoryKind):
@@ -109,68 +141,41 @@ class TransformerXLMemory(MemoryKind):
         super().__init__(**kw)
         D, H = self.d_model, self.num_heads
         self.mem_len = self.cfg.mem_len or self.segment_len
-        self.r_nets = nn.ModuleList(nn.Linear(D, D, bias=False) for _ in range(self.num_layers))
+        self._layer_parts = [RelativeLayer(D) for _ in self.layers]
         self.u_HK = nn.Parameter(torch.empty(H, D // H))  # r_w_bias: content bias, shared by all layers
         self.v_HK = nn.Parameter(torch.empty(H, D // H))  # r_r_bias: position bias, shared by all layers
-        self.reset_parameters()
+        self.reset_parameters(self._layer_parts)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, parts) -> None:
         # train.py `weights_init`: Linear weights and r_w_bias / r_r_bias ~ N(0, init_std = 0.02).
-        for p in (*(r.weight for r in self.r_nets), self.u_HK, self.v_HK):
+        for p in (*(part.r_net.weight for part in parts), self.u_HK, self.v_HK):
             nn.init.normal_(p, std=0.02)
 
     # -- state ------------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, *, device, dtype) -> MemoryState:
-        L, M, D = self.num_layers, self.mem_len, self.d_model
-        return MemoryState(
-            {
-                "mem": torch.zeros(batch_size, L, M, D, device=device, dtype=dtype),
-                "valid": torch.zeros(batch_size, M, dtype=torch.bool, device=device),
-            }
-        )
-
-    def reset(self, state: MemoryState, reset_B: Tensor) -> MemoryState:
-        # The base class would take its dtype from whichever tensor comes first; "valid" is bool.
-        mem = state["mem"]
-        return state.where(reset_B, self.init_state(reset_B.shape[0], device=mem.device, dtype=mem.dtype))
+        M, D = self.mem_len, self.d_model
+        mems = {
+            layer_state_name("mem", layer): torch.zeros(batch_size, M, D, device=device, dtype=dtype)
+            for layer in self.layers
+        }
+        return MemoryState({**mems, "valid": torch.zeros(batch_size, M, dtype=torch.bool, device=device)})
 
     # -- hooks --------------------------------------------------------------------------------------------------
-    def begin(self, x_BTD: Tensor, state: MemoryState) -> tuple[Tensor, StepContext]:
-        T, M = x_BTD.shape[1], self.mem_len
+    def begin(self, state, *, num_tokens, device, dtype):
+        T, M = num_tokens, self.mem_len
         valid_BM = state["valid"]
+        B = valid_BM.shape[0]
         # Keys sit at distances C-1 .. 0 from the last query (`pos_seq = arange(klen-1, -1, -1)`).
-        dist_C = clamp_distances(torch.arange(M + T - 1, -1, -1, device=x_BTD.device), self.cfg.clamp_len)
-        extra = {
-            "mask": causal_mask(valid_BM, T, same_length=self.cfg.same_length, dtype=x_BTD.dtype),
-            "pos_CD": sinusoid(dist_C, self.d_model).to(x_BTD.dtype),
+        dist_C = clamp_distances(torch.arange(M + T - 1, -1, -1, device=device), self.cfg.clamp_len)
+        ctx = {
+            "mask": causal_mask(valid_BM, T, same_length=self.cfg.same_length, dtype=dtype),
+            "pos": relative_positions(
+                dist_C, self.d_model, dropout=self.dropout, training=self.training, dtype=dtype
+            ),
+            "u": self.u_HK,
+            "v": self.v_HK,
         }
-        return x_BTD, StepContext(state=state, extra=extra)
-
-    def attention(self, layer: int, attn: nn.Module, h_BTD: Tensor, ctx: StepContext) -> Tensor:
-        _, T, D = h_BTD.shape
-        M, H = self.mem_len, self.num_heads
-        mem_BMD = ctx.state["mem"][:, layer].to(h_BTD.dtype)
-        # Like the official code, q/k/v come from one fused projection of cat(mem, h); memory queries are dropped.
-        q_BHCK, k_BHCK, v_BHCK = attn.project(torch.cat([mem_BMD, h_BTD], dim=1))
-        q_BHTK = q_BHCK[:, :, M:]
-        r_CHK = self.r_nets[layer](positions(ctx, attn, self.training)).view(M + T, H, D // H)
-        bd_BHTC = rel_shift(torch.einsum("bhtk,chk->bhtc", q_BHTK + self.v_HK[:, None], r_CHK))
-        # SDPA computes softmax(q'k^T * scale + mask) v; with q' = q + u and BD * scale folded into the additive
-        # mask, that is softmax((AC + BD) * scale) exactly (same 1/sqrt(K) scale as `self.scale`).
-        bias_BHTC = bd_BHTC * (D // H) ** -0.5 + ctx.extra["mask"]
-        o_BHTK = attn.attend(q_BHTK + self.u_HK[:, None], k_BHCK, v_BHCK, attn_mask=bias_BHTC)
-        ctx.new[f"h{layer}"] = h_BTD.detach()
-        return attn.merge(o_BHTK)
-
-    def end(self, h_BTD: Tensor, ctx: StepContext) -> tuple[Tensor, MemoryState]:
-        B, T, _ = h_BTD.shape
-        h_BLTD = torch.stack([ctx.new[f"h{layer}"] for layer in range(self.num_layers)], dim=1)
-        valid_BM = ctx.state["valid"]
-        new = {
-            "mem": slide(ctx.state["mem"], h_BLTD, dim=2).detach(),
-            "valid": slide(valid_BM, valid_BM.new_ones(B, T), dim=1),
-        }
-        return h_BTD, MemoryState(new)
+        return ctx, {"valid": slide(valid_BM, valid_BM.new_ones(B, T), dim=1)}
 
     def mean_attended_len(self, segment_len: int) -> float:
         # With a full memory a query sees M cached positions plus its causal past, or exactly M with same_length.
