@@ -1,4 +1,4 @@
-"""ZeRO 1, 2, 3 over dp=2 (real processes, gloo) against one process on the whole batch.
+"""ZeRO 0 (plain data parallel), 1, 2, 3 over dp=2 (real processes, gloo) against one process on the whole batch.
 
 Each memory_grad mode is a different backward pattern per optimizer step: detached = k backward calls, truncated =
 one, replay = k calls with two roots each (loss and output state). The stand-in model (tests/parallel_standin.py) has
@@ -17,7 +17,7 @@ from memscale.parallel.zero import deepspeed_config, find_external_parameters
 from tests import parallel_standin as si
 from tests.distributed import run_distributed
 
-STAGES = (1, 2, 3)
+STAGES = (0, 1, 2, 3)
 MODES = ("detached", "truncated", "replay")
 
 # fp32. The dp run sums each gradient over two ranks (then averages, after scaling the loss by dp / N_global), the

@@ -406,7 +406,9 @@ class ZeroEngine:
         self.engine.backward(surrogate, scale_wrt_gas=False)
 
     def step(self) -> float:
-        """Reduce the gradient accumulated since the last step (once), clip, update; returns the pre-clip norm."""
+        """Reduce the gradient accumulated since the last step (once), clip, update; returns the pre-clip norm.
+
+        (NaN under zero_stage=0 with train.grad_clip=0: DeepSpeed computes no norm there.)"""
         self.engine.step()
         # ZeRO-3 keeps each parameter's reduced gradient partition in one flat buffer that it never clears: the first
         # backward after a step *copies* into a parameter's slot, later ones add (micro_step_id, stage3.py
@@ -480,4 +482,18 @@ def build_engine(
         config=deepspeed_config(cfg, dims, client_optimizer=optimizer is not None),
         dist_init_required=False,
     )
+    if dims.zero_stage == 0:
+        _record_stage0_norm(engine)
     return ZeroEngine(engine, root, groups, methods)
+
+
+def _record_stage0_norm(engine: Any) -> None:
+    """Without ZeRO, DeepSpeed clips through `clip_fp32_gradients`, which drops the norm it computes, so
+    `get_global_grad_norm()` stays None. Same clip, norm kept (the TP-aware norm of deepspeed.runtime.utils)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep_norm() -> None:
+        norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(), mpu=engine.mpu)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_and_keep_norm
