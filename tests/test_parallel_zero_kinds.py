@@ -95,7 +95,15 @@ def _worker(stage: int):
         def probe(m, seg=probe_seg):
             return m.step(seg[0], m.init_state(B_LOCAL), targets_BT=seg[1], reset_B=seg[2])
 
-        engine = build_engine(model, build_optimizer(model, cfg.train), cfg, dims, groups=groups, probe=probe)
+        engine = build_engine(
+            model,
+            build_optimizer(model, cfg.train),
+            cfg,
+            dims,
+            groups=groups,
+            probe=probe,
+            zero3_persist_below=0,
+        )
         state = engine.model.init_state(B_LOCAL)
         losses, norms = [], []
         for segs in data:

@@ -152,6 +152,7 @@ def _tp_dp_worker(stages, modes):
                 dims,
                 groups=groups,
                 probe=probe,
+                zero3_persist_below=0,
                 lr_scheduler=lambda o, t=cfg.train: build_scheduler(o, t),
             )
             state = engine.model.init_state(B_local)

@@ -56,7 +56,9 @@ from memscale.parallel.dims import ParallelDims, ParallelGroups
 # The DeepSpeed config, derived from memscale's typed config.
 
 
-def deepspeed_config(cfg: Config, dims: ParallelDims, *, client_optimizer: bool = True) -> dict:
+def deepspeed_config(
+    cfg: Config, dims: ParallelDims, *, client_optimizer: bool = True, zero3_persist_below: int | None = None
+) -> dict:
     """The DeepSpeed config dict for `cfg` on layout `dims`; never written by hand.
 
     Batch sizes: one "micro-batch" is one optimizer step's window of `data.num_streams` streams on one dp rank; the
@@ -82,9 +84,11 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, *, client_optimizer: bool 
             overlap_comm=stage >= 2 and t.device.startswith("cuda"),
             reduce_scatter=True,
         )
-    if stage == 3:
-        # Parameters small enough to stay gathered are not worth a collective each forward (the memory vectors).
-        zero.update(stage3_param_persistence_threshold=0)
+    if stage == 3 and zero3_persist_below is not None:
+        # ZeRO-3 leaves parameters with fewer elements than this unpartitioned (DeepSpeed's default: 1e5): no
+        # collective per forward for norms, biases and memory vectors, at the price of a full copy on every rank.
+        # 0 partitions everything (the tests use it: tiny models would otherwise not be partitioned at all).
+        zero.update(stage3_param_persistence_threshold=zero3_persist_below)
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.num_streams,
         "gradient_accumulation_steps": 1,
@@ -442,6 +446,7 @@ def build_engine(
     probe: Callable[[Any], Any] | None = None,
     external: Iterable[tuple[nn.Module, nn.Parameter]] = (),
     lr_scheduler: Any = None,
+    zero3_persist_below: int | None = None,
     methods: Sequence[str] = ("step", "init_state", "forward"),
 ) -> ZeroEngine:
     """Wrap `model` (plain, unpartitioned, on its device) and `optimizer` in a DeepSpeed engine for `dims`.
@@ -449,6 +454,7 @@ def build_engine(
     Under ZeRO-3, `probe(model_like)` is run once on the plain model, through the same dispatch the engine uses, to
     find parameters used outside their owner's forward (`find_external_parameters`); `external` adds pairs by hand.
     `lr_scheduler` is a scheduler or a callable `optimizer -> scheduler` (DeepSpeed steps it with the optimizer).
+    `zero3_persist_below`: see `deepspeed_config`.
     """
     import deepspeed
 
@@ -479,7 +485,9 @@ def build_engine(
         else [p for p in model.parameters() if p.requires_grad],
         lr_scheduler=lr_scheduler,
         mpu=MegatronMPU(groups),
-        config=deepspeed_config(cfg, dims, client_optimizer=optimizer is not None),
+        config=deepspeed_config(
+            cfg, dims, client_optimizer=optimizer is not None, zero3_persist_below=zero3_persist_below
+        ),
         dist_init_required=False,
     )
     if dims.zero_stage == 0:
