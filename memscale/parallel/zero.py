@@ -19,7 +19,7 @@ What DeepSpeed does not give directly, and how it is solved here:
 - **Plain backward calls.** DeepSpeed 0.19 hooks the engine's outputs, so `loss.backward()` and
   `torch.autograd.backward(roots, grads)` on tensors computed through `engine.model` are handled like
   `engine.backward` (checked: memscale/train/bptt.py's `run_window`, unchanged, equals one process under ZeRO 1/2/3
-  in every mode). `ZeroEngine.backward` is the explicit path that does not depend on those hooks.
+  for rmt, detached and replay). `ZeroEngine.backward` is the explicit path that does not depend on those hooks.
 - **Several roots** (replay backpropagates a segment's loss and the gradient that reached its output state):
   `autograd.backward([loss, s], [None, g])` equals the backward of the scalar `loss + (s * g).sum()` with `g`
   detached, which is what `ZeroEngine.backward` hands to `engine.backward`.
