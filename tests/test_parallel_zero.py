@@ -1,4 +1,4 @@
-"""ZeRO 1, 2, 3 over dp=2 (real processes, gloo) against one process on the whole batch.
+"""ZeRO 0 (plain data parallel), 1, 2, 3 over dp=2 (real processes, gloo) against one process on the whole batch.
 
 Each memory_grad mode is a different backward pattern per optimizer step: detached = k backward calls, truncated =
 one, replay = k calls with two roots each (loss and output state). The stand-in model (tests/parallel_standin.py) has
@@ -17,7 +17,7 @@ from memscale.parallel.zero import deepspeed_config, find_external_parameters
 from tests import parallel_standin as si
 from tests.distributed import run_distributed
 
-STAGES = (1, 2, 3)
+STAGES = (0, 1, 2, 3)
 MODES = ("detached", "truncated", "replay")
 
 # fp32. The dp run sums each gradient over two ranks (then averages, after scaling the loss by dp / N_global), the
@@ -60,6 +60,7 @@ def _dp_worker(stages, modes):
                 sdims,
                 groups=groups,
                 probe=probe,
+                zero3_persist_below=0,
                 lr_scheduler=lambda o, t=cfg.train: build_scheduler(o, t),
             )
             state = engine.model.init_state(B_local)
@@ -118,6 +119,14 @@ def test_deepspeed_config_is_derived():
     own = deepspeed_config(cfg, dims, client_optimizer=False)["optimizer"]["params"]
     assert own["lr"] == cfg.train.lr and own["betas"] == [cfg.train.beta1, cfg.train.beta2]
     assert own["weight_decay"] == cfg.train.weight_decay and own["torch_adam"] is True
+    z3 = ParallelDims(tp=1, pp=1, dp=2, zero_stage=3, world_size=2)
+    assert "stage3_param_persistence_threshold" not in deepspeed_config(cfg, z3)["zero_optimization"]
+    assert (
+        deepspeed_config(cfg, z3, zero3_persist_below=0)["zero_optimization"][
+            "stage3_param_persistence_threshold"
+        ]
+        == 0
+    )
 
 
 def test_find_external_parameters_sees_the_blind_spots():
@@ -168,6 +177,7 @@ def _blind_spots(groups) -> dict:
             dims,
             groups=groups,
             probe=probe if use_probe else None,
+            zero3_persist_below=0,
         )
         res = {"plain_init_numel": model.init_state(2)["mem"].numel()}
         res["engine_init_shape"] = tuple(engine.model.init_state(2)["mem"].shape)

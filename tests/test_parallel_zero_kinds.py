@@ -3,7 +3,8 @@
 The stand-in model of test_parallel_zero.py pins each mechanism; this runs the real `MemoryTransformer` of every
 kind through the same engine, with the memory_grad modes each kind allows: rmt's `mem_init_KD` expanded in
 `init_state`, the tied `head.weight` in the fused loss, `pos.weight[:T]`, memformer's bias and xl/lamemo's `u`/`v`
-are all used outside their owning module's forward. ZeRO-3 is in the default suite (it has the blind spots);
+are all used outside their owning module's forward. memscale/train/bptt.py's run_window also runs unchanged through
+`engine.model` (plain `backward()` calls). ZeRO-3 is in the default suite (it has the blind spots);
 ZeRO-1/2 are marked slow (test_parallel_zero.py covers their accumulation and scaling).
 """
 
@@ -75,6 +76,44 @@ def _reference(kind: str, mode: str):
     return losses, norms
 
 
+BPTT_MODES = ("detached", "replay")
+
+
+def _batches(B: int, rows: slice):
+    from memscale.data.batch import Batch
+
+    return [
+        [
+            Batch(
+                tokens_BT=a[rows],
+                targets_BT=b[rows],
+                reset_B=c[rows],
+                doc_pos_B=torch.zeros_like(c[rows], dtype=torch.long),
+            )
+            for a, b, c in segs
+        ]
+        for segs in _data(B)
+    ]
+
+
+def _bptt_reference(mode: str) -> list[float]:
+    from memscale.train.bptt import run_window
+    from memscale.train.optim import build_optimizer
+
+    cfg = si.train_config()
+    model = _model("rmt")
+    opt = build_optimizer(model, cfg.train)
+    state, losses = model.init_state(B_LOCAL * DP), []
+    for batches in _batches(B_LOCAL * DP, slice(None)):
+        r = run_window(model, batches, state, memory_grad=mode)
+        state = r.state
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(r.loss_sum / r.num_targets)
+    return losses
+
+
 def _worker(stage: int):
     import torch.distributed as dist
 
@@ -95,7 +134,15 @@ def _worker(stage: int):
         def probe(m, seg=probe_seg):
             return m.step(seg[0], m.init_state(B_LOCAL), targets_BT=seg[1], reset_B=seg[2])
 
-        engine = build_engine(model, build_optimizer(model, cfg.train), cfg, dims, groups=groups, probe=probe)
+        engine = build_engine(
+            model,
+            build_optimizer(model, cfg.train),
+            cfg,
+            dims,
+            groups=groups,
+            probe=probe,
+            zero3_persist_below=0,
+        )
         state = engine.model.init_state(B_LOCAL)
         losses, norms = [], []
         for segs in data:
@@ -109,6 +156,27 @@ def _worker(stage: int):
             dist.all_reduce(totals, group=groups.dp)
             losses.append((totals[0] / totals[1]).item())
         results[(kind, mode)] = (losses, norms)
+    # memscale's own window code (memscale/train/bptt.py: loss.backward(), autograd.backward with several roots),
+    # unchanged, through engine.model: DeepSpeed's hooks on the engine's outputs take plain backward calls too.
+    from memscale.train.bptt import run_window
+
+    for mode in BPTT_MODES:
+        model = _model("rmt")
+        engine = build_engine(
+            model, build_optimizer(model, cfg.train), cfg, dims, groups=groups, zero3_persist_below=0
+        )
+        state, losses = engine.model.init_state(B_LOCAL), []
+        for batches in _batches(B_LOCAL * DP, mine):
+            n = sum(b.num_targets for b in batches)
+            r = run_window(
+                engine.model, batches, state, memory_grad=mode, loss_scale=engine.global_token_scale(n) * n
+            )
+            state = r.state
+            engine.step()
+            totals = torch.tensor([r.loss_sum, float(r.num_targets)], dtype=torch.float64)
+            dist.all_reduce(totals, group=groups.dp)
+            losses.append((totals[0] / totals[1]).item())
+        results[("bptt", mode)] = losses
     destroy_distributed()
     return results
 
@@ -124,3 +192,7 @@ def test_memory_kinds_under_zero(stage):
             losses, norms = rank_results[(kind, mode)]
             assert losses == pytest.approx(ref_losses, rel=RTOL), (kind, mode)
             assert norms == pytest.approx(ref_norms, rel=RTOL), (kind, mode)
+    for mode in BPTT_MODES:
+        ref = _bptt_reference(mode)
+        for rank_results in out:
+            assert rank_results[("bptt", mode)] == pytest.approx(ref, rel=RTOL), mode

@@ -1,4 +1,4 @@
-"""tp=2 x dp=2 (4 processes, gloo): megatron-core layers + the mpu adapter under ZeRO 1, 2, 3, against one process.
+"""tp=2 x dp=2 (4 processes, gloo): megatron-core layers + the mpu adapter under ZeRO 0-3, against one process.
 
 The model is the stand-in of tests/parallel_standin.py with its embedding, MLP and tied head split over TP ranks:
 VocabParallelEmbedding, ColumnParallelLinear -> RowParallelLinear, the tied head on the local vocabulary shard and
@@ -20,7 +20,7 @@ from memscale.parallel.dims import ParallelDims
 from tests import parallel_standin as si
 from tests.distributed import run_distributed
 
-STAGES = (1, 2, 3)
+STAGES = (0, 1, 2, 3)
 MODES = ("detached", "replay")
 
 # fp32; as in test_parallel_zero.py, plus TP partial sums (row-parallel all-reduce, vocab-parallel softmax) in
@@ -152,6 +152,7 @@ def _tp_dp_worker(stages, modes):
                 dims,
                 groups=groups,
                 probe=probe,
+                zero3_persist_below=0,
                 lr_scheduler=lambda o, t=cfg.train: build_scheduler(o, t),
             )
             state = engine.model.init_state(B_local)

@@ -8,7 +8,7 @@ in the default generator. `model_parallel_seed` seeds both.
 Memory replay (memscale/train/bptt.py, memory_grad=replay) recomputes a segment "with the same RNG state": under TP
 that state is the default generator *and* every tracker stream, since a forked region advances its stream.
 `rng_snapshot()` / `rng_restore()` take and put back all of them; `replayed_rng(snap)` runs a block under a snapshot
-and leaves the ambient streams as they were.
+and leaves the ambient streams as they were; `RNGBank` keeps a window's snapshots in storage allocated once.
 """
 
 from __future__ import annotations
@@ -80,3 +80,41 @@ def replayed_rng(snap: RNGSnapshot, device: torch.device | str | None = None):
         yield
     finally:
         rng_restore(outer, device)
+
+
+class RNGBank:
+    """RNG snapshots of k segments in storage allocated once: replay's banks (memscale/train/bptt.py), with the
+    tracker streams included.
+
+        bank = RNGBank(k)
+        bank.save(t)                      # before segment t's first (no-grad) forward
+        with replayed_rng(bank[t]):       # around its recompute
+            ...
+
+    Preallocated for the same reason as bptt.py's state banks: k small long-lived tensors appended between each
+    segment's large temporaries fragment the heap. The tracker's set of streams must not change within a window.
+    """
+
+    def __init__(self, k: int, device: torch.device | str | None = None):
+        self.device = device
+        snap = rng_snapshot(device)
+        self.cpu = torch.empty((k, snap.cpu.numel()), dtype=snap.cpu.dtype)
+        self.cuda = None if snap.cuda is None else torch.empty((k, snap.cuda.numel()), dtype=snap.cuda.dtype)
+        self.tracker = {n: torch.empty((k, s.numel()), dtype=s.dtype) for n, s in snap.tracker.items()}
+
+    def save(self, t: int) -> None:
+        snap = rng_snapshot(self.device)
+        self.cpu[t].copy_(snap.cpu)
+        if self.cuda is not None:
+            self.cuda[t].copy_(snap.cuda)
+        if set(snap.tracker) != set(self.tracker):
+            raise RuntimeError(f"RNG tracker streams changed within a window: {sorted(snap.tracker)}")
+        for n, s in snap.tracker.items():
+            self.tracker[n][t].copy_(s)
+
+    def __getitem__(self, t: int) -> RNGSnapshot:
+        return RNGSnapshot(
+            cpu=self.cpu[t].clone(),
+            cuda=None if self.cuda is None else self.cuda[t].clone(),
+            tracker={n: bank[t].clone() for n, bank in self.tracker.items()},
+        )

@@ -16,6 +16,10 @@ What DeepSpeed does not give directly, and how it is solved here:
   (ZeRO-2/3 reduce-scatter into the accumulated gradient partition as buckets fill; ZeRO-1 keeps local `.grad`), and
   `engine.step()` is the one boundary: ZeRO-1 reduces the summed gradient there, all stages clip and step once.
   Every data-parallel rank must therefore call `backward` the same number of times per step.
+- **Plain backward calls.** DeepSpeed 0.19 hooks the engine's outputs, so `loss.backward()` and
+  `torch.autograd.backward(roots, grads)` on tensors computed through `engine.model` are handled like
+  `engine.backward` (checked: memscale/train/bptt.py's `run_window`, unchanged, equals one process under ZeRO 1/2/3
+  for rmt, detached and replay). `ZeroEngine.backward` is the explicit path that does not depend on those hooks.
 - **Several roots** (replay backpropagates a segment's loss and the gradient that reached its output state):
   `autograd.backward([loss, s], [None, g])` equals the backward of the scalar `loss + (s * g).sum()` with `g`
   detached, which is what `ZeroEngine.backward` hands to `engine.backward`.
@@ -56,7 +60,9 @@ from memscale.parallel.dims import ParallelDims, ParallelGroups
 # The DeepSpeed config, derived from memscale's typed config.
 
 
-def deepspeed_config(cfg: Config, dims: ParallelDims, *, client_optimizer: bool = True) -> dict:
+def deepspeed_config(
+    cfg: Config, dims: ParallelDims, *, client_optimizer: bool = True, zero3_persist_below: int | None = None
+) -> dict:
     """The DeepSpeed config dict for `cfg` on layout `dims`; never written by hand.
 
     Batch sizes: one "micro-batch" is one optimizer step's window of `data.num_streams` streams on one dp rank; the
@@ -82,9 +88,11 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, *, client_optimizer: bool 
             overlap_comm=stage >= 2 and t.device.startswith("cuda"),
             reduce_scatter=True,
         )
-    if stage == 3:
-        # Parameters small enough to stay gathered are not worth a collective each forward (the memory vectors).
-        zero.update(stage3_param_persistence_threshold=0)
+    if stage == 3 and zero3_persist_below is not None:
+        # ZeRO-3 leaves parameters with fewer elements than this unpartitioned (DeepSpeed's default: 1e5): no
+        # collective per forward for norms, biases and memory vectors, at the price of a full copy on every rank.
+        # 0 partitions everything (the tests use it: tiny models would otherwise not be partitioned at all).
+        zero.update(stage3_param_persistence_threshold=zero3_persist_below)
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.num_streams,
         "gradient_accumulation_steps": 1,
@@ -406,7 +414,9 @@ class ZeroEngine:
         self.engine.backward(surrogate, scale_wrt_gas=False)
 
     def step(self) -> float:
-        """Reduce the gradient accumulated since the last step (once), clip, update; returns the pre-clip norm."""
+        """Reduce the gradient accumulated since the last step (once), clip, update; returns the pre-clip norm.
+
+        (NaN under zero_stage=0 with train.grad_clip=0: DeepSpeed computes no norm there.)"""
         self.engine.step()
         # ZeRO-3 keeps each parameter's reduced gradient partition in one flat buffer that it never clears: the first
         # backward after a step *copies* into a parameter's slot, later ones add (micro_step_id, stage3.py
@@ -440,6 +450,7 @@ def build_engine(
     probe: Callable[[Any], Any] | None = None,
     external: Iterable[tuple[nn.Module, nn.Parameter]] = (),
     lr_scheduler: Any = None,
+    zero3_persist_below: int | None = None,
     methods: Sequence[str] = ("step", "init_state", "forward"),
 ) -> ZeroEngine:
     """Wrap `model` (plain, unpartitioned, on its device) and `optimizer` in a DeepSpeed engine for `dims`.
@@ -447,6 +458,7 @@ def build_engine(
     Under ZeRO-3, `probe(model_like)` is run once on the plain model, through the same dispatch the engine uses, to
     find parameters used outside their owner's forward (`find_external_parameters`); `external` adds pairs by hand.
     `lr_scheduler` is a scheduler or a callable `optimizer -> scheduler` (DeepSpeed steps it with the optimizer).
+    `zero3_persist_below`: see `deepspeed_config`.
     """
     import deepspeed
 
@@ -477,7 +489,23 @@ def build_engine(
         else [p for p in model.parameters() if p.requires_grad],
         lr_scheduler=lr_scheduler,
         mpu=MegatronMPU(groups),
-        config=deepspeed_config(cfg, dims, client_optimizer=optimizer is not None),
+        config=deepspeed_config(
+            cfg, dims, client_optimizer=optimizer is not None, zero3_persist_below=zero3_persist_below
+        ),
         dist_init_required=False,
     )
+    if dims.zero_stage == 0:
+        _record_stage0_norm(engine)
     return ZeroEngine(engine, root, groups, methods)
+
+
+def _record_stage0_norm(engine: Any) -> None:
+    """Without ZeRO, DeepSpeed clips through `clip_fp32_gradients`, which drops the norm it computes, so
+    `get_global_grad_norm()` stays None. Same clip, norm kept (the TP-aware norm of deepspeed.runtime.utils)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep_norm() -> None:
+        norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(), mpu=engine.mpu)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_and_keep_norm
