@@ -173,21 +173,26 @@ def train_config(**overrides):
 
 def reference_run(*, mode: str, num_windows: int = 5, k: int = 3, B: int = 4, T: int = 6):
     """One process, the whole batch: (global mean loss per step, pre-clip grad norm per step)."""
-    from memscale.train.optim import build_optimizer, build_scheduler
+    from memscale.train.optim import apply_hyperparameters, build_optimizer
 
     cfg = train_config()
     torch.manual_seed(0)
     model = StandIn()
     opt = build_optimizer(model, cfg.train)
-    sched = build_scheduler(opt, cfg.train)
     state = model.init_state(B)
     losses, norms = [], []
-    for segs in make_data(num_windows=num_windows, k=k, B=B, T=T):
+    for step, segs in enumerate(make_data(num_windows=num_windows, k=k, B=B, T=T)):
         n = num_targets(segs)
         loss_sum, state = run_window(model, torch.autograd.backward, segs, state, mode=mode, scale=1.0 / n)
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip).item())
+        # ZeRO keeps every parameter's gradient in a flat buffer, so a parameter that got no gradient this step
+        # (detached: the memory write, whose output only the next, detached segment reads) is stepped with a zero
+        # gradient, and weight decay applies to it; torch's AdamW skips a None gradient. The reference does as ZeRO.
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        apply_hyperparameters(opt, cfg.train, step=step)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sched.step()
         losses.append(loss_sum / n)
     return losses, norms

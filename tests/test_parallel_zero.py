@@ -33,7 +33,7 @@ def _dp_worker(stages, modes):
 
     from memscale.parallel.dims import destroy_distributed, init_distributed
     from memscale.parallel.zero import build_engine
-    from memscale.train.optim import build_optimizer, build_scheduler
+    from memscale.train.optim import apply_hyperparameters, build_optimizer
 
     dims = ParallelDims.from_config(ParallelConfig(dp=2)).validate()
     groups = init_distributed(dims)
@@ -61,16 +61,16 @@ def _dp_worker(stages, modes):
                 groups=groups,
                 probe=probe,
                 zero3_persist_below=0,
-                lr_scheduler=lambda o, t=cfg.train: build_scheduler(o, t),
             )
             state = engine.model.init_state(B_local)
             losses, norms = [], []
-            for segs in data:
+            for step, segs in enumerate(data):
                 local = si.rows(segs, mine)
                 scale = engine.global_token_scale(si.num_targets(local))
                 loss_sum, state = si.run_window(
                     engine.model, engine.backward, local, state, mode=mode, scale=scale
                 )
+                apply_hyperparameters(engine.optimizer, cfg.train, step=step)
                 norms.append(engine.step())
                 totals = torch.tensor([loss_sum, float(si.num_targets(local))], dtype=torch.float64)
                 dist.all_reduce(totals, group=groups.dp)

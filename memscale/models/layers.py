@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import Literal
 
 import torch
@@ -209,6 +210,14 @@ def param_role(module: nn.Module, name: str) -> ParamRole:
         return "embedding"
     if isinstance(module, nn.Linear):
         return "matrix" if name == "weight" else "bias"
+    # megatron-core's tensor-parallel layers (memscale/parallel/tensor.py) are not nn.Linear / nn.Embedding. Looked
+    # up only when megatron-core is already imported: a single-process run never pays for that import.
+    mcore = sys.modules.get("megatron.core.tensor_parallel.layers")
+    if mcore is not None:
+        if isinstance(module, (mcore.ColumnParallelLinear, mcore.RowParallelLinear)):
+            return "matrix" if name == "weight" else "bias"
+        if isinstance(module, mcore.VocabParallelEmbedding):
+            return "embedding"
     return "vector"
 
 
