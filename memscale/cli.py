@@ -33,6 +33,28 @@ def _probability(text: str) -> float:
     return p
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of processes: use an integer >= 1")
+    return n
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     p.add_argument(
@@ -63,7 +85,17 @@ def _cmd_train(args) -> int:
     from memscale.train.trainer import EXIT_DIVERGED, EXIT_PREEMPTED, Trainer, TrainingDiverged
 
     cfg = load_config(args.config, args.overrides)
+    if args.nproc is not None:  # N local processes under torchrun, each running this command without --nproc
+        from memscale.parallel.dims import ParallelDims
+        from memscale.parallel.launch import spawn_local
+
+        ParallelDims.for_config(cfg, world_size=args.nproc)  # a bad layout is one line here, not N tracebacks
+        return spawn_local(args.nproc, _without_nproc(args.argv))
     trainer = Trainer(cfg, resume=args.resume, resume_from=args.resume_from)
+    if not trainer.is_main:  # ranks other than 0 train silently; rank 0 reports
+        args.error_log = None
+        summary = trainer.train()
+        return EXIT_PREEMPTED if summary.preempted else 0
     args.error_log = trainer.out_dir / "error.log"  # the run directory is ours from here on
     try:
         summary = trainer.train()
@@ -137,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a memory-augmented language model")
     _add_config_args(train)
+    train.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="run N local processes under torchrun (data parallel: parallel.dp, parallel.zero_stage)",
+    )
     resume = train.add_mutually_exclusive_group()
     resume.add_argument(
         "--resume",
@@ -305,7 +344,9 @@ def _write_error_log(exc: BaseException, path: Path | None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError: user input, one clear line

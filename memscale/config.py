@@ -136,9 +136,15 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     tp: int = 1
+    """Tensor-parallel degree (megatron-core layers; memscale/parallel/)."""
     pp: int = 1
-    dp: int = 1
+    """Pipeline-parallel degree."""
+    dp: int = 0
+    """Data-parallel degree; 0 (the default) means the world size / (tp x pp). The world size is the number of processes that
+    torchrun (or `memscale train --nproc N`) starts; tp x pp x dp must equal it."""
     zero_stage: int = 0
+    """DeepSpeed ZeRO stage over the data-parallel group: 0 (replicated), 1 (optimizer state sharded), 2 (and
+    gradients), 3 (and parameters)."""
 
 
 @dataclass
@@ -211,18 +217,26 @@ class Config:
             raise ConfigError(
                 "train.dtype=bfloat16 on train.device=cpu is ~100x slower than float32: use float32 on CPU"
             )
-        for name in ("tp", "pp", "dp"):
+        for name in ("tp", "pp"):
             _positive(getattr(p, name), f"parallel.{name}", "use a parallel degree >= 1")
+        if p.dp < 0:
+            raise ConfigError(f"parallel.dp={p.dp} must be >= 1, or 0 for 'the world size / (tp x pp)'")
         if m.num_heads % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} must divide model.num_heads={m.num_heads}")
         if m.num_layers % p.pp:
             raise ConfigError(f"parallel.pp={p.pp} must divide model.num_layers={m.num_layers}")
         if p.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
-        if (p.tp, p.pp, p.dp, p.zero_stage) != (1, 1, 1, 0):
+        if (p.tp, p.pp) != (1, 1):
             raise ConfigError(
-                "parallel.tp/pp/dp/zero_stage other than 1/1/1/0 are not available in this release: "
-                "remove the parallel overrides to train on one process"
+                f"parallel.tp={p.tp} / parallel.pp={p.pp}: `memscale train` runs data parallel (parallel.dp, "
+                "parallel.zero_stage) in this release; tensor and pipeline parallel training are not wired into "
+                "it yet: set parallel.tp=1 and parallel.pp=1"
+            )
+        if (p.dp > 1 or p.zero_stage) and d.source != "corpus":
+            raise ConfigError(
+                f"data.source={d.source} runs on one process: data-parallel training reads a prepared corpus "
+                "(data.source=corpus); remove the parallel overrides"
             )
         return self
 

@@ -32,7 +32,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -175,18 +175,33 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-def save(ckpt_root: str | os.PathLike, ts: TrainState, *, keep: int = 2) -> Path:
+def new_temp(ckpt_root: str | os.PathLike, step: int) -> Path:
+    """A fresh temporary directory for the checkpoint of `step`, after removing those of writers killed mid-save.
+    One writer per run owns the folder (the run lock, memscale/train/rundir.py); in a multi-process run rank 0
+    calls this and every rank writes its part into the directory before rank 0's `save(..., into=tmp)`."""
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in [*root.glob(".step-*.tmp-*"), *root.glob(".step-*.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.tmp-", dir=root))
+
+
+def save(
+    ckpt_root: str | os.PathLike, ts: TrainState, *, keep: int = 2, into: str | os.PathLike | None = None
+) -> Path:
     """Write `ts` to `<ckpt_root>/step-<step>` atomically, point `latest` at it, keep the newest `keep` (by step
     number; the one just written is always kept). Raises NonFiniteError, writing nothing, when a weight, an
     optimizer tensor or the memory holds NaN or inf."""
-    check_finite(ts)
+    try:
+        check_finite(ts)
+    except NonFiniteError:
+        if into is not None:
+            shutil.rmtree(into, ignore_errors=True)
+        raise
     root = Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(ts.step)
-    # Left by a writer killed mid-save. One writer per run owns root (the run lock, memscale/train/rundir.py).
-    for stale in [*root.glob(".step-*.tmp-*"), *root.glob(".step-*.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    # `into`: a temp dir from new_temp() that other ranks have already written their parts into.
+    tmp = Path(into) if into is not None else new_temp(root, ts.step)
     try:
         model, aliases = _dedup_shared(ts.model)
         save_file(model, tmp / "model.safetensors")
@@ -203,9 +218,11 @@ def save(ckpt_root: str | os.PathLike, ts: TrainState, *, keep: int = 2) -> Path
             "extra": ts.extra,
         }
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
-        files = sorted(p.name for p in tmp.iterdir())
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         for name in files:
             _fsync_file(tmp / name)
+        for sub in {(tmp / name).parent for name in files} - {tmp}:
+            _fsync_dir(sub)
         manifest = {
             name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
         }
@@ -291,7 +308,8 @@ def verify(path: str | os.PathLike) -> dict:
     if not isinstance(files, dict):
         raise ValueError(f"{manifest_path} has no file list: {fix}")
     for name, info in files.items():
-        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+        if not parts or name.startswith("/") or any(x in (".", "..") for x in parts) or "\\" in name:
             raise ValueError(
                 f"{manifest_path} lists {name!r}, which is not a file inside the checkpoint: {fix}"
             )

@@ -56,8 +56,13 @@ def unigram_logp(data: DataConfig) -> torch.Tensor | None:
     return torch.from_numpy(np.log(counts / counts.sum())).float()
 
 
-def build_loader(cfg: Config, split: str, *, infinite: bool):
+def build_loader(cfg: Config, split: str, *, infinite: bool, rank: int = 0, world_size: int = 1):
+    """The segment stream of `split`; under data parallelism, `rank`'s slice of the global streams."""
     d = cfg.data
+    if world_size > 1 and d.source != "corpus":
+        raise ConfigError(
+            f"data.source={d.source} runs on one process: use data.source=corpus with parallel.dp > 1"
+        )
     if d.source == "corpus":
         from memscale.data.loader import StreamLoader
 
@@ -70,6 +75,8 @@ def build_loader(cfg: Config, split: str, *, infinite: bool):
             num_workers=d.num_workers,
             seed=d.seed,
             infinite=infinite,
+            rank=rank,
+            world_size=world_size,
         )
     if d.source == "recall":
         from memscale.data.recall import RecallLoader

@@ -192,6 +192,7 @@ def init_distributed(
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts that it is set
             os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     elif dist.get_world_size() != dims.world_size:

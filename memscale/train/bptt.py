@@ -69,19 +69,22 @@ def run_window(
     *,
     memory_grad: MemoryGrad,
     loss_scale: float = 1.0,
+    backward=torch.autograd.backward,
 ) -> WindowResult:
     """Forward and backward over `batches`; gradients accumulate into the model's `.grad`.
 
-    `loss_scale` multiplies the loss before backward (e.g. 1 / gradient-accumulation steps).
+    `loss_scale` multiplies the loss before backward (e.g. 1 / gradient-accumulation steps). `backward` is called
+    as `torch.autograd.backward(roots[, grad_tensors])` is: a data-parallel engine passes its own
+    (memscale/parallel/zero.py, ZeroEngine.backward), which DeepSpeed's gradient bookkeeping needs.
     """
     total = sum(b.num_targets for b in batches)
     scale = loss_scale / max(total, 1)
     if memory_grad == "detached":
-        return _run_detached(model, batches, state, scale=scale, total=total)
+        return _run_detached(model, batches, state, scale=scale, total=total, backward=backward)
     if memory_grad == "truncated":
-        return _run_truncated(model, batches, state, scale=scale, total=total)
+        return _run_truncated(model, batches, state, scale=scale, total=total, backward=backward)
     if memory_grad == "replay":
-        return _run_replay(model, batches, state, scale=scale, total=total)
+        return _run_replay(model, batches, state, scale=scale, total=total, backward=backward)
     raise ValueError(f"train.memory_grad={memory_grad!r} is not one of detached, truncated, replay")
 
 
@@ -89,22 +92,22 @@ def _step(model: MemoryTransformer, b: Batch, state: MemoryState):
     return model.step(b.tokens_BT, state, targets_BT=b.targets_BT, reset_B=b.reset_B, return_logits=False)
 
 
-def _backward(loss: torch.Tensor) -> None:
+def _backward(loss: torch.Tensor, backward) -> None:
     if loss.requires_grad:
-        loss.backward()
+        backward(loss)
 
 
-def _run_detached(model, batches, state, *, scale, total) -> WindowResult:
+def _run_detached(model, batches, state, *, scale, total, backward) -> WindowResult:
     loss_sum = 0.0
     for b in batches:
         out = _step(model, b, state.detach())
-        _backward(out.loss_sum * scale)
+        _backward(out.loss_sum * scale, backward)
         loss_sum += out.loss_sum.item()
         state = out.state
     return WindowResult(loss_sum, total, state.detach())
 
 
-def _run_truncated(model, batches, state, *, scale, total) -> WindowResult:
+def _run_truncated(model, batches, state, *, scale, total, backward) -> WindowResult:
     state = state.detach()
     losses = []
     for b in batches:
@@ -112,11 +115,11 @@ def _run_truncated(model, batches, state, *, scale, total) -> WindowResult:
         losses.append(out.loss_sum)
         state = out.state
     loss = torch.stack(losses).sum()
-    _backward(loss * scale)
+    _backward(loss * scale, backward)
     return WindowResult(loss.item(), total, state.detach())
 
 
-def _run_replay(model, batches, state, *, scale, total) -> WindowResult:
+def _run_replay(model, batches, state, *, scale, total, backward) -> WindowResult:
     device = next(model.parameters()).device
     k = len(batches)
     # M_0 .. M_k and the RNG state before each segment are the only things kept across segments. They live in
@@ -159,7 +162,7 @@ def _run_replay(model, batches, state, *, scale, total) -> WindowResult:
                     roots.append(out.state[name])
                     grads.append(g)
         if any(r.requires_grad for r in roots):
-            torch.autograd.backward(
+            backward(
                 [r for r in roots if r.requires_grad],
                 [g for r, g in zip(roots, grads, strict=True) if r.requires_grad],
             )

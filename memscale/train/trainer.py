@@ -32,6 +32,7 @@ from memscale.data.sources import build_loader, data_vocab_size, unigram_logp
 from memscale.eval.evaluate import evaluate_lm
 from memscale.models import MemoryTransformer
 from memscale.models.memory.base import MemoryState
+from memscale.train import data_parallel
 from memscale.train.bptt import run_window
 from memscale.train.metrics import MetricsLogger
 from memscale.train.optim import apply_hyperparameters, build_optimizer
@@ -111,37 +112,66 @@ def _non_finite_rows(state: MemoryState) -> torch.Tensor | None:
     return bad
 
 
+class _Silent:
+    """The metrics logger of ranks other than 0: rank 0 alone writes TensorBoard and the terminal."""
+
+    def scalars(self, *a, **k) -> None: ...
+
+    def progress(self, *a, **k) -> None: ...
+
+    def line(self, *a, **k) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, resume_from: str | None = None, log=None):
         self.cfg = cfg
         self.out_dir = Path(cfg.train.out_dir)
         self.device = torch.device(cfg.train.device)
-        self.say = log or (lambda text: print(text, flush=True))
+        # Several processes (torchrun / --nproc): process groups first, rank 0 alone speaks and writes.
+        self.dp = data_parallel.DataParallel(cfg) if data_parallel.wanted(cfg) else None
+        self.is_main = self.dp is None or self.dp.is_main
+        self.say = (log or (lambda text: print(text, flush=True))) if self.is_main else (lambda text: None)
         resuming = resume or resume_from is not None
         # Everything that can fail on user input is checked before anything is written to disk: the config
         # against the data, and every shard this run will read (building a loader verifies its split's
         # checksums), so a damaged validation shard stops the run now and not after hours of training.
-        check_out_dir(self.out_dir, resume=resuming, overwrite=cfg.train.overwrite)
+        if self.is_main:  # the directory is rank 0's to check and to lock
+            check_out_dir(self.out_dir, resume=resuming, overwrite=cfg.train.overwrite)
         vocab = data_vocab_size(cfg.data)
         if vocab is not None and vocab != cfg.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size={cfg.model.vocab_size} differs from the tokenizer of {cfg.data.dir} "
                 f"({vocab}): set model.vocab_size={vocab}"
             )
-        self.train_loader = build_loader(cfg, "train", infinite=True)
+        self.slice = {"rank": self.dp.dp_rank, "world_size": self.dp.dp} if self.dp else {}
+        self.train_loader = build_loader(cfg, "train", infinite=True, **self.slice)
         if cfg.train.eval_every:
-            build_loader(cfg, "val", infinite=False)
+            build_loader(cfg, "val", infinite=False, **self.slice)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         self.model = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len).to(self.device)
+        self.num_params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
         self.optimizer = build_optimizer(self.model, cfg.train)
-        self.state = self.model.init_state(cfg.data.num_streams)
+        # What the loop calls like the model: the model itself, or the engine's view of it (memscale/parallel/zero.py).
+        self.net = self.model
+        if self.dp is not None:
+            self.net = self.dp.wrap(
+                self.model, self.optimizer, batch_size=cfg.data.num_streams, segment_len=cfg.data.segment_len
+            )
+            self.optimizer = self.dp.optimizer
+            torch.manual_seed(
+                cfg.train.seed + self.dp.rank
+            )  # same initial weights, own dropout masks per rank
+        self.state = self.net.init_state(cfg.data.num_streams)
         self.step = 0
         self.log = log
         self.ckpt_root = self.out_dir / "checkpoints"
         self.resumed_from: Path | None = None
-        self.lock = RunLock(self.out_dir).acquire()  # held until train() returns; see rundir.py
+        # Held until train() returns, by rank 0 for all ranks; see rundir.py.
+        self.lock = RunLock(self.out_dir).acquire() if self.is_main else None
         try:
             if resume_from is not None:
                 path = ckpt.resolve(self.ckpt_root, resume_from)
@@ -151,8 +181,14 @@ class Trainer:
             elif resume:
                 self._restore(*ckpt.load_for_resume(self.ckpt_root, say=self.say))
         except BaseException:
-            self.lock.release()
+            self._close()
             raise
+
+    def _close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+        if self.dp is not None:
+            self.dp.close()
 
     # -- checkpointing -------------------------------------------------------------------------------------------
     def gather_state(self) -> ckpt.TrainState:
@@ -174,11 +210,15 @@ class Trainer:
             raise ConfigError(
                 f"--resume: the model config differs from the one saved in {path}: resume with the same model.* keys"
             )
-        ckpt.load_weights(self.model, path, ts.model)
-        self.optimizer.load_state_dict(ts.optimizer)
+        if self.dp is None:
+            ckpt.load_weights(self.model, path, ts.model)
+            self.optimizer.load_state_dict(ts.optimizer)
+            self.state = MemoryState.from_state_dict(ts.memory, device=self.device)
+            ckpt.set_rng_state(ts.rng)
+        else:
+            self.dp.load(path, ts.rng)
+            self.state = self.dp.local_memory(ts.memory, device=self.device)
         self.train_loader.load_state_dict(ts.loader)
-        self.state = MemoryState.from_state_dict(ts.memory, device=self.device)
-        ckpt.set_rng_state(ts.rng)
         self.step = ts.step
         self.resumed_from = path
         changes = config_changes(ts.config, to_dict(self.cfg))
@@ -186,8 +226,28 @@ class Trainer:
         if changes:
             self.say(f"resume: config changed since {path.name}: {'; '.join(changes)}")
 
-    def save(self) -> Path:
-        return ckpt.save(self.ckpt_root, self.gather_state(), keep=self.cfg.train.keep_checkpoints)
+    def save(self) -> Path | None:
+        """Write a checkpoint; its path (None on ranks other than 0)."""
+        keep = self.cfg.train.keep_checkpoints
+        if self.dp is None:
+            return ckpt.save(self.ckpt_root, self.gather_state(), keep=keep)
+
+        def make_state(memory, rng, weights) -> ckpt.TrainState:
+            return ckpt.TrainState(
+                step=self.step,
+                model=weights,
+                optimizer={},  # in deepspeed/, one partition per rank
+                scheduler={"lr": self.optimizer.param_groups[0]["lr"]},
+                loader=self.train_loader.state_dict(),
+                memory=memory,
+                rng=rng,
+                config=to_dict(self.cfg),
+                extra={"world_size": self.dp.dims.world_size, "zero_stage": self.dp.dims.zero_stage},
+            )
+
+        return self.dp.save(
+            self.ckpt_root, step=self.step, state=self.state, make_state=make_state, keep=keep
+        )
 
     def _validate(self, logger, uni) -> tuple[float, float]:
         """One validation pass. It runs under its own RNG state, so training after it (dropout masks, sampled
@@ -196,14 +256,22 @@ class Trainer:
         cfg = self.cfg
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             ev = evaluate_lm(
-                self.model,
-                build_loader(cfg, "val", infinite=False),
+                self.net,
+                build_loader(cfg, "val", infinite=False, **self.slice),
                 num_segments=cfg.train.eval_segments,
                 num_streams=cfg.data.num_streams,
                 device=self.device,
                 unigram_logp=uni,
             )
         self.model.train()
+        if self.dp is not None:  # token-weighted over the ranks' slices
+            uni = math.log(ev.unigram_ppl) * ev.num_tokens if ev.unigram_ppl is not None else 0.0
+            loss_sum, uni_sum, tokens = self.dp.sum(ev.loss * ev.num_tokens, uni, ev.num_tokens)
+            ev.num_tokens = int(tokens)
+            ev.loss = loss_sum / max(tokens, 1.0)
+            ev.ppl = math.exp(min(ev.loss, 50.0))
+            if ev.unigram_ppl is not None:
+                ev.unigram_ppl = math.exp(uni_sum / max(tokens, 1.0))
         logger.scalars(self.step, {"val/loss": ev.loss, "val/ppl": ev.ppl})
         msg = f"validation @ step {self.step}: loss {ev.loss:.4f} | ppl {ev.ppl:.2f} | {ev.num_tokens} tokens"
         if ev.unigram_ppl is not None:
@@ -218,22 +286,25 @@ class Trainer:
             with _StopSignals() as signals:
                 return self._train(signals)
         finally:
-            self.lock.release()
+            self._close()
 
     def _train(self, signals: _StopSignals) -> TrainSummary:
         cfg, t = self.cfg, self.cfg.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
-        logger = MetricsLogger(self.out_dir)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
+        logger = MetricsLogger(self.out_dir) if self.is_main else _Silent()
         say = self.say
         peak = PeakMeter(device=self.device)
         peak.sample()
-        flops_per_token = self.model.flops_per_token()
-        tokens_per_step = t.bptt_segments * cfg.data.num_streams * cfg.data.segment_len
+        flops_per_token = self.flops_per_token
+        ranks = self.dp.dp if self.dp else 1
+        tokens_per_step = t.bptt_segments * cfg.data.num_streams * cfg.data.segment_len * ranks
+        layout = f" x {ranks} ranks, ZeRO-{self.dp.dims.zero_stage}" if self.dp else ""
         say(
-            f"memscale: {cfg.model.memory.kind} | {self.model.num_params() / 1e6:.2f}M params | "
+            f"memscale: {cfg.model.memory.kind} | {self.num_params / 1e6:.2f}M params | "
             f"{tokens_per_step} tokens/step ({t.bptt_segments} segments x {cfg.data.num_streams} streams x "
-            f"{cfg.data.segment_len}) | memory_grad={t.memory_grad} | matmul peak {peak.best / 1e9:.0f} GFLOP/s"
+            f"{cfg.data.segment_len}{layout}) | memory_grad={t.memory_grad} | matmul peak {peak.best / 1e9:.0f} GFLOP/s"
         )
         uni = unigram_logp(cfg.data) if t.eval_every else None
         train_iter = iter(self.train_loader)
@@ -248,26 +319,43 @@ class Trainer:
             while self.step < t.max_steps:
                 t0 = time.perf_counter()
                 batches = [next(train_iter).to(self.device) for _ in range(t.bptt_segments)]
-                self.optimizer.zero_grad(set_to_none=True)
-                result = run_window(self.model, batches, self.state, memory_grad=t.memory_grad)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
                 lr = apply_hyperparameters(self.optimizer, t, step=self.step)
+                if self.dp is None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    result = run_window(self.net, batches, self.state, memory_grad=t.memory_grad)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
+                    loss_sum, num_targets = result.loss_sum, result.num_targets
+                    finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+                    if finite:
+                        self.optimizer.step()
+                else:  # the engine reduces, clips and steps, and skips a non-finite update itself
+                    scale = self.dp.loss_scale(sum(b.num_targets for b in batches))
+                    result = run_window(
+                        self.net,
+                        batches,
+                        self.state,
+                        memory_grad=t.memory_grad,
+                        loss_scale=scale,
+                        backward=self.dp.engine.backward,
+                    )
+                    grad_norm = self.dp.step()
+                    loss_sum, num_targets = self.dp.sum(result.loss_sum, result.num_targets)
+                    finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
                 state = result.state
-                if math.isfinite(result.loss_sum) and math.isfinite(grad_norm):
-                    self.optimizer.step()
+                if finite:
                     streak = 0
-                    window_loss += result.loss_sum
-                    window_targets += result.num_targets
+                    window_loss += loss_sum
+                    window_targets += num_targets
                 else:
                     # Skip the update: the weights and the optimizer moments stay as they were, and streams whose
                     # memory went non-finite restart from the initial memory.
                     skipped, streak = skipped + 1, streak + 1
                     bad_B = _non_finite_rows(state)
                     if bad_B is not None and bool(bad_B.any()):
-                        state = state.where(bad_B, self.model.init_state(len(bad_B), device=self.device))
+                        state = state.where(bad_B, self.net.init_state(len(bad_B), device=self.device))
                     logger.scalars(self.step + 1, {"train/skipped_steps": skipped})
                     say(
-                        f"step {self.step + 1}: loss {result.loss_sum / max(result.num_targets, 1):.4g}, "
+                        f"step {self.step + 1}: loss {loss_sum / max(num_targets, 1):.4g}, "
                         f"grad norm {grad_norm:.4g}: not finite, optimizer step skipped "
                         f"({streak} in a row, {skipped} in all; the run stops at {t.max_bad_steps} in a row)"
                     )
@@ -290,7 +378,7 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     step_s = window_time / window_steps
                     tok_s = tokens_per_step / step_s
-                    mfu = tok_s * flops_per_token / peak.sample()
+                    mfu = tok_s / ranks * flops_per_token / peak.sample()  # per rank: its own matmul peak
                     loss = window_loss / window_targets if window_targets else math.nan
                     logger.scalars(
                         self.step,
@@ -319,19 +407,20 @@ class Trainer:
                     last.update(loss=loss, tok_s=tok_s, mfu=mfu)
                     window_loss, window_targets, window_time, window_steps = 0.0, 0, 0.0, 0
                 final = self.step == t.max_steps
+                stop = signals.received
+                if self.dp is not None:  # every rank stops after the same step, or the checkpoint would hang
+                    stop = "SIGTERM" if self.dp.sum(1.0 if stop else 0.0)[0] > 0 else None
                 # A checkpoint is written before the validation that may fail; never during a streak of skipped
                 # steps, whose weights produced a non-finite loss.
-                if streak == 0 and (
-                    final or signals.received or (t.save_every and self.step % t.save_every == 0)
-                ):
+                if streak == 0 and (final or stop or (t.save_every and self.step % t.save_every == 0)):
                     path = self.save()
                     say(f"checkpoint: {path}")
-                if signals.received and not final:
+                if stop and not final:
                     say(
-                        f"{signals.received} received: stopped after step {self.step}, checkpoint {path}; "
+                        f"{stop} received: stopped after step {self.step}, checkpoint {path}; "
                         f"continue with --resume (exit code {EXIT_PREEMPTED})"
                     )
-                    return self._summary(last, path, skipped, preempted=signals.received)
+                    return self._summary(last, path, skipped, preempted=stop)
                 if t.eval_every and (self.step % t.eval_every == 0 or final):
                     last["val_loss"], last["val_ppl"] = self._validate(logger, uni)
         finally:

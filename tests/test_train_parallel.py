@@ -1,0 +1,90 @@
+"""`memscale train --nproc 2`: data-parallel training with ZeRO in real processes (torchrun, gloo), end to end on
+the bundled corpus, against one process training the same global streams.
+
+Two ranks of 2 streams read exactly the rows of one process with 4 (the loader's global plan), and the loss is
+normalised by the target tokens of all ranks, so the runs compute the same gradients up to the order of fp32 sums:
+measured 2e-7 apart in the weights after 6 AdamW steps and equal losses to the printed digits. The tolerance,
+rel 1e-5 on losses and abs 1e-5 on weights, is far below what a wrong normalisation (a factor of 2 in the
+gradient, ~1e-3 in the losses by step 3) or a rank reading the wrong rows would give.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from memscale.checkpoint import simple as ckpt
+from memscale.train.trainer import Trainer
+from tests.test_nothing_lost import _config_file, _run
+from tests.test_train import _cfg, _events
+
+EXTENSIONS = {"TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/memscale/torch_extensions")}
+STEPS = (
+    "train.max_steps=6",
+    "train.save_every=3",
+    "train.keep_checkpoints=3",
+    "train.log_every=1",
+    "train.eval_every=3",
+)
+
+
+def _losses(out) -> list[float]:
+    return [e.value for e in _events(out).Scalars("train/loss")]
+
+
+def _dp_run(tmp_path, data_dir, out, *extra, resume=False):
+    cfg = _config_file(tmp_path, data_dir, out, *STEPS, "data.num_streams=2", *extra, name=f"{out.name}.yaml")
+    args = ["train", str(cfg), "--nproc", "2"] + (["--resume"] if resume else [])
+    r = _run(*args, env={**os.environ, **EXTENSIONS})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.parametrize(
+    "stage, memory_grad",
+    [(2, "truncated"), (3, "replay"), (0, "detached")],
+)
+def test_dp2_zero_equals_one_process_and_resumes_exactly(data_dir, tmp_path, stage, memory_grad):
+    mode = (f"parallel.zero_stage={stage}", f"train.memory_grad={memory_grad}")
+    one = tmp_path / "one"
+    Trainer(
+        _cfg(data_dir, one, *STEPS, "data.num_streams=4", "train.threads=1", *mode), log=lambda _: None
+    ).train()
+    two = tmp_path / "two"
+    r = _dp_run(tmp_path, data_dir, two, *mode)
+    assert f"x 2 ranks, ZeRO-{stage})" in r.stdout and "done: 6 steps" in r.stdout
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    a = ckpt.load(one / "checkpoints" / "step-000006")
+    b = ckpt.load(two / "checkpoints" / "step-000006")
+    for name, t in a.model.items():
+        torch.testing.assert_close(b.model[name], t, rtol=0, atol=1e-5, msg=name)
+    # The memory of all 4 global streams, in global order, equals the one-process run's.
+    for name, t in a.memory.items():
+        torch.testing.assert_close(b.memory[name], t, rtol=0, atol=1e-5, msg=name)
+    assert (two / "checkpoints" / "step-000006" / "deepspeed").is_dir()
+    # Stopped at step 3 and resumed on 2 processes: the same weights as the uninterrupted run, bit for bit.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000006")
+    (resumed / "checkpoints" / "latest").write_text("step-000003\n")
+    r = _dp_run(tmp_path, data_dir, resumed, *mode, resume=True)
+    assert "at step 3" in r.stdout
+    c = ckpt.load(resumed / "checkpoints" / "step-000006")
+    for name, t in b.model.items():
+        assert torch.equal(c.model[name], t), name
+    # The consolidated weights serve `memscale eval` on one process.
+    ev = _run("eval", str(two / "config.yaml"), "--checkpoint", str(two), "--segments", "2")
+    assert ev.returncode == 0 and "validation: loss" in ev.stdout, ev.stderr
+
+
+def test_bad_layout_is_one_line_before_any_process_starts(data_dir, tmp_path):
+    cfg = _config_file(tmp_path, data_dir, tmp_path / "run", "parallel.dp=3")
+    r = _run("train", str(cfg), "--nproc", "2")
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "world size 2 != parallel.tp*pp*dp = 1*1*3 = 3" in err[0]
+    r = _run("train", str(cfg), "--nproc", "2", "--set", "parallel.tp=2")
+    assert r.returncode == 2 and "not wired into it yet" in r.stderr
