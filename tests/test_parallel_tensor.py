@@ -84,6 +84,7 @@ def _rel(a, b):
 
 def _tp_vs_one_worker(cases):
     from memscale.models import MemoryTransformer
+    from memscale.models.layers import param_roles
     from memscale.parallel.dims import destroy_distributed
     from memscale.parallel.tensor import gather_tensor_parallel, parallelize
     from memscale.train.bptt import run_window
@@ -105,6 +106,8 @@ def _tp_vs_one_worker(cases):
                 got.append(res.loss_sum / res.num_targets)
                 state = res.state
             losses[label] = got
+        roles = {n: r for p_, r in param_roles(tp).items() for n, q in tp.named_parameters() if q is p_}
+        ref_roles = {n: r for p_, r in param_roles(ref).items() for n, q in ref.named_parameters() if q is p_}
         ref_grads = {n: p.grad for n, p in ref.named_parameters()}
         tp_local = {n: p.grad for n, p in tp.named_parameters()}
         missing = sorted(n for n, g in tp_local.items() if g is None)
@@ -116,6 +119,7 @@ def _tp_vs_one_worker(cases):
             ref_missing=sorted(n for n, g in ref_grads.items() if g is None),
             shapes={n: (tuple(full[n].shape), tuple(ref_grads[n].shape)) for n in full},
             grad_diff={n: _rel(full[n], ref_grads[n]) for n in full if ref_grads[n] is not None},
+            roles=(roles, ref_roles),
             sharded=sorted(n for n, p in tp.named_parameters() if getattr(p, "tensor_model_parallel", False)),
         )
     destroy_distributed()
@@ -134,6 +138,7 @@ def test_tp2_equals_tp1(tp_vs_one, case):
         ref_names, tp_names = res["names"]
         assert ref_names == tp_names  # the cut keeps every parameter's name
         assert res["missing"] == res["ref_missing"]
+        assert res["roles"][0] == res["roles"][1]  # weight decay and the optimizer see the same roles
         for n, (got, want) in res["shapes"].items():
             assert got == want, n
         ref_l, tp_l = res["losses"]["ref"], res["losses"]["tp"]
@@ -164,6 +169,75 @@ def test_what_is_sharded(tp_vs_one):
     assert not {n for n in sharded["rmt"] if n.startswith("memory.")}  # memory tokens: replicated
     inf = sharded["infinity"]
     assert "blocks.0.memory.key.weight" in inf and "blocks.0.memory.mu.weight" not in inf
+
+
+# -- pipeline stages, each cut for TP -------------------------------------------------------------------------------
+
+STAGE_KINDS = ("rmt", "memformer", "lamemo")
+
+
+def _stages_worker(kinds):
+    from memscale.models import MemoryTransformer
+    from memscale.parallel.dims import destroy_distributed
+    from memscale.parallel.tensor import gather_tensor_parallel, parallelize
+    from memscale.train.loss import token_loss
+
+    groups = _init()
+    out = {}
+    for kind in kinds:
+        cfg = _cfg([f"model.memory.kind={kind}", "model.tie_embeddings=false"])
+        torch.manual_seed(0)
+        full = MemoryTransformer(cfg.model, segment_len=8)
+        stages = []
+        for layers in (range(0, 1), range(1, 2)):
+            stage = MemoryTransformer(cfg.model, segment_len=8, layers=layers)
+            sd = full.state_dict()
+            stage.load_state_dict({n: sd[n] for n in stage.state_dict()}, strict=True)
+            stages.append(parallelize(stage, groups=groups))
+        first, last = stages
+        batches = _batches(2, seed=5)
+        ref_state = full.init_state(2)
+        state = {**first.init_state(2).tensors, **last.init_state(2).tensors}
+        assert set(state) == set(ref_state)
+        ref_loss, loss = 0.0, 0.0
+        for b in batches:
+            ref_out = full.step(b.tokens_BT, ref_state, targets_BT=b.targets_BT, return_logits=False)
+            ref_loss, ref_state = ref_loss + ref_out.loss_sum, ref_out.state
+            from memscale.models.memory.base import MemoryState
+
+            s = MemoryState(state)
+            x, new = first.embed_segment(b.tokens_BT, s)
+            x, new_layers = first.run_blocks(x, s, num_tokens=8)
+            new.update(new_layers)
+            x, new_layers = last.run_blocks(x, s, num_tokens=8)
+            new.update(new_layers)
+            h, new_last = last.finish(x, s, num_tokens=8)
+            new.update(new_last)
+            loss = loss + token_loss(h, last.head, b.targets_BT, fused=True, return_logits=False).loss_sum
+            state = {n: new[n] for n in state}
+        ref_loss.backward()
+        loss.backward()
+        ref_grads = {n: p.grad for n, p in full.named_parameters()}
+        summed = {}
+        for stage in stages:
+            local = {n: p.grad for n, p in stage.named_parameters()}
+            for n, g in gather_tensor_parallel(stage, local, groups.tp).items():
+                # Parameters shared by all layers (xl/lamemo's u, v) have a replica on every stage, whose
+                # gradients the pipeline runtime sums.
+                summed[n] = summed[n] + g if n in summed else g
+        diffs = {n: _rel(g, ref_grads[n]) for n, g in summed.items()}
+        out[kind] = dict(loss=_rel(loss.detach(), ref_loss.detach()), grads=diffs, names=sorted(ref_grads))
+    destroy_distributed()
+    return out
+
+
+def test_stages_cut_for_tp_chain_to_the_whole_model():
+    for rank_out in run_distributed(_stages_worker, 2, STAGE_KINDS, timeout=300):
+        for kind, res in rank_out.items():
+            assert res["loss"] < RTOL, kind
+            assert sorted(res["grads"]) == res["names"], kind  # every parameter on exactly one stage
+            worst = max(res["grads"].items(), key=lambda kv: kv[1])
+            assert worst[1] < RTOL, (kind, worst)
 
 
 # -- dropout under the tracker, and replay ------------------------------------------------------------------------

@@ -119,6 +119,8 @@ class VocabParallelHead(nn.Module):
     `memscale.train.loss.token_loss` sees `tp_group` and computes the loss vocab-parallel; called, it returns the
     full logits (all-gathered: evaluation only)."""
 
+    param_roles = {"weight": "matrix"}
+
     def __init__(self, weight: nn.Parameter, *, vocab_start: int, vocab_size: int, tp_group):
         super().__init__()
         self.weight = weight
