@@ -145,7 +145,8 @@ class LongTermAttention(LayerMemory):
     The layer's state `coef` [B, N, D] (float32) holds the basis coefficients; keys and values are its
     projections, split by heads of the attention's head width. Under tensor parallelism `coef` is replicated and
     each rank reads with its own heads; sticky sampling draws from the densities of all heads of a row, so a
-    split run must gather mu and sigma^2 over the ranks (and draw alike) before `refit` to keep the copies equal.
+    split layer (`tp_group` set by memscale.parallel.tensor.parallelize) all-gathers mu and sigma^2 over the ranks
+    before `refit`, and every rank draws alike from the default generator: the copies of `coef` stay equal.
     """
 
     context_names = ("empty", "basis_mu", "basis_sigma", "fit_first", "fit_update", "psi_uniform")
