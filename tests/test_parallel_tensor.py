@@ -336,6 +336,15 @@ def _loss_worker():
             hh[scored], ww, y[scored], vocab_start=r * per, group=groups.tp, chunk=8
         )
     )
+    # What the kernel keeps for backward: no N x v logits and no v x D gradient (the weight itself is referenced).
+    saved = []
+    hh, ww = h.clone().requires_grad_(), W_r.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        vocab_parallel_fused_linear_cross_entropy(hh, ww, y, vocab_start=r * per, group=groups.tp, chunk=8)
+    # (v = 32 appears in no other dimension here: N = 37, D = 16)
+    big = [tuple(t.shape) for t in saved if per in t.shape and t.data_ptr() != ww.data_ptr()]
+    assert any(t.data_ptr() == ww.data_ptr() for t in saved) and len(saved) == 5
+    results["saved_big"] = big
     # ... and with the ignored rows left in (masked inside the kernel)
     results["fused_ignore"] = run(
         lambda hh, ww: vocab_parallel_fused_linear_cross_entropy(
@@ -384,7 +393,12 @@ def _loss_worker():
         name: tuple(_rel(a, b) for a, b in zip(results[name], (ref_loss, ref_h, ref_w), strict=True))
         for name in ("fused", "fused_ignore", "plain", "single")
     }
-    return dict(diffs, no_grad=_rel(results["no_grad"], ref_loss), logits=results["logits"])
+    return dict(
+        diffs,
+        no_grad=_rel(results["no_grad"], ref_loss),
+        logits=results["logits"],
+        saved_big=results["saved_big"],
+    )
 
 
 def test_vocab_parallel_loss_equals_megatron_and_single_process():
@@ -394,3 +408,4 @@ def test_vocab_parallel_loss_equals_megatron_and_single_process():
             assert max(res[name]) < 1e-6, (name, res[name])
         assert res["no_grad"] < 1e-6
         assert res["logits"] < 1e-6
+        assert res["saved_big"] == [], res["saved_big"]
