@@ -93,6 +93,9 @@ class Attention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=True)
         self.out.residual_out = True
         self.dropout = dropout
+        self.dropout_rng = contextlib.nullcontext
+        """Context of the attention-probability dropout: none here; under tensor parallelism the RNG tracker's
+        stream (each rank drops its own heads), set by memscale.parallel.tensor.parallelize."""
 
     @property
     def num_heads(self) -> int:
@@ -119,7 +122,8 @@ class Attention(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False
     ):
         p = self.dropout if self.training else 0.0
-        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
+        with self.dropout_rng() if p else contextlib.nullcontext():
+            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
 
     def forward(self, h_BSD: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = True) -> Tensor:
         q, k, v = self.project(h_BSD)
@@ -200,7 +204,11 @@ attention biases, the forgetting bias)."""
 
 def param_role(module: nn.Module, name: str) -> ParamRole:
     """The role of `module`'s own parameter `name`; a module may declare it (`module.param_role`, e.g. an output
-    projection that is tied to the token embedding)."""
+    projection that is tied to the token embedding), or declare all of its own (`module.param_roles`, a dict by
+    name: the tensor-parallel layers of memscale/parallel/tensor.py)."""
+    declared_all = getattr(module, "param_roles", None)
+    if declared_all is not None and name in declared_all and getattr(module, "param_role", None) is None:
+        return declared_all[name]
     declared = getattr(module, "param_role", None)
     if declared is not None and name == "weight":
         return declared

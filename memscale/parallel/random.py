@@ -41,6 +41,19 @@ def model_parallel_seed(seed: int, *, tp_rank: int) -> None:
     )
 
 
+def tracker_states() -> dict[str, torch.Tensor]:
+    """The RNG tracker's streams by name (clones), or {} when megatron-core's tracker is not in use."""
+    return {name: state.clone() for name, state in _tracker_states().items()}
+
+
+def set_tracker_states(states: dict[str, torch.Tensor]) -> None:
+    """Put back streams taken by `tracker_states` (cloned again: fork() replaces a stream's tensor on exit)."""
+    if states:
+        from megatron.core.tensor_parallel import random as mrandom
+
+        mrandom.get_cuda_rng_tracker().set_states({n: s.clone() for n, s in states.items()})
+
+
 def _tracker_states() -> dict[str, torch.Tensor]:
     try:
         from megatron.core.tensor_parallel import random as mrandom

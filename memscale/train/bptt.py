@@ -39,22 +39,38 @@ class WindowResult:
     """The state after the window's last segment, detached: the next window starts from it."""
 
 
-def _rng_snapshot(device: torch.device) -> tuple:
+def _rng_snapshot(device: torch.device, *, tracker: bool = False) -> tuple:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
+    return torch.get_rng_state(), cuda, _tracker_snapshot() if tracker else None
 
 
 def _rng_restore(snap: tuple, device: torch.device) -> None:
-    cpu, cuda = snap
+    cpu, cuda, tracker = snap
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
+    if tracker is not None:
+        from memscale.parallel.random import set_tracker_states
+
+        set_tracker_states(tracker)
+
+
+def _tracker_snapshot() -> dict[str, torch.Tensor]:
+    from memscale.parallel.random import tracker_states
+
+    return tracker_states()
+
+
+def _tensor_parallel(model) -> bool:
+    """A tensor-parallel model (memscale.parallel.tensor.parallelize) draws its attention dropout from
+    megatron-core's RNG tracker: a replayed segment restores the tracker's streams too."""
+    return getattr(model, "tp_group", None) is not None
 
 
 @contextmanager
 def _replayed_rng(snap: tuple, device: torch.device):
     """Run the block under the RNG state `snap`, leaving the ambient RNG as it was."""
-    outer = _rng_snapshot(device)
+    outer = _rng_snapshot(device, tracker=snap[2] is not None)
     _rng_restore(snap, device)
     try:
         yield
@@ -132,6 +148,7 @@ def _run_replay(model, batches, state, *, scale, total, backward) -> WindowResul
     cpu_rng = torch.get_rng_state()
     rng_bank = torch.empty((k, cpu_rng.numel()), dtype=cpu_rng.dtype)
     cuda_rng = [None] * k if device.type == "cuda" else None
+    tracker_rng = [None] * k if _tensor_parallel(model) else None  # a few small tensors per segment
 
     def bank_state(t: int) -> MemoryState:
         return MemoryState({n: bank[t] for n, bank in states_bank.items()})
@@ -144,6 +161,8 @@ def _run_replay(model, batches, state, *, scale, total, backward) -> WindowResul
             rng_bank[t].copy_(torch.get_rng_state())
             if cuda_rng is not None:
                 cuda_rng[t] = torch.cuda.get_rng_state(device)
+            if tracker_rng is not None:
+                tracker_rng[t] = _tracker_snapshot()
             out = _step(model, b, bank_state(t))
             loss_sum += out.loss_sum.item()
             for n, bank in states_bank.items():
@@ -153,7 +172,12 @@ def _run_replay(model, batches, state, *, scale, total, backward) -> WindowResul
     grad_out: dict[str, torch.Tensor] | None = None
     for t in range(k - 1, -1, -1):
         s_in = bank_state(t).map(lambda x: x.detach().clone().requires_grad_(x.is_floating_point()))
-        with _replayed_rng((rng_bank[t].clone(), cuda_rng[t] if cuda_rng is not None else None), device):
+        snap = (
+            rng_bank[t].clone(),
+            cuda_rng[t] if cuda_rng is not None else None,
+            tracker_rng[t] if tracker_rng is not None else None,
+        )
+        with _replayed_rng(snap, device):
             out = _step(model, batches[t], s_in)
         roots, grads = [out.loss_sum * scale], [None]
         if grad_out is not None:

@@ -145,7 +145,8 @@ class LongTermAttention(LayerMemory):
     The layer's state `coef` [B, N, D] (float32) holds the basis coefficients; keys and values are its
     projections, split by heads of the attention's head width. Under tensor parallelism `coef` is replicated and
     each rank reads with its own heads; sticky sampling draws from the densities of all heads of a row, so a
-    split run must gather mu and sigma^2 over the ranks (and draw alike) before `refit` to keep the copies equal.
+    split layer (`tp_group` set by memscale.parallel.tensor.parallelize) all-gathers mu and sigma^2 over the ranks
+    before `refit`, and every rank draws alike from the default generator: the copies of `coef` stay equal.
     """
 
     context_names = ("empty", "basis_mu", "basis_sigma", "fit_first", "fit_update", "psi_uniform")
@@ -160,6 +161,8 @@ class LongTermAttention(LayerMemory):
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.mu = nn.Linear(num_basis, 1, bias=False)
         self.sigma = nn.Linear(num_basis, 1, bias=False)
+        self.tp_group = None
+        """The tensor-parallel group when the heads are split over ranks (set by parallelize)."""
 
     def attention(self, attn, h_BTD, ctx, state):
         q_BHTK, k_BHTK, v_BHTK = attn.project(h_BTD)
@@ -170,6 +173,9 @@ class LongTermAttention(LayerMemory):
         long_BTD, mu_BHT, sigma_sq_BHT = self(
             q_BHTK, coef_BND.to(h_BTD.dtype), ctx["basis_mu"], ctx["basis_sigma"]
         )
+        if self.sticky and self.tp_group is not None:
+            # Every rank refits the same replicated coefficients: the sampling sees the densities of all heads.
+            mu_BHT, sigma_sq_BHT = (gather_heads(t.detach(), self.tp_group) for t in (mu_BHT, sigma_sq_BHT))
         new_coef_BND = refit(
             coef_BND,
             h_BTD,
@@ -195,6 +201,16 @@ class LongTermAttention(LayerMemory):
         context_BHTK = r_BHTN @ values_BHNK
         B, H, T, K = context_BHTK.shape
         return self.out(context_BHTK.transpose(1, 2).reshape(B, T, H * K)), mu_BHT, sigma_sq_BHT
+
+
+@torch.no_grad()
+def gather_heads(x_BHT: Tensor, group) -> Tensor:
+    """All heads from the tensor-parallel ranks' shares (dim 1, in rank order: rank r holds heads r H/n ..)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x_BHT) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x_BHT.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
 
 
 @torch.no_grad()

@@ -50,6 +50,8 @@ keys, D width, H heads, K head width, L layers.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -128,7 +130,9 @@ class LookAheadLayer(LayerMemory):
         ac_BHTS = torch.einsum("bhtk,bhsk->bhts", q_BHTK + u_HK[:, None], k_BHSK)
         bd_BHTS = rel_shift(torch.einsum("bhtk,shk->bhts", q_BHTK + v_HK[:, None], r_past_SHK))
         logits_BHTS = (ac_BHTS + bd_BHTS) * scale + ctx["mask"]
-        o_BHTK, lse_BHT = softmax_attend(logits_BHTS, v_BHSK, dropout=p_drop)
+        # Dropout of the attention's own heads: a tensor-parallel region (the RNG tracker's stream) when split.
+        with attn.dropout_rng() if p_drop else contextlib.nullcontext():
+            o_BHTK, lse_BHT = softmax_attend(logits_BHTS, v_BHSK, dropout=p_drop)
 
         # Memory: look ahead to the window of keys at block positions M-W+1 .. M.
         q_BHMK = q_BHSK[:, :, :M]
@@ -138,7 +142,8 @@ class LookAheadLayer(LayerMemory):
             torch.einsum("bhmk,dhk->bhmd", q_BHMK + v_future_HK[:, None], r_future_MHK)
         )
         logits_BHMW = (ac_BHMW + bd_BHMM[..., M - W :]) * scale + ctx["ahead_mask"]
-        ahead_BHMK, lse_new_BHM = softmax_attend(logits_BHMW, v_BHWK, dropout=p_drop)
+        with attn.dropout_rng() if p_drop else contextlib.nullcontext():
+            ahead_BHMK, lse_new_BHM = softmax_attend(logits_BHMW, v_BHWK, dropout=p_drop)
 
         # Interpolation with the old memory by the softmax normalisers, in float32 (the official code mixes with a
         # float32 alpha too). sigmoid(d_old - d_new) is e^d_old / (e^d_old + e^d_new) without the official
@@ -191,12 +196,15 @@ class LookAheadMemory(MemoryKind):
 
     # -- state ------------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, *, device, dtype) -> MemoryState:
-        B, M, D, H = batch_size, self.mem_len, self.d_model, self.num_heads
+        # The per-head state has the heads this model holds, read off its per-head bias (all of them, or a
+        # tensor-parallel rank's share): attn.l is H x K wide, lognorm.l H.
+        B, M, D = batch_size, self.mem_len, self.d_model
+        H, HK = self.u_HK.shape[0], self.u_HK.numel()
         tensors = {}
         if self.first:
             tensors["emb"] = torch.zeros(B, M, D, device=device, dtype=dtype)
         for layer in self.layers:
-            tensors[layer_state_name("attn", layer)] = torch.zeros(B, M, D, device=device, dtype=dtype)
+            tensors[layer_state_name("attn", layer)] = torch.zeros(B, M, HK, device=device, dtype=dtype)
         for layer in self.layers:
             tensors[layer_state_name("lognorm", layer)] = torch.zeros(
                 B, M, H, device=device, dtype=torch.float32

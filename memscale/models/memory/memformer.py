@@ -97,6 +97,8 @@ class MemoryWrite(nn.Module):
         self.q = nn.Linear(d_model, d_model)
         self.kv = kv_projection(d_model, self.head_dim)
         self._masks: dict[tuple[int, int, torch.device], Tensor] = {}
+        self.tp_group = None
+        """The tensor-parallel group when the heads are split over ranks (set by parallelize)."""
 
     def mask(self, M: int, T: int, device: torch.device) -> Tensor:
         """M x (M + T), True = may attend: slot i sees slot i (identity block) and every token."""
@@ -114,6 +116,12 @@ class MemoryWrite(nn.Module):
         k_BHSK, v_BHSK = per_head_kv(self.kv, torch.cat([mem_BMD, h_BTD], dim=1), K)
         scale = 1.0 / (math.sqrt(K) * self.temperature)
         o_BHMK = sdpa(q_BHMK, k_BHSK, v_BHSK, attn_mask=self.mask(M, T, mem_BMD.device), scale=scale)
+        if self.tp_group is not None:
+            # Split by heads (memscale/parallel/tensor.py): the slots are width-D vectors, so every rank gathers
+            # all heads (no output projection to reduce over).
+            from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+            return gather_from_tensor_model_parallel_region(merge_heads(o_BHMK), group=self.tp_group)
         return merge_heads(o_BHMK)
 
 
