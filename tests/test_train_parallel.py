@@ -88,3 +88,48 @@ def test_bad_layout_is_one_line_before_any_process_starts(data_dir, tmp_path):
     assert len(err) == 1 and "world size 2 != parallel.tp*pp*dp = 1*1*3 = 3" in err[0]
     r = _run("train", str(cfg), "--nproc", "2", "--set", "parallel.tp=2")
     assert r.returncode == 2 and "not wired into it yet" in r.stderr
+
+
+def test_sigterm_to_nproc_run_checkpoints_every_rank_and_resumes_exactly(data_dir, tmp_path):
+    """SIGTERM to `memscale train --nproc 2` reaches both ranks through torchrun; they agree on the step to stop
+    after, write one checkpoint and the command exits 75; `--resume --nproc 2` ends bitwise equal to a run that
+    was never stopped."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_nothing_lost import REPO
+
+    mode = ("parallel.zero_stage=2", "train.memory_grad=truncated", "train.eval_every=0")
+    straight = tmp_path / "straight"
+    _dp_run(tmp_path, data_dir, straight, *mode)
+    stopped = tmp_path / "stopped"
+    cfg = _config_file(tmp_path, data_dir, stopped, *STEPS, "data.num_streams=2", *mode, name="stopped.yaml")
+    code = "import sys\nfrom memscale.cli import main\nsys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "train", str(cfg), "--nproc", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **EXTENSIONS},
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("step      1/6"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=300) == 75
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    assert "SIGTERM received: stopped after step" in rest
+    step = ckpt.step_of(ckpt.latest(stopped / "checkpoints"))
+    assert 1 <= step < 6
+    _dp_run(tmp_path, data_dir, stopped, *mode, resume=True)
+    a = ckpt.load(straight / "checkpoints" / "step-000006").model
+    b = ckpt.load(stopped / "checkpoints" / "step-000006").model
+    for name, t in a.items():
+        assert torch.equal(b[name], t), name

@@ -13,10 +13,15 @@ This module imports no torch: the `--nproc` path of the CLI stays fast.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+EXIT_STOPPED = 75
+"""What `memscale train` exits with after a stop signal and its checkpoint (EX_TEMPFAIL; trainer.EXIT_PREEMPTED)."""
 
 
 def torchrun_command(nproc: int, argv: Sequence[str], *, module: str = "memscale.cli") -> list[str]:
@@ -51,7 +56,26 @@ def spawn_local(
     # The launcher is the place to keep N processes from each using every core; a worker that wants more sets
     # train.threads. torchrun does the same, but only when OMP_NUM_THREADS is unset and nproc > 1.
     full_env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(torchrun_command(nproc, argv, module=module), env=full_env, cwd=cwd)
+    proc = subprocess.Popen(torchrun_command(nproc, argv, module=module), env=full_env, cwd=cwd)
+    # A scheduler's stop signal sent to this process is passed on: torchrun hands SIGTERM to every rank, which
+    # finishes its step and checkpoints (README, "When things go wrong"). Only the main thread installs handlers.
+    stopped = []
+
+    def forward(signum, _frame):
+        stopped.append(signum)
+        proc.send_signal(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        rc = proc.wait()
+        # torchrun folds the ranks' exit codes into its own (1, with a traceback of the signal); the ranks were
+        # told to stop and checkpointed: report what a lone `memscale train` reports, so a job script requeues.
+        return EXIT_STOPPED if rc != 0 and any(s != signal.SIGINT for s in stopped) else rc
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @dataclass(frozen=True)
