@@ -46,6 +46,31 @@ def _run(*args, driver: str | None = None, **kw) -> subprocess.CompletedProcess:
     )
 
 
+CLI = "import sys\nfrom memscale.cli import main\nsys.exit(main(sys.argv[1:]))"
+
+
+def _popen(*args, **kw) -> subprocess.Popen:
+    """`memscale ARGS` in a fresh process, its stdout readable line by line."""
+    return subprocess.Popen([sys.executable, "-c", CLI, *args], text=True, cwd=REPO, **kw)
+
+
+def _stop_at(args, line_prefix: str, *, timeout: float = 120, **kw) -> tuple[int, str]:
+    """Run `memscale ARGS`, send SIGTERM when a stdout line starts with `line_prefix`; (exit code, the rest of
+    stdout)."""
+    proc = _popen(*args, stdout=subprocess.PIPE, **kw)
+    try:
+        for line in proc.stdout:
+            if line.startswith(line_prefix):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.stdout.read()
+        return proc.wait(timeout=timeout), rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return ckpt.load(path).model
 
@@ -145,17 +170,7 @@ def test_two_runs_on_one_out_dir_one_runs_the_other_refuses(data_dir, tmp_path):
     cfg = _config_file(
         tmp_path, data_dir, out, "train.max_steps=100000", "train.eval_every=0", "train.log_every=1"
     )
-    code = "import sys\nfrom memscale.cli import main\nsys.exit(main(sys.argv[1:]))"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, "train", str(cfg)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )
-        for _ in range(2)
-    ]
+    procs = [_popen("train", str(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     try:
         deadline = time.time() + 120
         while all(p.poll() is None for p in procs) and time.time() < deadline:
@@ -199,21 +214,8 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_equal(data_dir, tmp_path):
     r = _run("train", str(_config_file(tmp_path, data_dir, straight, *extra, name="a.yaml")))
     assert r.returncode == 0, r.stderr
     cfg = _config_file(tmp_path, data_dir, stopped, *extra, name="b.yaml")
-    code = "import sys\nfrom memscale.cli import main\nsys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, "train", str(cfg)], stdout=subprocess.PIPE, text=True, cwd=REPO
-    )
-    try:
-        for line in proc.stdout:
-            if line.startswith("step      3/12"):
-                proc.send_signal(signal.SIGTERM)
-                break
-        rest = proc.stdout.read()
-        assert proc.wait(timeout=120) == EXIT_PREEMPTED
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
+    rc, rest = _stop_at(["train", str(cfg)], "step      3/12")
+    assert rc == EXIT_PREEMPTED
     assert "SIGTERM received: stopped after step" in rest
     step = ckpt.step_of(ckpt.latest(stopped / "checkpoints"))
     assert 3 <= step < 12

@@ -18,10 +18,10 @@ import torch
 
 from memscale.checkpoint import simple as ckpt
 from memscale.train.trainer import Trainer
-from tests.test_nothing_lost import _config_file, _run
+from tests.test_nothing_lost import _assert_same_weights, _config_file, _run, _stop_at
 from tests.test_train import _cfg, _events
 
-EXTENSIONS = {"TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/memscale/torch_extensions")}
+ENV = {**os.environ, "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/memscale/torch_extensions")}
 STEPS = (
     "train.max_steps=6",
     "train.save_every=3",
@@ -38,7 +38,7 @@ def _losses(out) -> list[float]:
 def _dp_run(tmp_path, data_dir, out, *extra, resume=False):
     cfg = _config_file(tmp_path, data_dir, out, *STEPS, "data.num_streams=2", *extra, name=f"{out.name}.yaml")
     args = ["train", str(cfg), "--nproc", "2"] + (["--resume"] if resume else [])
-    r = _run(*args, env={**os.environ, **EXTENSIONS})
+    r = _run(*args, env=ENV)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -72,9 +72,7 @@ def test_dp2_zero_equals_one_process_and_resumes_exactly(data_dir, tmp_path, sta
     (resumed / "checkpoints" / "latest").write_text("step-000003\n")
     r = _dp_run(tmp_path, data_dir, resumed, *mode, resume=True)
     assert "at step 3" in r.stdout
-    c = ckpt.load(resumed / "checkpoints" / "step-000006")
-    for name, t in b.model.items():
-        assert torch.equal(c.model[name], t), name
+    _assert_same_weights(two / "checkpoints" / "step-000006", resumed / "checkpoints" / "step-000006")
     # The consolidated weights serve `memscale eval` on one process.
     ev = _run("eval", str(two / "config.yaml"), "--checkpoint", str(two), "--segments", "2")
     assert ev.returncode == 0 and "validation: loss" in ev.stdout, ev.stderr
@@ -94,42 +92,19 @@ def test_sigterm_to_nproc_run_checkpoints_every_rank_and_resumes_exactly(data_di
     """SIGTERM to `memscale train --nproc 2` reaches both ranks through torchrun; they agree on the step to stop
     after, write one checkpoint and the command exits 75; `--resume --nproc 2` ends bitwise equal to a run that
     was never stopped."""
-    import signal
     import subprocess
-    import sys
-
-    from tests.test_nothing_lost import REPO
 
     mode = ("parallel.zero_stage=2", "train.memory_grad=truncated", "train.eval_every=0")
     straight = tmp_path / "straight"
     _dp_run(tmp_path, data_dir, straight, *mode)
     stopped = tmp_path / "stopped"
     cfg = _config_file(tmp_path, data_dir, stopped, *STEPS, "data.num_streams=2", *mode, name="stopped.yaml")
-    code = "import sys\nfrom memscale.cli import main\nsys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, "train", str(cfg), "--nproc", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, **EXTENSIONS},
+    rc, rest = _stop_at(
+        ["train", str(cfg), "--nproc", "2"], "step      1/6", timeout=300, stderr=subprocess.DEVNULL, env=ENV
     )
-    try:
-        for line in proc.stdout:
-            if line.startswith("step      1/6"):
-                proc.send_signal(signal.SIGTERM)
-                break
-        rest = proc.stdout.read()
-        assert proc.wait(timeout=300) == 75
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
+    assert rc == 75
     assert "SIGTERM received: stopped after step" in rest
     step = ckpt.step_of(ckpt.latest(stopped / "checkpoints"))
     assert 1 <= step < 6
     _dp_run(tmp_path, data_dir, stopped, *mode, resume=True)
-    a = ckpt.load(straight / "checkpoints" / "step-000006").model
-    b = ckpt.load(stopped / "checkpoints" / "step-000006").model
-    for name, t in a.items():
-        assert torch.equal(b[name], t), name
+    _assert_same_weights(straight / "checkpoints" / "step-000006", stopped / "checkpoints" / "step-000006")

@@ -167,7 +167,6 @@ class Trainer:
             )  # same initial weights, own dropout masks per rank
         self.state = self.net.init_state(cfg.data.num_streams)
         self.step = 0
-        self.log = log
         self.ckpt_root = self.out_dir / "checkpoints"
         self.resumed_from: Path | None = None
         # Held until train() returns, by rank 0 for all ranks; see rundir.py.
