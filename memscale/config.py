@@ -227,15 +227,15 @@ class Config:
             raise ConfigError(f"parallel.pp={p.pp} must divide model.num_layers={m.num_layers}")
         if p.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
-        if (p.tp, p.pp) != (1, 1):
+        if p.pp != 1:
             raise ConfigError(
-                f"parallel.tp={p.tp} / parallel.pp={p.pp}: `memscale train` runs data parallel (parallel.dp, "
-                "parallel.zero_stage) in this release; tensor and pipeline parallel training are not wired into "
-                "it yet: set parallel.tp=1 and parallel.pp=1"
+                f"parallel.pp={p.pp}: `memscale train` runs tensor and data parallel (parallel.tp, parallel.dp, "
+                "parallel.zero_stage) in this release; pipeline parallel training is not wired into it yet: set "
+                "parallel.pp=1"
             )
-        if (p.dp > 1 or p.zero_stage) and d.source != "corpus":
+        if (p.dp > 1 or p.tp > 1 or p.zero_stage) and d.source != "corpus":
             raise ConfigError(
-                f"data.source={d.source} runs on one process: data-parallel training reads a prepared corpus "
+                f"data.source={d.source} runs on one process: multi-process training reads a prepared corpus "
                 "(data.source=corpus); remove the parallel overrides"
             )
         return self

@@ -53,7 +53,7 @@ def test_for_config_checks_the_model():
     from memscale.config import config_from_dict
 
     cfg = config_from_dict({}, ["model.num_heads=8", "model.d_model=64", "model.vocab_size=501"])
-    cfg.parallel = ParallelConfig(tp=2, dp=0)  # Config.validate still refuses parallel layouts
+    cfg.parallel = ParallelConfig(tp=2, dp=0)  # set after loading: the vocabulary check is ParallelDims' own
     with pytest.raises(ConfigError, match="model.vocab_size=501"):
         ParallelDims.for_config(cfg, world_size=4)
     cfg.model.vocab_size = 512

@@ -84,7 +84,7 @@ def test_bad_layout_is_one_line_before_any_process_starts(data_dir, tmp_path):
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "world size 2 != parallel.tp*pp*dp = 1*1*3 = 3" in err[0]
-    r = _run("train", str(cfg), "--nproc", "2", "--set", "parallel.tp=2")
+    r = _run("train", str(cfg), "--nproc", "2", "--set", "parallel.pp=2")
     assert r.returncode == 2 and "not wired into it yet" in r.stderr
 
 
@@ -108,3 +108,52 @@ def test_sigterm_to_nproc_run_checkpoints_every_rank_and_resumes_exactly(data_di
     assert 1 <= step < 6
     _dp_run(tmp_path, data_dir, stopped, *mode, resume=True)
     _assert_same_weights(straight / "checkpoints" / "step-000006", stopped / "checkpoints" / "step-000006")
+
+
+# lamemo: head-sharded memory state (attn.l, lognorm.l) and relative-position parameters split by heads.
+TP_LAMEMO = ("model.memory.kind=lamemo", "model.memory.mem_len=8", "train.memory_grad=detached")
+# memformer: read and write projections split by heads; replay restores the TP tracker's streams.
+TP_MEMFORMER = ("model.memory.kind=memformer", "model.dropout=0.1", "train.memory_grad=replay")
+
+
+def test_tp2_trains_like_one_process_and_resumes_exactly(data_dir, tmp_path):
+    """`memscale train --nproc 2 --set parallel.tp=2`: megatron-core's column/row/vocab-parallel layers, the
+    vocab-parallel loss and head-sharded lamemo memory, end to end, against one process.
+
+    With dropout the runs draw different masks (attention dropout on a TP rank's heads comes from megatron-core's
+    tracker stream), so the reference comparison runs without dropout: the TP run computes the function of the
+    unsharded model up to the order of fp32 sums (row-parallel all-reduce, vocab-parallel softmax), measured ~1e-7
+    relative; rel 1e-5 on the losses and abs 1e-5 on weights and memory leave room for 6 AdamW steps and catch a
+    misplaced shard (a wrong head order changes losses at 1e-2). The resume check runs memformer with dropout and
+    replay under ZeRO-1: a run stopped at step 3 and resumed ends bitwise equal, the tracker's streams included."""
+    mode = TP_LAMEMO
+    one = tmp_path / "one"
+    Trainer(_cfg(data_dir, one, *STEPS, "train.threads=1", *mode), log=lambda _: None).train()
+    tp = tmp_path / "tp"
+    r = _dp_run(tmp_path, data_dir, tp, *mode, "parallel.tp=2")
+    assert "x 1 ranks, tp=2, ZeRO-0)" in r.stdout and "done: 6 steps" in r.stdout, r.stdout
+    assert _losses(tp) == pytest.approx(_losses(one), rel=1e-5)
+    a = ckpt.load(one / "checkpoints" / "step-000006")
+    b = ckpt.load(tp / "checkpoints" / "step-000006")
+    assert sorted(b.model) == sorted(a.model)  # consolidated: the plain model's names and shapes
+    for name, t in a.model.items():
+        torch.testing.assert_close(b.model[name], t, rtol=0, atol=1e-5, msg=name)
+    assert sorted(b.memory) == sorted(a.memory)  # attn.l and lognorm.l joined over the TP ranks
+    for name, t in a.memory.items():
+        torch.testing.assert_close(b.memory[name], t, rtol=0, atol=1e-5, msg=name)
+    ev = _run("eval", str(tp / "config.yaml"), "--checkpoint", str(tp), "--segments", "2")
+    assert ev.returncode == 0 and "validation: loss" in ev.stdout, ev.stderr
+
+    drop = (*TP_MEMFORMER, "parallel.tp=2", "parallel.zero_stage=1")
+    full = tmp_path / "full"
+    _dp_run(tmp_path, data_dir, full, *drop)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000006")
+    (resumed / "checkpoints" / "latest").write_text("step-000003\n")
+    r = _dp_run(tmp_path, data_dir, resumed, *drop, resume=True)
+    assert "at step 3" in r.stdout
+    _assert_same_weights(full / "checkpoints" / "step-000006", resumed / "checkpoints" / "step-000006")
+    # Another layout is refused in one line, naming both.
+    r = _run("train", str(tmp_path / "resumed.yaml"), "--resume", "--nproc", "2", "--set", "parallel.tp=1", env=ENV)
+    assert r.returncode != 0 and "was written by 2 processes (tp=2, ZeRO-1), this run is 2 processes (tp=1" in r.stderr

@@ -305,11 +305,12 @@ def parallelize(model: nn.Module, *, groups=None, tp_group=None) -> nn.Module:
 def gather_tensor_parallel(model: nn.Module, tensors: dict[str, Tensor], group) -> dict[str, Tensor]:
     """Full tensors from this rank's shards: `tensors` keyed by parameter name of `model` (its parameters, or their
     gradients), each all-gathered along its parameter's partition dimension; replicated ones are returned as is."""
-    params = dict(model.named_parameters())
+    # Every name a state dict can hold: a tied head's second name, and buffers (never split).
+    params = dict(model.named_parameters(remove_duplicate=False))
     out = {}
     n = dist.get_world_size(group)
     for name, t in tensors.items():
-        dim = partition_dim(params[name])
+        dim = partition_dim(params[name]) if name in params else None
         if dim is None or n == 1:
             out[name] = t
             continue

@@ -32,7 +32,7 @@ from memscale.data.sources import build_loader, data_vocab_size, unigram_logp
 from memscale.eval.evaluate import evaluate_lm
 from memscale.models import MemoryTransformer
 from memscale.models.memory.base import MemoryState
-from memscale.train import data_parallel
+from memscale.train import distributed
 from memscale.train.bptt import run_window
 from memscale.train.metrics import MetricsLogger
 from memscale.train.optim import apply_hyperparameters, build_optimizer
@@ -124,14 +124,21 @@ class _Silent:
     def close(self) -> None: ...
 
 
+def _layout(extra: dict) -> str:
+    """The process layout a multi-process checkpoint records, in words."""
+    return (
+        f"{extra.get('world_size', 1)} processes (tp={extra.get('tp', 1)}, ZeRO-{extra.get('zero_stage', 0)})"
+    )
+
+
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, resume_from: str | None = None, log=None):
         self.cfg = cfg
         self.out_dir = Path(cfg.train.out_dir)
         self.device = torch.device(cfg.train.device)
         # Several processes (torchrun / --nproc): process groups first, rank 0 alone speaks and writes.
-        self.dp = data_parallel.DataParallel(cfg) if data_parallel.wanted(cfg) else None
-        self.is_main = self.dp is None or self.dp.is_main
+        self.dist = distributed.Distributed(cfg) if distributed.wanted(cfg) else None
+        self.is_main = self.dist is None or self.dist.is_main
         self.say = (log or (lambda text: print(text, flush=True))) if self.is_main else (lambda text: None)
         resuming = resume or resume_from is not None
         # Everything that can fail on user input is checked before anything is written to disk: the config
@@ -145,7 +152,7 @@ class Trainer:
                 f"model.vocab_size={cfg.model.vocab_size} differs from the tokenizer of {cfg.data.dir} "
                 f"({vocab}): set model.vocab_size={vocab}"
             )
-        self.slice = {"rank": self.dp.dp_rank, "world_size": self.dp.dp} if self.dp else {}
+        self.slice = {"rank": self.dist.dp_rank, "world_size": self.dist.dp} if self.dist else {}
         self.train_loader = build_loader(cfg, "train", infinite=True, **self.slice)
         if cfg.train.eval_every:
             build_loader(cfg, "val", infinite=False, **self.slice)
@@ -154,17 +161,17 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len).to(self.device)
         self.num_params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
+        if self.dist is not None:  # the same plain model on every rank, cut into this rank's TP shard
+            self.model = self.dist.shard(self.model)
         self.optimizer = build_optimizer(self.model, cfg.train)
         # What the loop calls like the model: the model itself, or the engine's view of it (memscale/parallel/zero.py).
         self.net = self.model
-        if self.dp is not None:
-            self.net = self.dp.wrap(
+        if self.dist is not None:
+            self.net = self.dist.wrap(
                 self.model, self.optimizer, batch_size=cfg.data.num_streams, segment_len=cfg.data.segment_len
             )
-            self.optimizer = self.dp.optimizer
-            torch.manual_seed(
-                cfg.train.seed + self.dp.rank
-            )  # same initial weights, own dropout masks per rank
+            self.optimizer = self.dist.optimizer
+            self.dist.seed(cfg.train.seed)  # same initial weights, own dropout masks per data-parallel rank
         self.state = self.net.init_state(cfg.data.num_streams)
         self.step = 0
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -186,8 +193,8 @@ class Trainer:
     def _close(self) -> None:
         if self.lock is not None:
             self.lock.release()
-        if self.dp is not None:
-            self.dp.close()
+        if self.dist is not None:
+            self.dist.close()
 
     # -- checkpointing -------------------------------------------------------------------------------------------
     def gather_state(self) -> ckpt.TrainState:
@@ -209,14 +216,31 @@ class Trainer:
             raise ConfigError(
                 f"--resume: the model config differs from the one saved in {path}: resume with the same model.* keys"
             )
-        if self.dp is None:
+        saved = _layout(ts.extra) if ts.extra else None
+        here = (
+            _layout(
+                {
+                    "world_size": self.dist.dims.world_size,
+                    "tp": self.dist.tp,
+                    "zero_stage": self.dist.dims.zero_stage,
+                }
+            )
+            if self.dist
+            else None
+        )
+        if saved != here:
+            raise ConfigError(
+                f"--resume: {path} was written by {saved or 'one process'}, this run is {here or 'one process'}: "
+                "resume with the same layout (resharding to another one comes with sharded checkpoints)"
+            )
+        if self.dist is None:
             ckpt.load_weights(self.model, path, ts.model)
             self.optimizer.load_state_dict(ts.optimizer)
             self.state = MemoryState.from_state_dict(ts.memory, device=self.device)
             ckpt.set_rng_state(ts.rng)
         else:
-            self.dp.load(path, ts.rng)
-            self.state = self.dp.local_memory(ts.memory, device=self.device)
+            self.dist.load(path, ts.rng)
+            self.state = self.dist.local_memory(ts.memory, device=self.device)
         self.train_loader.load_state_dict(ts.loader)
         self.step = ts.step
         self.resumed_from = path
@@ -228,7 +252,7 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint; its path (None on ranks other than 0)."""
         keep = self.cfg.train.keep_checkpoints
-        if self.dp is None:
+        if self.dist is None:
             return ckpt.save(self.ckpt_root, self.gather_state(), keep=keep)
 
         def make_state(memory, rng, weights) -> ckpt.TrainState:
@@ -241,10 +265,15 @@ class Trainer:
                 memory=memory,
                 rng=rng,
                 config=to_dict(self.cfg),
-                extra={"world_size": self.dp.dims.world_size, "zero_stage": self.dp.dims.zero_stage},
+                extra={
+                    "world_size": self.dist.dims.world_size,
+                    "tp": self.dist.tp,
+                    "dp": self.dist.dp,
+                    "zero_stage": self.dist.dims.zero_stage,
+                },
             )
 
-        return self.dp.save(
+        return self.dist.save(
             self.ckpt_root, step=self.step, state=self.state, make_state=make_state, keep=keep
         )
 
@@ -263,9 +292,9 @@ class Trainer:
                 unigram_logp=uni,
             )
         self.model.train()
-        if self.dp is not None:  # token-weighted over the ranks' slices
+        if self.dist is not None:  # token-weighted over the ranks' slices
             uni = math.log(ev.unigram_ppl) * ev.num_tokens if ev.unigram_ppl is not None else 0.0
-            loss_sum, uni_sum, tokens = self.dp.sum(ev.loss * ev.num_tokens, uni, ev.num_tokens)
+            loss_sum, uni_sum, tokens = self.dist.sum(ev.loss * ev.num_tokens, uni, ev.num_tokens)
             ev.num_tokens = int(tokens)
             ev.loss = loss_sum / max(tokens, 1.0)
             ev.ppl = math.exp(min(ev.loss, 50.0))
@@ -297,9 +326,13 @@ class Trainer:
         peak = PeakMeter(device=self.device)
         peak.sample()
         flops_per_token = self.flops_per_token
-        ranks = self.dp.dp if self.dp else 1
+        ranks = self.dist.dp if self.dist else 1  # data-parallel ranks: each trains its own streams
+        world = self.dist.dims.world_size if self.dist else 1  # processes sharing the work
         tokens_per_step = t.bptt_segments * cfg.data.num_streams * cfg.data.segment_len * ranks
-        layout = f" x {ranks} ranks, ZeRO-{self.dp.dims.zero_stage}" if self.dp else ""
+        layout = ""
+        if self.dist:
+            tp = f", tp={self.dist.tp}" if self.dist.tp > 1 else ""
+            layout = f" x {ranks} ranks{tp}, ZeRO-{self.dist.dims.zero_stage}"
         say(
             f"memscale: {cfg.model.memory.kind} | {self.num_params / 1e6:.2f}M params | "
             f"{tokens_per_step} tokens/step ({t.bptt_segments} segments x {cfg.data.num_streams} streams x "
@@ -319,7 +352,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 batches = [next(train_iter).to(self.device) for _ in range(t.bptt_segments)]
                 lr = apply_hyperparameters(self.optimizer, t, step=self.step)
-                if self.dp is None:
+                if self.dist is None:
                     self.optimizer.zero_grad(set_to_none=True)
                     result = run_window(self.net, batches, self.state, memory_grad=t.memory_grad)
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
@@ -328,17 +361,17 @@ class Trainer:
                     if finite:
                         self.optimizer.step()
                 else:  # the engine reduces, clips and steps, and skips a non-finite update itself
-                    scale = self.dp.loss_scale(sum(b.num_targets for b in batches))
+                    scale = self.dist.loss_scale(sum(b.num_targets for b in batches))
                     result = run_window(
                         self.net,
                         batches,
                         self.state,
                         memory_grad=t.memory_grad,
                         loss_scale=scale,
-                        backward=self.dp.engine.backward,
+                        backward=self.dist.engine.backward,
                     )
-                    grad_norm = self.dp.step()
-                    loss_sum, num_targets = self.dp.sum(result.loss_sum, result.num_targets)
+                    grad_norm = self.dist.step()
+                    loss_sum, num_targets = self.dist.sum(result.loss_sum, result.num_targets)
                     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
                 state = result.state
                 if finite:
@@ -377,7 +410,7 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     step_s = window_time / window_steps
                     tok_s = tokens_per_step / step_s
-                    mfu = tok_s / ranks * flops_per_token / peak.sample()  # per rank: its own matmul peak
+                    mfu = tok_s / world * flops_per_token / peak.sample()  # per process: its own matmul peak
                     loss = window_loss / window_targets if window_targets else math.nan
                     logger.scalars(
                         self.step,
@@ -407,8 +440,10 @@ class Trainer:
                     window_loss, window_targets, window_time, window_steps = 0.0, 0, 0.0, 0
                 final = self.step == t.max_steps
                 stop = signals.received
-                if self.dp is not None:  # every rank stops after the same step, or the checkpoint would hang
-                    stop = "SIGTERM" if self.dp.sum(1.0 if stop else 0.0)[0] > 0 else None
+                if (
+                    self.dist is not None
+                ):  # every rank stops after the same step, or the checkpoint would hang
+                    stop = (stop or "a stop signal on another rank") if self.dist.any(bool(stop)) else None
                 # A checkpoint is written before the validation that may fail; never during a streak of skipped
                 # steps, whose weights produced a non-finite loss.
                 if streak == 0 and (final or stop or (t.save_every and self.step % t.save_every == 0)):
