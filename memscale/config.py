@@ -115,6 +115,9 @@ class TrainConfig:
     """Segments per optimizer step; with memory_grad=truncated or replay, gradient crosses all of them."""
     memory_grad: MemoryGrad = "detached"
     """detached: no gradient across segments; truncated: BPTT within the window; replay: BPTT by memory replay."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward instead of keeping them: full: every block; selective: each block's
+    attention sub-layer (its score and probability tensors grow with T x (M + T)), keeping the MLP's."""
     eval_every: int = 50
     eval_segments: int = 16
     """Segment steps of held-out data per validation (over all streams)."""

@@ -246,6 +246,7 @@ def test_stages_cut_for_tp_chain_to_the_whole_model():
 
 def _dropout_worker(kinds):
     from memscale.models import MemoryTransformer
+    from memscale.parallel import random as mrandom
     from memscale.parallel.dims import destroy_distributed
     from memscale.parallel.random import model_parallel_seed, tracker_states
     from memscale.parallel.tensor import parallelize
@@ -274,17 +275,35 @@ def _dropout_worker(kinds):
         run_window(model, _batches(3, seed=4), model.init_state(2), memory_grad="replay")
         model.tp_group = group
         cpu_only = torch.cat([p.grad.flatten() for p in model.parameters()])
+        # Activation checkpointing recomputes blocks (or their attention) in backward under the tracker's streams
+        # of the first run; without restoring them (`tracker_states` reporting none) the masks are redrawn.
+        recompute = {}
+        for ac, forget in (("full", False), ("selective", False), ("full", True)):
+            model.set_activation_checkpointing(ac)
+            model.zero_grad(set_to_none=True)
+            model_parallel_seed(7, tp_rank=groups.tp_rank)
+            saved = mrandom.tracker_states
+            if forget:
+                mrandom.tracker_states = lambda: {}
+            try:
+                run_window(model, _batches(3, seed=4), model.init_state(2), memory_grad="truncated")
+            finally:
+                mrandom.tracker_states = saved
+            g = torch.cat([p.grad.flatten() for p in model.parameters()])
+            recompute[ac + ("-forgetting" if forget else "")] = _rel(g, grads["truncated"][1])
+        model.set_activation_checkpointing("none")
         out[kind] = dict(
             loss=(grads["truncated"][0], grads["replay"][0]),
             diff=_rel(grads["replay"][1], grads["truncated"][1]),
             cpu_only_diff=_rel(cpu_only, grads["truncated"][1]),
             tracker_moved=moved,
+            recompute=recompute,
         )
     destroy_distributed()
     return out
 
 
-def test_dropout_replay_equals_truncated_under_tp():
+def test_dropout_replay_and_activation_checkpointing_equal_truncated_under_tp():
     for rank_out in run_distributed(_dropout_worker, 2, DROPOUT_KINDS, timeout=300):
         for kind, res in rank_out.items():
             # Attention dropout drew from the tracker's TP stream, and replay restored it: same masks, same
@@ -293,6 +312,9 @@ def test_dropout_replay_equals_truncated_under_tp():
             assert res["loss"][0] == pytest.approx(res["loss"][1], rel=1e-6), kind
             assert res["diff"] < 1e-6, (kind, res)
             assert res["cpu_only_diff"] > 1e-3, (kind, res)
+            # Activation checkpointing (full, selective) recomputes under the same tracker streams: same gradient.
+            assert res["recompute"]["full"] < 1e-6 and res["recompute"]["selective"] < 1e-6, (kind, res)
+            assert res["recompute"]["full-forgetting"] > 1e-3, (kind, res)
 
 
 # -- the vocab-parallel loss ----------------------------------------------------------------------------------------

@@ -2,12 +2,15 @@
 
 - a model built for a slice of layers holds only its parts, and a chain of stages computes what the whole model
   computes, state included;
-- every block replays under `torch.utils.checkpoint`, reentrant or not, with the gradients of a plain run;
+- every block replays under `torch.utils.checkpoint`, reentrant or not, with the gradients of a plain run, and
+  `train.activation_checkpointing` (full, selective) gives them too, for every memory_grad mode;
 - the attention projections are laid out per head: a column split of their rows gives each rank whole heads,
   and the kinds read their head count off the modules and tensors they are given.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -150,6 +153,59 @@ def test_checkpointed_blocks_give_the_same_gradients(kind):
             assert (g is None) == (g_ref is None)
             if g is not None:
                 torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
+
+
+def _switched_window(kind: str, mode: str, memory_grad: str, *, meter=None):
+    model = tiny_model(kind, "model.dropout=0.1", *EXTRA, seed=2)
+    model.set_activation_checkpointing(mode)
+    torch.manual_seed(5)
+    hooks = (
+        torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack)
+        if meter is not None
+        else contextlib.nullcontext()
+    )
+    with hooks:
+        r = run_window(
+            model, random_batches(3, reset_at={2: [0]}), model.init_state(2), memory_grad=memory_grad
+        )
+    return r, [p.grad for p in model.parameters()]
+
+
+CASES = [
+    (k, g)
+    for k in KINDS
+    for g in (("detached", "truncated", "replay") if k in GRAD_CARRYING_KINDS else ("detached",))
+]
+
+
+@pytest.mark.parametrize("kind, memory_grad", CASES)
+def test_activation_checkpointing_switch_gives_the_same_gradients(kind, memory_grad):
+    """`train.activation_checkpointing` full and selective against none, for every kind and memory_grad mode, with
+    dropout on: same loss, state and gradients (1e-6 absolute, as above: the same kernels on the same inputs)."""
+    ref, ref_grads = _switched_window(kind, "none", memory_grad)
+    for mode in ("full", "selective"):
+        got, grads = _switched_window(kind, mode, memory_grad)
+        assert got.loss_sum == pytest.approx(ref.loss_sum, rel=1e-6)
+        for name in ref.state:
+            torch.testing.assert_close(got.state[name], ref.state[name], atol=1e-6, rtol=0)
+        for g, g_ref in zip(grads, ref_grads, strict=True):
+            assert (g is None) == (g_ref is None)
+            if g is not None:
+                torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["rmt", "xl"])
+def test_activation_checkpointing_keeps_fewer_activations(kind):
+    """What autograd keeps outside recomputed regions (saved_tensors_hooks): selective drops the attention
+    sub-layers' tensors, full every block's; the switch is not a no-op."""
+    from tests.test_bptt import _SavedBytes
+
+    peak = {}
+    for mode in ("none", "selective", "full"):
+        meter = _SavedBytes()
+        _switched_window(kind, mode, "truncated" if kind in GRAD_CARRYING_KINDS else "detached", meter=meter)
+        peak[mode] = meter.peak
+    assert peak["full"] < peak["selective"] < peak["none"], peak
 
 
 # -- per-head layout: a column split gives whole heads ------------------------------------------------------------

@@ -44,16 +44,19 @@ def _dp_run(tmp_path, data_dir, out, *extra, resume=False):
 
 
 @pytest.mark.parametrize(
-    "stage, memory_grad",
-    [(2, "truncated"), (3, "replay"), (0, "detached")],
+    "stage, memory_grad, recompute",
+    [(2, "truncated", "selective"), (3, "replay", "full"), (0, "detached", "none")],
 )
-def test_dp2_zero_equals_one_process_and_resumes_exactly(data_dir, tmp_path, stage, memory_grad):
+def test_dp2_zero_equals_one_process_and_resumes_exactly(data_dir, tmp_path, stage, memory_grad, recompute):
+    """... and activation checkpointing on the two ranks (ZeRO-3 gathers the parameters of a block again when it
+    is recomputed in backward) against none on one process."""
     mode = (f"parallel.zero_stage={stage}", f"train.memory_grad={memory_grad}")
     one = tmp_path / "one"
     Trainer(
         _cfg(data_dir, one, *STEPS, "data.num_streams=4", "train.threads=1", *mode), log=lambda _: None
     ).train()
     two = tmp_path / "two"
+    mode = (*mode, f"train.activation_checkpointing={recompute}")
     r = _dp_run(tmp_path, data_dir, two, *mode)
     assert f"x 2 ranks, ZeRO-{stage})" in r.stdout and "done: 6 steps" in r.stdout
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)

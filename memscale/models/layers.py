@@ -179,18 +179,60 @@ class Block(nn.Module):
     def state_names(self) -> tuple[str, ...]:
         return self.memory.state_names if self.memory is not None else ()
 
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation checkpointing of this block (`train.activation_checkpointing`): `MemoryTransformer.run_blocks`
+    recomputes the whole block when "full"; with "selective" the block recomputes its attention sub-layer."""
+
     def forward(self, x_BSD: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        if self.recompute == "selective":
+            a_BSD, *new_state = recomputed(self.attention_sublayer, x_BSD, *inputs)
+        else:
+            a_BSD, *new_state = self.attention_sublayer(x_BSD, *inputs)
+        x_BSD = x_BSD + self.drop(a_BSD)
+        if self.memory is not None:
+            names = self.memory.context_names
+            x_BSD = self.memory.after_attention(x_BSD, dict(zip(names, inputs[: len(names)], strict=True)))
+        return (x_BSD + self.drop(self.mlp(self.norm2(x_BSD))), *new_state)
+
+    def attention_sublayer(self, x_BSD: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """Norm and attention (the kind's, with its memory): the attention output and the layer's new state."""
         h_BSD = self.norm1(x_BSD)
         if self.memory is None:
-            x_BSD = x_BSD + self.drop(self.attn(h_BSD, is_causal=True))
-            return (x_BSD + self.drop(self.mlp(self.norm2(x_BSD))),)
+            return (self.attn(h_BSD, is_causal=True),)
         names = self.memory.context_names
         ctx = dict(zip(names, inputs[: len(names)], strict=True))
         state = dict(zip(self.memory.state_names, inputs[len(names) :], strict=True))
         a_BSD, new_state = self.memory.attention(self.attn, h_BSD, ctx, state)
-        x_BSD = x_BSD + self.drop(a_BSD)
-        x_BSD = self.memory.after_attention(x_BSD, ctx)
-        return (x_BSD + self.drop(self.mlp(self.norm2(x_BSD))), *new_state)
+        return (a_BSD, *new_state)
+
+
+def recomputed(fn, *args: Tensor) -> tuple[Tensor, ...]:
+    """`fn(*args)` under torch.utils.checkpoint (non-reentrant): only the inputs are kept, and backward runs `fn`
+    again under the random streams of the first run.
+
+    torch restores the CPU and CUDA generators itself; megatron-core's RNG tracker (attention dropout on a
+    tensor-parallel rank's heads) is restored here, which its own `tensor_parallel.checkpoint` does only in its
+    reentrant form (one backward per forward: replay's several roots and ZeRO's hooks need the non-reentrant one).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from memscale.parallel.random import set_tracker_states, tracker_states
+
+    first = tracker_states()
+    runs = [0]
+
+    def body(*a: Tensor):
+        runs[0] += 1
+        if runs[0] == 1 or not first:
+            return fn(*a)
+        current = tracker_states()
+        set_tracker_states(first)
+        try:
+            return fn(*a)
+        finally:
+            set_tracker_states(current)
+
+    return checkpoint(body, *args, use_reentrant=False, preserve_rng_state=True)
 
 
 # -- parameter roles -------------------------------------------------------------------------------------------

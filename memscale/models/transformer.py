@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from memscale.config import ModelConfig
 from memscale.data.batch import IGNORE_INDEX
-from memscale.models.layers import Block, init_weights
+from memscale.models.layers import Block, init_weights, recomputed
 from memscale.models.memory import build_memory
 from memscale.models.memory.base import MemoryState, layer_state_name
 from memscale.train.loss import token_loss
@@ -116,6 +116,13 @@ class MemoryTransformer(nn.Module):
         yield from own(self.head)
 
     # ----------------------------------------------------------------------------------------------------------
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """`train.activation_checkpointing` on every block of this model: "none", "full" or "selective"."""
+        if mode not in ("none", "full", "selective"):
+            raise ValueError(f"activation checkpointing {mode!r} is not one of none, full, selective")
+        for block in self.blocks.values():
+            block.recompute = mode
+
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None) -> MemoryState:
         ref = next(self.parameters())
         device = device if device is not None else ref.device
@@ -143,9 +150,11 @@ class MemoryTransformer(nn.Module):
         detach = not self.memory.carries_grad
         for block in self.blocks.values():
             names = [layer_state_name(n, block.layer) for n in block.state_names]
-            x_BSD, *layer_new = block(
-                x_BSD, *(ctx[n] for n in block.context_names), *(state[n] for n in names)
-            )
+            inputs = (x_BSD, *(ctx[n] for n in block.context_names), *(state[n] for n in names))
+            if block.recompute == "full":
+                x_BSD, *layer_new = recomputed(block, *inputs)
+            else:
+                x_BSD, *layer_new = block(*inputs)
             # A detached kind's layer state is already detached; under a checkpoint wrapper it would come back
             # attached to the recomputation, so detach again (a view, no copy).
             new.update(zip(names, (t.detach() for t in layer_new) if detach else layer_new, strict=True))

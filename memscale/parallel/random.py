@@ -13,6 +13,7 @@ and leaves the ambient streams as they were; `RNGBank` keeps a window's snapshot
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -55,9 +56,9 @@ def set_tracker_states(states: dict[str, torch.Tensor]) -> None:
 
 
 def _tracker_states() -> dict[str, torch.Tensor]:
-    try:
-        from megatron.core.tensor_parallel import random as mrandom
-    except ImportError:  # megatron-core absent: nothing tracked
+    # Never imported means never seeded (and importing megatron-core costs seconds): nothing tracked.
+    mrandom = sys.modules.get("megatron.core.tensor_parallel.random")
+    if mrandom is None:
         return {}
     if not mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED:
         return {}

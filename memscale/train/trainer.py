@@ -160,6 +160,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         self.model = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len).to(self.device)
+        self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.num_params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
         if self.dist is not None:  # the same plain model on every rank, cut into this rank's TP shard
             self.model = self.dist.shard(self.model)
