@@ -23,18 +23,19 @@ had to be added here:
     per-stage data-parallel reduction and does not order ranks against each other.
 
 torch's parser matches a prefix (`1F3.2` would silently read as micro-batch 3), so these strings go through
-`Action.parse` only; `to_torch` converts the torch-expressible part of a schedule when G == 1.
+`Action.parse` only; `to_torch` converts a schedule without memory transfers (F, B and activation transfers) to
+torch `_Action`s, for torch's own tools.
 
 Example: P = 2 stages, G = 2 groups, S = 2 segments, detached memory, per-layer topology
 (`print(format_order(generate(ScheduleSpec(num_stages=2, num_groups=2, num_segments=2))))`):
 
-             Rank 0       Rank 1
-    Step 00: 0F0.0        1RECV_F0.0
-    Step 01: 0SEND_F0.0   1F0.0
-    Step 02: 0F1.0        1B0.0
-    Step 03: 0SEND_F1.0   1SEND_B0.0
-    Step 04: 0RECV_B0.0   1RECV_F1.0
-    Step 05: 0B0.0        1F1.0
+             Rank 0     Rank 1
+    Step 00: 0F0.0      1RECV_F0.0
+    Step 01: 0SEND_F0.0 1F0.0
+    Step 02: 0F1.0      1B0.0
+    Step 03: 0SEND_F1.0 1SEND_B0.0
+    Step 04: 0RECV_B0.0 1RECV_F1.0
+    Step 05: 0B0.0      1F1.0
     ...
 """
 
@@ -48,11 +49,13 @@ import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
-MemoryGrad = Literal["detached", "truncated", "replay"]  # memscale.config.MemoryGrad, without importing yaml
-Topology = Literal["none", "per_layer", "global"]  # memscale.models.memory.base.Topology, without importing torch
+from memscale.config import MemoryGrad
+
+# memscale.models.memory.base.Topology, repeated here so that schedules are built without importing torch.
+Topology = Literal["none", "per_layer", "global"]
 Readers = Literal["first", "every"]
 
 # Global-topology kinds and the stages that read their memory (DESIGN.md §2): rmt's memory tokens enter at the
@@ -61,7 +64,7 @@ Readers = Literal["first", "every"]
 GLOBAL_READERS: dict[str, Readers] = {"rmt": "first", "memformer": "every"}
 
 
-class ActionType(str, Enum):
+class ActionType(StrEnum):
     """What one action does. The first six are torch's (same letters); the rest are memscale's (module doc)."""
 
     F = "F"
@@ -113,7 +116,9 @@ class Action:
         if is_step != (self.group is None) or (self.group is None) != (self.segment is None):
             raise ValueError(f"{self.type.value} takes {'no' if is_step else 'a'} (group, segment)")
         if (self.type in WITH_PEER) != (self.peer is not None):
-            raise ValueError(f"{self.type.value} {'needs' if self.type in WITH_PEER else 'takes no'} peer stage")
+            raise ValueError(
+                f"{self.type.value} {'needs' if self.type in WITH_PEER else 'takes no'} peer stage"
+            )
 
     def __str__(self) -> str:
         s = f"{self.stage}{self.type.value}"
@@ -137,7 +142,9 @@ class Action:
         stage, kind, group, segment, arrow, peer = m.groups()
         t = ActionType(kind)
         if arrow is not None and (arrow == ">") != (t in SENDS):
-            raise ValueError(f"{text!r}: a send names its destination with '>', a receive its source with '<'")
+            raise ValueError(
+                f"{text!r}: a send names its destination with '>', a receive its source with '<'"
+            )
         return Action(
             int(stage),
             t,
@@ -201,8 +208,10 @@ class ScheduleSpec:
             )
         if self.bptt:
             if self.topology == "none":
-                raise ValueError(f"memory_grad={self.memory_grad} with topology=none: there is no memory to "
-                                 "backpropagate through; use memory_grad=detached")
+                raise ValueError(
+                    f"memory_grad={self.memory_grad} with topology=none: there is no memory to "
+                    "backpropagate through; use memory_grad=detached"
+                )
             if self.num_segments % self.bptt_segments:
                 raise ValueError(
                     f"num_segments={self.num_segments} is not a multiple of bptt_segments={self.bptt_segments}: "
@@ -219,7 +228,9 @@ class ScheduleSpec:
 
     def grad_from_next(self, segment: int) -> bool:
         """Segment t's backward waits for the memory gradient of segment t + 1 (same window, BPTT)."""
-        return self.bptt and segment + 1 < self.num_segments and self.window(segment + 1) == self.window(segment)
+        return (
+            self.bptt and segment + 1 < self.num_segments and self.window(segment + 1) == self.window(segment)
+        )
 
     def readers(self) -> tuple[int, ...]:
         """Stages that read the memory a segment carries in (global: the first or every; per-layer: each its own)."""
@@ -437,7 +448,9 @@ class _Rank:
     clock: float = 0.0
     inflight: int = 0
     next_f: list[int] = field(default_factory=list)  # per group: the next segment to forward
-    b_queue: list[list[int]] = field(default_factory=list)  # per group: segments still to backpropagate, in order
+    b_queue: list[list[int]] = field(
+        default_factory=list
+    )  # per group: segments still to backpropagate, in order
     order: list[Action] = field(default_factory=list)
 
 

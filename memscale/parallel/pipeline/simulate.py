@@ -31,6 +31,7 @@ at the writer, also its sends); the last version of each group is kept, as the n
 
 Example (the P = 2, G = 2 schedule of schedule.py, uniform costs F = 1, B = 2):
 
+    >>> from memscale.parallel.pipeline.schedule import ScheduleSpec, generate
     >>> spec = ScheduleSpec(num_stages=2, num_groups=2, num_segments=2)
     >>> r = simulate(generate(spec), spec, CostModel.uniform(2, forward_s=1, backward_s=2))
     >>> r.makespan_s, round(r.bubble, 3)  # 1F1B: (P - 1) / (m + P - 1) = 1 / 5
@@ -100,11 +101,20 @@ class CostModel:
         return cls([forward_s] * P, [backward_s] * P, [activation_bytes] * P, [state_bytes] * P, **kw)
 
     def check(self, P: int) -> None:
-        for name in ("forward_s", "backward_s", "activation_bytes", "state_bytes", "recompute_s",
-                     "stage_input_bytes", "activation_msg_bytes"):
+        for name in (
+            "forward_s",
+            "backward_s",
+            "activation_bytes",
+            "state_bytes",
+            "recompute_s",
+            "stage_input_bytes",
+            "activation_msg_bytes",
+        ):
             v = getattr(self, name)
             if v is not None and (len(v) != P or any(x < 0 for x in v)):
-                raise ValueError(f"CostModel.{name} must hold {P} non-negative values (one per stage), got {v!r}")
+                raise ValueError(
+                    f"CostModel.{name} must hold {P} non-negative values (one per stage), got {v!r}"
+                )
 
     def transfer_s(self, nbytes: int) -> float:
         return self.p2p_latency_s + (nbytes / self.p2p_bandwidth_Bps if nbytes else 0.0)
@@ -157,7 +167,11 @@ class SimResult:
         tw = max([len("time")] + [len(f"{t:g}") for t in times])
         lines = [f"{'time':>{tw}}  " + " ".join(f"{f'Rank {i}':<{w}}" for i, w in enumerate(widths))]
         for i, t in enumerate(times):
-            lines.append((f"{t:>{tw}g}  " + " ".join(f"{c[i]:<{w}}" for c, w in zip(cols, widths, strict=True))).rstrip())
+            lines.append(
+                (
+                    f"{t:>{tw}g}  " + " ".join(f"{c[i]:<{w}}" for c, w in zip(cols, widths, strict=True))
+                ).rstrip()
+            )
         return "\n".join(lines) + "\n"
 
 
@@ -292,10 +306,11 @@ class _Sim:
             keep = c.kept_input(s) if spec.memory_grad == "replay" else c.activation_bytes[s]
             r.act_bytes += keep
             r.report.peak_activation_bytes = max(r.report.peak_activation_bytes, r.act_bytes)
+            # The forward holds the version it reads and the one it writes at once.
+            if spec.topology == "per_layer" or (spec.topology == "global" and s == self.P - 1):
+                self._add_state(r, g, t)
             if s in self.readers:
                 self._use_state(r, g, t - 1)
-            if spec.topology == "per_layer" or (spec.topology == "global" and s == self.P - 1):
-                self._add_state(r, g, t)  # this forward writes version t here
         else:
             dur = c.backward_s[s]
             if spec.memory_grad == "replay":
@@ -379,7 +394,7 @@ class _Sim:
                 )
 
     def _send(self, r: _RankState, a: Action) -> None:
-        s, P, spec = r.rank, self.P, self.spec
+        s, spec = r.rank, self.spec
         self._check_range(r, a)
         g, t = a.key
         dst = a.peer_stage()
@@ -389,7 +404,9 @@ class _Sim:
         need, what = _PRODUCER[a.type], _what(a)[4:]
         if (need, g, t) not in r.done:
             producer = f"{need.value}({s},g{g},t{t})"
-            raise ScheduleError(f"rank {s}: {a} sends the {what} of {_g(g, t)}, which {producer} has not produced")
+            raise ScheduleError(
+                f"rank {s}: {a} sends the {what} of {_g(g, t)}, which {producer} has not produced"
+            )
         key = (MATCHING_RECV[a.type], g, t, s, dst)
         if key in self.in_flight:
             raise ScheduleError(f"rank {s}: {a} sends the {what} of {_g(g, t)} to stage {dst} a second time")
@@ -457,7 +474,9 @@ class _Sim:
                 (
                     x
                     for x in self.schedule[src][self.ranks[src].pc :]
-                    if x.type in SENDS and MATCHING_RECV[x.type] is a.type and x.key == (g, t)
+                    if x.type in SENDS
+                    and MATCHING_RECV[x.type] is a.type
+                    and x.key == (g, t)
                     and x.peer_stage() == r.rank
                 ),
                 None,
@@ -525,11 +544,12 @@ def _edge_error(spec: ScheduleSpec, kind: ActionType, src: int, dst: int, t: int
     elif kind is A.RECV_M:
         ok = src == P - 1 and dst in spec.memory_route()
     else:
-        ok = spec.bptt and dst == P - 1 and src in spec.memory_route() and t > 0 and spec.grad_from_next(t - 1)
+        ok = (
+            spec.bptt and dst == P - 1 and src in spec.memory_route() and t > 0 and spec.grad_from_next(t - 1)
+        )
     if ok:
         return None
     return f"but the problem ({spec.topology} topology, memory_grad={spec.memory_grad}) has no such {_what_type(kind)[4:]} edge"
 
 
 __all__ = ["CostModel", "RankReport", "ScheduleError", "SimResult", "simulate"]
-
