@@ -426,3 +426,21 @@ def test_timeline_shows_idle_time():
         "   2  .      1B0.0",
         "   4  0B0.0  .",
     ]
+
+
+def test_transfer_and_optimizer_times_add_up():
+    # One segment through two stages: F0, activation transfer, F1, B1, gradient transfer, B0, then the optimizer.
+    spec = ScheduleSpec(num_stages=2, num_groups=1, num_segments=1)
+    costs = CostModel.uniform(
+        2,
+        forward_s=1.0,
+        backward_s=2.0,
+        activation_msg_bytes=[100, 0],
+        p2p_latency_s=0.25,
+        p2p_bandwidth_Bps=400.0,
+        optimizer_s=0.5,
+    )
+    r = simulate(generate(spec), spec, costs)
+    transfer = 0.25 + 100 / 400.0
+    assert r.makespan_s == pytest.approx(1 + transfer + 1 + 2 + transfer + 2 + 0.5)
+    assert r.ranks[0].busy_s == pytest.approx(1 + 2 + 0.5)

@@ -98,7 +98,7 @@ _TYPES = "|".join(sorted((t.value for t in ActionType), key=len, reverse=True))
 _ACTION_RE = re.compile(rf"(\d+)({_TYPES})(?:(\d+)\.(\d+))?(?:([<>])(\d+))?")
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Action:
     """One action of one rank: `type` on `stage` for (group, segment); `peer` is the other stage of a memory or
     memory-gradient transfer (SEND_M/MG: destination, RECV_M/MG: source); F/B transfers go to s +- 1."""

@@ -215,7 +215,7 @@ class _Sim:
         self.P = spec.num_stages
         self.ranks = [_RankState(r) for r in range(self.P)]
         self.in_flight: dict[tuple[ActionType, int, int, int, int], float] = {}  # (RECV type, g, t, src, dst)
-        self.ran: dict[tuple[ActionType, int, int, int], int] = {}
+        self.ran: set[tuple[ActionType, int, int, int]] = set()  # (F|B, stage, g, t)
         self.readers = set(spec.readers())
         for r in self.ranks:
             if self._uses(r.rank, -1) != 0:
@@ -226,8 +226,9 @@ class _Sim:
 
     # -- memory-state accounting ----------------------------------------------------------------------------------
     def _uses(self, s: int, t: int) -> int:
-        """How many actions on stage s use the state version written by segment t (-1: the one the step starts
-        from) before it can be dropped; -1 when it is kept (the step's last version: the next step starts from it)."""
+        """How many actions on stage s use the state version written by segment t (t = -1: the version the step
+        starts from) before the stage can drop it; the step's last version is kept (returns -1): the next step
+        starts from it."""
         spec = self.spec
         if t == spec.num_segments - 1:
             return -1
@@ -294,7 +295,7 @@ class _Sim:
         key = (a.type, s, g, t)
         if key in self.ran:
             raise ScheduleError(f"rank {s}: {a} runs twice")
-        self.ran[key] = 1
+        self.ran.add(key)
         if a.type is A.F:
             self._check_forward(r, a, g, t)
         else:
@@ -490,6 +491,8 @@ class _Sim:
         raise ScheduleError(f"deadlock: {names} wait: " + "; ".join(waits))
 
     def _final_checks(self) -> None:
+        # A backstop: every transfer the problem has feeds a computation (or STEP) that checks its receive, so a
+        # send left in flight means the checks above missed something.
         if self.in_flight:
             (kind, g, t, src, dst), _ = min(self.in_flight.items())
             send = next(k for k, v in MATCHING_RECV.items() if v is kind)
