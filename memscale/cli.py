@@ -139,6 +139,10 @@ def _cmd_bench(args) -> int:
         from memscale.bench.tasks import main as tasks_main
 
         return tasks_main(args)
+    if args.bench == "parallel":
+        from memscale.bench.parallel import main as parallel_main
+
+        return parallel_main(args)
     raise AssertionError(args.bench)
 
 
@@ -254,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--eval-kinds", default="none,rmt,xl,memformer,lamemo,infinity", help="kinds evaluated")
     lg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     lg.add_argument("--out", default="bench/results", help="directory for the JSON result")
+    par = bench_sub.add_parser(
+        "parallel",
+        help="tokens/s and memory per rank for tp 1/2, dp 1/2 and ZeRO 0-3 (one thread per process)",
+    )
+    par.add_argument("--config", default="configs/quickstart.yaml", help="model and data shape")
+    par.add_argument(
+        "--data-dir", default=None, help="prepared corpus (default: the bundled one, prepared once)"
+    )
+    par.add_argument("--steps", type=_positive_int, default=10, help="timed optimizer steps per layout")
+    par.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps first")
+    par.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    par.add_argument("--out", default="bench/results", help="directory for the JSON result")
     pp = bench_sub.add_parser("ppl", help="validation perplexity per memory kind on the real corpus")
     pp.add_argument("--config", required=True, help="training config, e.g. configs/quickstart.yaml")
     pp.add_argument(
@@ -320,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rc.add_argument("--out", default="bench/results", help="directory for the JSON result")
-    for p in (bench, tp, tk, lg, pp, rc):
+    for p in (bench, tp, tk, lg, par, pp, rc):
         p.set_defaults(func=_cmd_bench)
     return parser
 
