@@ -106,7 +106,8 @@ def deepspeed_config(
             reduce_scatter=True,
         )
         if num_params is not None:
-            bucket = max(1, num_params // BUCKETS_PER_MODEL)
+            # A multiple of 64 elements: DeepSpeed requires a multiple of its start alignment (2) for NCCL.
+            bucket = max(64, num_params // BUCKETS_PER_MODEL // 64 * 64)
             zero.update(
                 reduce_bucket_size=min(DEEPSPEED_BUCKET, bucket),
                 allgather_bucket_size=min(DEEPSPEED_BUCKET, bucket),
