@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from the latest checkpoint in train.out_dir (the newest one that verifies, when latest "
-        "does not)",
+        "does not); a run directory without any checkpoint yet starts at step 0",
     )
     resume.add_argument(
         "--resume-from",

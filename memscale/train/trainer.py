@@ -177,6 +177,10 @@ class Trainer:
                 ts = ckpt.load(path)
                 ckpt.check_finite(ts)
                 self._restore(path, ts)
+            elif resume and not ckpt.has_any(self.ckpt_root):
+                # A job script passes --resume on every start (launch/slurm/train.sbatch): the first start of a
+                # run has nothing to continue. Damaged checkpoints are not "nothing": load_for_resume refuses.
+                self.say(f"resume: no checkpoint under {self.ckpt_root} yet: starting at step 0")
             elif resume:
                 self._restore(*ckpt.load_for_resume(self.ckpt_root, say=self.say))
         except BaseException:
