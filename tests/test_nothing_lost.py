@@ -238,7 +238,11 @@ def test_resume_without_any_checkpoint_starts_at_step_0(data_dir, tmp_path):
     (damaged / "checkpoints").mkdir(parents=True)
     (damaged / "checkpoints" / "latest").write_text("step-000004\n")
     r = _run("train", str(cfg), "--resume", "--set", f"train.out_dir={damaged}")
-    assert r.returncode == 2 and "no checkpoint under" in r.stderr and "step-000004, which does not exist" in r.stdout
+    assert (
+        r.returncode == 2
+        and "no checkpoint under" in r.stderr
+        and "step-000004, which does not exist" in r.stdout
+    )
 
 
 # -- resume says what changed ---------------------------------------------------------------------------------
