@@ -412,7 +412,10 @@ class Trainer:
                 final = self.step == t.max_steps
                 stop = signals.received
                 if self.dp is not None:  # every rank stops after the same step, or the checkpoint would hang
-                    stop = "SIGTERM" if self.dp.sum(1.0 if stop else 0.0)[0] > 0 else None
+                    if self.dp.sum(1.0 if stop else 0.0)[0] > 0:
+                        stop = stop or "a stop signal to another rank"
+                    else:
+                        stop = None
                 # A checkpoint is written before the validation that may fail; never during a streak of skipped
                 # steps, whose weights produced a non-finite loss.
                 if streak == 0 and (final or stop or (t.save_every and self.step % t.save_every == 0)):
