@@ -129,7 +129,8 @@ def test_preempted_job_requeues_itself_and_ends_bitwise_equal(slurm, data_dir, t
 def test_dp2_job_from_memscale_launch_trains_and_finishes(straight):
     job, out, text = straight
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "0"), text
-    assert "1 node(s) x 2 process(es)" in text and "x 2 ranks, ZeRO-2)" in text
+    assert "1 node(s) x 2 process(es), rendezvous localhost:" in text and f"run directory {out}" in text
+    assert "x 2 ranks, ZeRO-2)" in text
     assert f"resume: no checkpoint under {out / 'checkpoints'} yet: starting at step 0" in text
     assert f"done: {MAX_STEPS} steps" in text and "training step ended with 0" in text
     final = out / "checkpoints" / ckpt.step_dir_name(MAX_STEPS)
