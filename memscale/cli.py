@@ -4,6 +4,7 @@
     memscale train configs/quickstart.yaml --set train.max_steps=20 --set model.memory.kind=rmt
     memscale eval configs/quickstart.yaml --checkpoint runs/quickstart/checkpoints/latest
     memscale bench throughput
+    memscale launch slurm configs/quickstart.yaml --nodes 2 --nproc-per-node 4 --dry-run
 
 Heavy imports (torch, the data stack) happen inside the subcommands, so `memscale --help` answers at once.
 
@@ -85,6 +86,9 @@ def _cmd_train(args) -> int:
     from memscale.train.trainer import EXIT_DIVERGED, EXIT_PREEMPTED, Trainer, TrainingDiverged
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_out_dir:
+        print(Path(cfg.train.out_dir).resolve())
+        return 0
     if args.nproc is not None:  # N local processes under torchrun, each running this command without --nproc
         from memscale.parallel.dims import ParallelDims
         from memscale.parallel.launch import spawn_local
@@ -110,6 +114,23 @@ def _cmd_train(args) -> int:
         f"validation ppl {summary.val_ppl:.2f} | {summary.tokens_per_s:.0f} tok/s | mfu {summary.mfu:.3f}{skipped}"
     )
     return 0
+
+
+def _cmd_launch_slurm(args) -> int:
+    from memscale.parallel.slurm import SlurmJob, launch
+
+    job = SlurmJob(
+        nodes=args.nodes,
+        nproc_per_node=args.nproc_per_node,
+        partition=args.partition,
+        time=args.time,
+        signal_lead=args.signal_lead,
+        job_name=args.job_name,
+        sbatch_args=tuple(args.sbatch_args),
+    )
+    return launch(
+        args.config, args.overrides, job, resume=args.resume, dry_run=args.dry_run, template=args.script
+    )
 
 
 def _cmd_eval(args) -> int:
@@ -180,12 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="run N local processes under torchrun (data parallel: parallel.dp, parallel.zero_stage)",
     )
+    train.add_argument(
+        "--print-out-dir",
+        action="store_true",
+        help="print train.out_dir (after --set overrides, as an absolute path) and exit: for job scripts",
+    )
     resume = train.add_mutually_exclusive_group()
     resume.add_argument(
         "--resume",
         action="store_true",
         help="continue from the latest checkpoint in train.out_dir (the newest one that verifies, when latest "
-        "does not)",
+        "does not); a run directory without any checkpoint yet starts at step 0",
     )
     resume.add_argument(
         "--resume-from",
@@ -194,6 +220,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from this checkpoint: a step number of this run (300) or a checkpoint directory",
     )
     train.set_defaults(func=_cmd_train)
+
+    launch = sub.add_parser("launch", help="submit a training run to a cluster scheduler")
+    launch_sub = launch.add_subparsers(dest="launch_command", required=True)
+    sl = launch_sub.add_parser(
+        "slurm",
+        help="write launch/slurm/train.sbatch and the config into <train.out_dir>/slurm/ and submit it with "
+        "sbatch (one torchrun per node, requeued on preemption)",
+    )
+    _add_config_args(sl)
+    sl.add_argument("--nodes", type=_positive_int, default=1, help="nodes (one torchrun each)")
+    sl.add_argument(
+        "--nproc-per-node",
+        type=_positive_int,
+        default=1,
+        metavar="M",
+        help="processes per node (ranks: nodes x M = parallel.tp x pp x dp)",
+    )
+    sl.add_argument("--partition", default=None, help="Slurm partition")
+    sl.add_argument("--time", default=None, help="time limit, e.g. 24:00:00 (default: the partition's)")
+    sl.add_argument(
+        "--signal-lead",
+        type=int,
+        default=120,
+        metavar="SECONDS",
+        help="Slurm sends SIGUSR1 this long before the time limit: the ranks checkpoint, the job requeues itself",
+    )
+    sl.add_argument("--job-name", default="memscale", help="Slurm job name")
+    sl.add_argument(
+        "--sbatch-arg",
+        dest="sbatch_args",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra sbatch option, repeatable: --sbatch-arg=--gpus-per-node=8 --sbatch-arg=--account=lm",
+    )
+    sl.add_argument("--script", default=None, help="job script to use instead of launch/slurm/train.sbatch")
+    sl.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run already in train.out_dir (else it must be new)",
+    )
+    sl.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be written and the sbatch command; submit nothing",
+    )
+    sl.set_defaults(func=_cmd_launch_slurm)
 
     ev = sub.add_parser(
         "eval",

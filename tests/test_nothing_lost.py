@@ -225,6 +225,26 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_equal(data_dir, tmp_path):
     _assert_same_weights(straight / "checkpoints" / "step-000012", stopped / "checkpoints" / "step-000012")
 
 
+def test_resume_without_any_checkpoint_starts_at_step_0(data_dir, tmp_path):
+    """A job script passes --resume on every start: the first start trains from step 0 and says so; a directory
+    whose only trace is a `latest` pointer is damaged, not new, and is refused."""
+    out = tmp_path / "run"
+    cfg = _config_file(tmp_path, data_dir, out, "train.max_steps=2", "train.eval_every=0")
+    r = _run("train", str(cfg), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert f"resume: no checkpoint under {out / 'checkpoints'} yet: starting at step 0" in r.stdout
+    assert "done: 2 steps" in r.stdout and ckpt.latest(out / "checkpoints").name == "step-000002"
+    damaged = tmp_path / "damaged"
+    (damaged / "checkpoints").mkdir(parents=True)
+    (damaged / "checkpoints" / "latest").write_text("step-000004\n")
+    r = _run("train", str(cfg), "--resume", "--set", f"train.out_dir={damaged}")
+    assert (
+        r.returncode == 2
+        and "no checkpoint under" in r.stderr
+        and "step-000004, which does not exist" in r.stdout
+    )
+
+
 # -- resume says what changed ---------------------------------------------------------------------------------
 
 

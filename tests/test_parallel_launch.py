@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +35,29 @@ def test_spawn_local_reaches_the_cli():
     assert spawn_local(1, ["--help"], env=_env(), cwd=ROOT) == 0
 
 
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_stop_signal_reaches_every_rank(tmp_path, sig):
+    """SIGUSR1 (Slurm's warning) and SIGTERM to `spawn_local` reach every rank through torchrun, which waits for
+    them; the command exits 75 as one process would. torchrun's own default would let SIGUSR1 kill it and leave the
+    ranks running."""
+    code = (
+        "import sys\nfrom memscale.parallel.launch import spawn_local\n"
+        f"sys.exit(spawn_local(2, [{str(tmp_path)!r}], module='tests.signal_entry'))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env=_env(), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready{r}").exists() for r in range(2)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 75
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [(tmp_path / f"rank{r}.sig").read_text() for r in range(2)] == [sig.name] * 2
+
+
 def test_torchrun_command():
     cmd = torchrun_command(4, ["train", "c.yaml", "--set", "parallel.tp=2"])
     assert cmd[1:] == [
@@ -38,6 +65,7 @@ def test_torchrun_command():
         "torch.distributed.run",
         "--standalone",
         "--nproc-per-node=4",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         "-m",
         "memscale.cli",
         "train",

@@ -67,6 +67,13 @@ def checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=step_of)
 
 
+def has_any(ckpt_root: str | os.PathLike) -> bool:
+    """Whether `ckpt_root` holds anything `--resume` could start from: a checkpoint directory or a `latest`
+    pointer (even a damaged one, which `load_for_resume` reports rather than this function hiding it)."""
+    root = Path(ckpt_root)
+    return bool(checkpoints(root)) or (root / "latest").exists()
+
+
 @dataclass
 class TrainState:
     """What a run needs to continue exactly; gathered in one place by the trainer."""

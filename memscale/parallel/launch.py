@@ -23,6 +23,11 @@ from dataclasses import dataclass
 EXIT_STOPPED = 75
 """What `memscale train` exits with after a stop signal and its checkpoint (EX_TEMPFAIL; trainer.EXIT_PREEMPTED)."""
 
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""What torchrun passes on to its ranks (and then waits for them, TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, 30 by
+default). Its default list lacks SIGUSR1, Slurm's usual warning: torchrun would die of it and leave the ranks running.
+launch/slurm/train.sbatch passes the same list."""
+
 
 def torchrun_command(nproc: int, argv: Sequence[str], *, module: str = "memscale.cli") -> list[str]:
     if nproc < 1:
@@ -33,6 +38,7 @@ def torchrun_command(nproc: int, argv: Sequence[str], *, module: str = "memscale
         "torch.distributed.run",
         "--standalone",  # a local rendezvous on a free port: no MASTER_ADDR/PORT to choose
         f"--nproc-per-node={nproc}",
+        f"--signals-to-handle={TORCHRUN_SIGNALS}",
         "-m",
         module,
         *argv,

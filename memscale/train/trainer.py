@@ -185,6 +185,10 @@ class Trainer:
                 ts = ckpt.load(path)
                 ckpt.check_finite(ts)
                 self._restore(path, ts)
+            elif resume and not ckpt.has_any(self.ckpt_root):
+                # A job script passes --resume on every start (launch/slurm/train.sbatch): the first start of a
+                # run has nothing to continue. Damaged checkpoints are not "nothing": load_for_resume refuses.
+                self.say(f"resume: no checkpoint under {self.ckpt_root} yet: starting at step 0")
             elif resume:
                 self._restore(*ckpt.load_for_resume(self.ckpt_root, say=self.say))
         except BaseException:
@@ -441,10 +445,8 @@ class Trainer:
                     window_loss, window_targets, window_time, window_steps = 0.0, 0, 0.0, 0
                 final = self.step == t.max_steps
                 stop = signals.received
-                if (
-                    self.dist is not None
-                ):  # every rank stops after the same step, or the checkpoint would hang
-                    stop = (stop or "a stop signal on another rank") if self.dist.any(bool(stop)) else None
+                if self.dist is not None:  # every rank stops after the same step, or the checkpoint would hang
+                    stop = (stop or "a stop signal to another rank") if self.dist.any(bool(stop)) else None
                 # A checkpoint is written before the validation that may fail; never during a streak of skipped
                 # steps, whose weights produced a non-finite loss.
                 if streak == 0 and (final or stop or (t.save_every and self.step % t.save_every == 0)):
