@@ -21,12 +21,20 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 MemoryKindName = Literal["none", "rmt", "xl", "memformer", "lamemo", "infinity"]
-MemoryGrad = Literal["detached", "truncated", "replay"]
+MemoryGrad = Literal["auto", "detached", "truncated", "replay"]
 DataSource = Literal["corpus", "copy", "reverse", "assoc", "recall"]
 
 # Kinds whose memory carries gradient from one segment to the next (global topology, DESIGN.md §2). The per-layer
 # kinds (xl, lamemo, infinity) detach their memory by construction, as in their papers.
 GRAD_CARRYING_KINDS = ("rmt", "memformer")
+# How each kind is trained in its paper, what `train.memory_grad=auto` (the default) picks: BPTT over the window for
+# RMT, memory replay back-propagation for Memformer (the same gradients in less memory), detached otherwise.
+OWN_MEMORY_GRAD = {"memformer": "replay"}
+
+
+def own_memory_grad(kind: str) -> str:
+    """The `train.memory_grad` that `auto` means for memory kind `kind`."""
+    return OWN_MEMORY_GRAD.get(kind, "truncated" if kind in GRAD_CARRYING_KINDS else "detached")
 
 
 class ConfigError(ValueError):
@@ -113,8 +121,10 @@ class TrainConfig:
     in a row stop the run with exit code 3 (diverged), before any checkpoint of the bad state is written."""
     bptt_segments: int = 2
     """Segments per optimizer step; with memory_grad=truncated or replay, gradient crosses all of them."""
-    memory_grad: MemoryGrad = "detached"
-    """detached: no gradient across segments; truncated: BPTT within the window; replay: BPTT by memory replay."""
+    memory_grad: MemoryGrad = "auto"
+    """detached: no gradient across segments; truncated: BPTT within the window; replay: BPTT by memory replay;
+    auto: the memory kind's own (`own_memory_grad`). A kind whose memory carries no gradient trains detached
+    whatever is asked: truncated or replay would give the same gradients, so switching kinds is one key."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute activations in backward instead of keeping them: full: every block; selective: each block's
     attention sub-layer (its score and probability tensors grow with T x (M + T)), keeping the MLP's."""
@@ -211,11 +221,9 @@ class Config:
             raise ConfigError(f"model.memory.write_temperature={mem.write_temperature} must be > 0")
         if mem.mem_len < 0:
             raise ConfigError(f"model.memory.mem_len={mem.mem_len} must be >= 0 (0 means data.segment_len)")
-        if t.memory_grad != "detached" and mem.kind not in GRAD_CARRYING_KINDS:
-            raise ConfigError(
-                f"train.memory_grad={t.memory_grad} needs a memory that carries gradient ({', '.join(GRAD_CARRYING_KINDS)}); "
-                f"model.memory.kind={mem.kind} detaches its memory: set train.memory_grad=detached"
-            )
+        if t.memory_grad == "auto" or mem.kind not in GRAD_CARRYING_KINDS:
+            # Resolved once here, so the run directory's config.yaml and every reader see the mode that runs.
+            t.memory_grad = own_memory_grad(mem.kind) if t.memory_grad == "auto" else "detached"
         if t.dtype == "bfloat16" and t.device == "cpu":
             raise ConfigError(
                 "train.dtype=bfloat16 on train.device=cpu is ~100x slower than float32: use float32 on CPU"

@@ -45,26 +45,28 @@ def test_bench_long(tmp_path):
 
 def test_bench_parallel_census_counts_weights_grads_and_moments_once():
     """The memory census of `memscale bench parallel`: an AdamW model after backward holds 4P weight, 4P gradient
-    and 8P moment bytes (fp32), each storage counted once (a tied weight, and a view, do not count twice)."""
-    import torch
+    and 8P moment bytes (fp32), each storage counted once (a tied weight, and a view, do not count twice). In a
+    fresh process: the census sees every live tensor of its process."""
+    code = """
+import torch
+from memscale.bench.parallel import expected_saving, live_tensor_bytes
 
-    from memscale.bench.parallel import expected_saving, live_tensor_bytes
-
-    emb = torch.nn.Embedding(1000, 64)
-    head = torch.nn.Linear(64, 1000, bias=False)
-    head.weight = emb.weight  # tied
-    mlp = torch.nn.Linear(64, 64)
-    params = [emb.weight, mlp.weight, mlp.bias]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    view = emb.weight.detach()[:10]  # a view of a parameter's storage
-    loss = head(mlp(emb(torch.arange(8)))).sum()
-    loss.backward()
-    opt.step()
-    P = sum(p.numel() for p in params)
-    got = live_tensor_bytes(opt)
-    assert got["weights"] == 4 * P
-    assert got["grads"] == 4 * P
-    assert got["optimizer"] == 8 * P + 3 * 4  # exp_avg, exp_avg_sq and a float32 step per parameter
-    del view
-    assert expected_saving(1, 1000, 2) == (4000, 2000)
-    assert expected_saving(3, 1000, 4) == (12000, 11000)
+emb = torch.nn.Embedding(1000, 64)
+head = torch.nn.Linear(64, 1000, bias=False)
+head.weight = emb.weight  # tied
+mlp = torch.nn.Linear(64, 64)
+params = [emb.weight, mlp.weight, mlp.bias]
+opt = torch.optim.AdamW(params, lr=1e-3)
+view = emb.weight.detach()[:10]  # a view of a parameter's storage
+head(mlp(emb(torch.arange(8)))).sum().backward()
+opt.step()
+P = sum(p.numel() for p in params)
+got = live_tensor_bytes(opt)
+assert got["weights"] == 4 * P, got
+assert got["grads"] == 4 * P, got
+assert got["optimizer"] == 8 * P + 3 * 4, got  # exp_avg, exp_avg_sq and a float32 step per parameter
+assert expected_saving(1, 1000, 2) == (4000, 2000)
+assert expected_saving(3, 1000, 4) == (12000, 11000)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

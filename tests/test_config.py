@@ -25,7 +25,6 @@ def test_overrides_apply_with_types(tmp_path):
         (["data.segment_len=0"], "data.segment_len=0 must be > 0"),
         (["data.segment_len=-4"], "data.segment_len=-4 must be > 0"),
         (["model.num_heads=3"], "model.num_heads=3 must divide model.d_model=512"),
-        (["train.memory_grad=replay"], "train.memory_grad=replay needs a memory that carries gradient"),
         (
             ["model.memory.kind=memformer", "model.memory.num_tokens=0"],
             "model.memory.num_tokens=0 must be > 0",
@@ -42,6 +41,23 @@ def test_bad_values_fail_with_one_line(overrides, fragment):
         config_from_dict({}, overrides)
     msg = str(e.value)
     assert fragment in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "kind, asked, runs",
+    [
+        ("rmt", "auto", "truncated"),
+        ("memformer", "auto", "replay"),
+        ("xl", "auto", "detached"),
+        ("rmt", "replay", "replay"),
+        # A memory that carries no gradient: BPTT would give the same gradients, so the kind is one switch.
+        ("none", "truncated", "detached"),
+        ("lamemo", "replay", "detached"),
+    ],
+)
+def test_memory_grad_follows_the_kind(kind, asked, runs):
+    cfg = config_from_dict({}, [f"model.memory.kind={kind}", f"train.memory_grad={asked}"])
+    assert cfg.train.memory_grad == runs
 
 
 def test_file_errors_name_the_file(tmp_path):

@@ -1,7 +1,8 @@
 """Golden seeded loss curves: every kind trained 20 optimizer steps through the real `Trainer`, step by step.
 
-A refactor of the model or the loop must reproduce these losses exactly (bitwise: same ops in the same order on
-one thread, same RNG draws, same data); one that reorders fp32 sums on purpose states its tolerance here. A
+A refactor of the model or the loop must reproduce these losses (same ops in the same order on one thread, same RNG
+draws, same data: bitwise on one machine, to 1e-6 relative across CPUs, see the check below); one that reorders
+fp32 sums on purpose says so here. A
 change that is meant to alter training (an optimizer fix, a new initialisation) re-records them in the same
 commit and says so.
 
@@ -9,7 +10,8 @@ History. The curves were first recorded with the fused q/k/v rows stacked [3, H,
 ([H, 3, K]) left the forward pass unchanged bit for bit but summed the projection's input gradient in another
 order, and the curves then drifted by the last fp32 bit (at most 8.2e-8 relative over 20 steps, checked at 1e-6).
 They were re-recorded with weight decay by role (every projection matrix decays, memory projections included;
-embeddings and memory vectors do not), and are compared exactly again.
+embeddings and memory vectors do not). Another x86 CPU reproduced them to 8.3e-8 relative, not bitwise, so the
+check is relative 1e-6.
 
 Tiny shape on the bundled corpus (d_model 32, 2 layers, 2 heads, segments of 16, 2 streams, 2 segments per
 step), dropout 0.1 so that the RNG path is covered; rmt and memformer with both truncated BPTT and memory replay.
@@ -118,5 +120,9 @@ def test_golden_loss_curve(case, data_dir, tmp_path, monkeypatch):
         pytest.skip(f"recorded {case} into {GOLDEN}")
     expected = json.loads(GOLDEN.read_text())[case]
     assert got["first_batch"] == expected["first_batch"], "the training data changed, not the model"
-    # Exact: json round-trips a float64 exactly, and a refactor that keeps the ops keeps every bit.
-    assert got["losses"] == expected["losses"]
+    # Not bit for bit: the same ops give other last bits on another CPU (another SIMD path in the fp32 matmul and
+    # softmax kernels): measured up to 8.3e-8 relative over the 20 steps between the recording machine and another
+    # x86 one. 1e-6 is still 1000x below what a changed op gives (a dropout mask, a reordered head, a lost memory
+    # read: >= 1e-3 within 20 steps).
+    worst = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], expected["losses"], strict=True))
+    assert worst < 1e-6, (worst, got["losses"], expected["losses"])

@@ -1,5 +1,6 @@
 """End to end on real files: prepare the bundled corpus, train, read TensorBoard back, resume exactly."""
 
+import math
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from memscale.checkpoint import simple as ckpt
 from memscale.config import config_from_dict
 from memscale.train.trainer import Trainer
 from tests.conftest import VOCAB
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(data_dir, out_dir, *extra):
@@ -183,3 +186,25 @@ def test_eval_cli_reads_checkpoint(data_dir, tmp_path):
     )
     bad = _memscale("eval", str(cfg), "--checkpoint", str(tmp_path / "nowhere"))
     assert bad.returncode == 2 and "no checkpoint there" in bad.stderr
+
+
+@pytest.mark.parametrize("kind", ["none", "rmt", "xl", "memformer", "lamemo", "infinity"])
+def test_quickstart_config_trains_every_kind_with_one_switch(data_dir, tmp_path, kind):
+    """`memscale train configs/quickstart.yaml --set model.memory.kind=K`: no other key needs changing (the
+    quick start asks for memory_grad=truncated, which a kind without gradient through memory runs as detached)."""
+    from memscale.config import load_config
+
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [
+            f"model.memory.kind={kind}",
+            f"model.vocab_size={VOCAB}",
+            f"data.dir={data_dir}",
+            "data.segment_len=32",
+            "train.max_steps=1",
+            "train.eval_every=0",
+            f"train.out_dir={tmp_path / kind}",
+        ],
+    )
+    summary = Trainer(cfg, log=lambda _: None).train()
+    assert summary.steps == 1 and math.isfinite(summary.final_loss)

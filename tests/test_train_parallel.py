@@ -158,5 +158,10 @@ def test_tp2_trains_like_one_process_and_resumes_exactly(data_dir, tmp_path):
     assert "at step 3" in r.stdout
     _assert_same_weights(full / "checkpoints" / "step-000006", resumed / "checkpoints" / "step-000006")
     # Another layout is refused in one line, naming both.
-    r = _run("train", str(tmp_path / "resumed.yaml"), "--resume", "--nproc", "2", "--set", "parallel.tp=1", env=ENV)
-    assert r.returncode != 0 and "was written by 2 processes (tp=2, ZeRO-1), this run is 2 processes (tp=1" in r.stderr
+    r = _run(
+        "train", str(tmp_path / "resumed.yaml"), "--resume", "--nproc", "2", "--set", "parallel.tp=1", env=ENV
+    )
+    assert (
+        r.returncode != 0
+        and "was written by 2 processes (tp=2, ZeRO-1), this run is 2 processes (tp=1" in r.stderr
+    )

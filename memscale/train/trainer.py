@@ -445,7 +445,9 @@ class Trainer:
                     window_loss, window_targets, window_time, window_steps = 0.0, 0, 0.0, 0
                 final = self.step == t.max_steps
                 stop = signals.received
-                if self.dist is not None:  # every rank stops after the same step, or the checkpoint would hang
+                if (
+                    self.dist is not None
+                ):  # every rank stops after the same step, or the checkpoint would hang
                     stop = (stop or "a stop signal to another rank") if self.dist.any(bool(stop)) else None
                 # A checkpoint is written before the validation that may fail; never during a streak of skipped
                 # steps, whose weights produced a non-finite loss.
