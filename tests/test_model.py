@@ -73,6 +73,36 @@ def test_rmt_next_memory_is_write_positions():
     torch.testing.assert_close(out.hidden_BTD, captured["h"][:, K : K + T])
 
 
+def test_rmt_initial_memory_is_at_the_scale_of_written_memory():
+    """LM-RMT's `init_mem_tokens`: one N(0, 1) vector repeated K times, so the first segment reads a memory of the
+    scale the model writes (the final LayerNorm's output, rms ~1), not one 50x smaller."""
+    model = tiny_model("rmt", "model.d_model=256", "model.num_heads=4", seed=3)
+    init = model.memory.mem_init_KD.detach()
+    assert torch.equal(init, init[:1].expand_as(init))  # K copies of one draw
+    rms = init.pow(2).mean().sqrt().item()
+    assert 0.85 < rms < 1.15, rms  # N(0, 1) over 256 values; the old N(0, 0.02) start gave 0.02
+    model.eval()
+    tokens = torch.randint(0, 50, (2, 8))
+    out = model.step(tokens, model.init_state(2))
+    written = out.state["mem"].pow(2).mean().sqrt().item()
+    assert 0.5 < rms / written < 2, (rms, written)
+
+
+def test_rmt_dropout_reaches_memory_in_and_out():
+    """LM-RMT drops out the memory tokens on the way in and the written memory on the way out (training only)."""
+    model = tiny_model("rmt", "model.dropout=0.5", seed=1)
+    tokens, state = torch.randint(0, 50, (2, 8)), model.init_state(2)
+    model.train()
+    mem_in = model.memory.enter(torch.zeros(2, 8, 32), state)[0][:, :4] - model.memory.read_pos_KD
+    dropped = (mem_in == 0) & (state["mem"] != 0)
+    assert 0.3 < dropped.float().mean().item() < 0.7  # about half the memory entries zeroed going in
+    out = model.step(tokens, state)
+    assert ((out.state["mem"] == 0).float().mean().item()) > 0.3  # and half the written memory
+    model.eval()
+    a, b = model.step(tokens, state), model.step(tokens, state)
+    assert torch.equal(a.state["mem"], b.state["mem"]) and (a.state["mem"] != 0).all()
+
+
 def test_state_container_roundtrip_and_where():
     s = MemoryState({"mem": torch.arange(12.0).view(3, 2, 2)})
     other = MemoryState({"mem": torch.zeros(3, 2, 2)})

@@ -5,7 +5,13 @@ K memory tokens are placed twice around the segment: `[mem_read; x; mem_write]`.
   - segment tokens see the read block and the causal past of the segment,
   - write tokens see everything (read block, whole segment, write block),
 and the next memory is the final hidden states at the write positions. The initial memory is a learned K x D
-parameter (N(0, 0.02), as in LM-RMT), so reset rows restart from it and gradient reaches it.
+parameter, so reset rows restart from it and gradient reaches it. As in LM-RMT (`init_mem_tokens`), it starts as
+one N(0, 1) vector repeated K times: at the scale of the memory the model writes (the final LayerNorm's output, rms
+~1), so a document's first segment does not read an out-of-range memory (an N(0, 0.02) start was 50x smaller than
+every later memory, and swamped by nothing but the 0.02-scale position vectors); the K copies are told apart by
+the read/write position vectors and drift apart in training. As in LM-RMT, dropout (`model.dropout`) applies to the
+memory going in (its input dropout covers the memory tokens) and to the memory written (its output dropout covers
+the write positions).
 
 Gradient through memory is decided by the training loop (`train.memory_grad`): the state returned here is a
 differentiable function of the incoming one, and the loop detaches it where BPTT is cut (memscale/train/bptt.py).
@@ -16,6 +22,7 @@ Legend: B batch, T segment tokens, K memory tokens, S = K + T + K, D width.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState
@@ -55,7 +62,9 @@ class RecurrentMemory(MemoryKind):
 
     def reset_parameters(self, parts) -> None:
         if self.first:
-            for p in (self.mem_init_KD, self.read_pos_KD, self.write_pos_KD):
+            with torch.no_grad():
+                self.mem_init_KD.copy_(torch.randn(1, self.d_model).expand_as(self.mem_init_KD))
+            for p in (self.read_pos_KD, self.write_pos_KD):
                 nn.init.normal_(p, std=0.02)
 
     def init_state(self, batch_size: int, *, device, dtype) -> MemoryState:
@@ -79,7 +88,7 @@ class RecurrentMemory(MemoryKind):
         return self._masks[key]
 
     def enter(self, x_BTD: Tensor, state: MemoryState) -> tuple[Tensor, dict[str, Tensor]]:
-        mem_BKD = state["mem"].to(x_BTD.dtype)
+        mem_BKD = F.dropout(state["mem"].to(x_BTD.dtype), self.dropout, self.training)
         read = mem_BKD + self.read_pos_KD
         write = mem_BKD + self.write_pos_KD
         return torch.cat([read, x_BTD, write], dim=1), {}
@@ -89,7 +98,7 @@ class RecurrentMemory(MemoryKind):
 
     def exit(self, h_BSD: Tensor, state: MemoryState, *, num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
         K, T = self.num_tokens, num_tokens
-        return h_BSD[:, K : K + T], {"mem": h_BSD[:, K + T :]}
+        return h_BSD[:, K : K + T], {"mem": F.dropout(h_BSD[:, K + T :], self.dropout, self.training)}
 
     def mean_attended_len(self, segment_len: int) -> float:
         # Segment tokens attend to the K read tokens plus their causal past; the write block is memory overhead
