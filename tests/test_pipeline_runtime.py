@@ -1,0 +1,261 @@
+"""The pipeline runtime (memscale/parallel/pipeline/runtime.py): PP=2 in two processes (gloo) against the whole
+model on one process through `memscale.train.bptt.run_window`, for every memory kind and each memory_grad mode
+it supports.
+
+Each rank builds the whole model from the same seed, runs the reference on it, and cuts its own stage (layers
+0-1 or 2-3 of 4) from a copy of the same weights. The step: 4 streams in G = 2 stream groups of 2, S = 4 segments,
+BPTT windows of k = 2 (two windows per step, so nothing may cross the window boundary), rows that start a new
+document in the middle of a window and at its start, and an incoming memory that is not the initial one (a
+segment run before). Compared: the loss (known on every rank), every parameter gradient of the rank's stage against
+the whole model's (parameters held by both stages, like xl's u and v and the embedding tied to the head, summed
+over the stages by the runtime), and the memory each stage holds after the step.
+
+Tolerance. fp32; the pipeline computes the same operations on the same values, but per group of 2 rows instead of
+4 (a matmul's weight gradient sums its rows in another order, and the two groups' contributions are added in the
+order of the schedule), and the replicated parameters' gradients are summed over the stages. Measured over all
+cases: losses 1e-7 relative at most, gradients 5e-7 of each parameter's largest gradient entry, memory 3e-7 of
+its largest entry. RTOL = 1e-5 leaves a margin of ~20x and is far below what a wrong memory edge does (a gradient
+that misses one segment's memory contribution differs at the 1e-2 level; the detached vs truncated gradients of
+rmt here differ by ~5e-2 of the largest entry).
+
+Dropout. The pipeline draws dropout masks on each stage from its own generator, so they cannot equal the whole
+model's (one generator, one batch of 4 rows); the PP vs PP=1 comparisons run without dropout. With dropout on, the
+pipeline under replay must equal the pipeline under truncated BPTT (the same forward order, the same masks
+recomputed under the saved RNG state), and differ from a run without dropout.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from tests.distributed import run_distributed
+
+RTOL = 1e-5
+G, S, K, ROWS = 2, 4, 2, 4
+TINY = [
+    "model.d_model=32",
+    "model.num_layers=4",
+    "model.num_heads=2",
+    "model.vocab_size=50",
+    "data.segment_len=8",
+    "model.memory.num_tokens=4",
+]
+EXTRA = {
+    "xl": ["model.memory.mem_len=8"],
+    "lamemo": ["model.memory.mem_len=8"],
+    # Sticky sampling draws positions from the generator, like dropout: off for the comparison with one process.
+    "infinity": ["model.memory.num_basis=16", "model.memory.num_samples=16", "model.memory.sticky=false"],
+}
+KINDS = ["none", "rmt", "xl", "memformer", "lamemo", "infinity"]
+GRAD_CARRYING = ("rmt", "memformer")  # memscale.config.GRAD_CARRYING_KINDS, asserted in the worker
+CASES = [
+    (kind, mode)
+    for kind in KINDS
+    for mode in (("detached", "truncated", "replay") if kind in GRAD_CARRYING else ("detached",))
+]
+RESETS = {1: [1], 2: [0, 3]}  # segment -> rows that start a document (mid-window, and a window start)
+
+
+def _cfg(kind, *extra):
+    from memscale.config import config_from_dict
+
+    return config_from_dict({}, [*TINY, f"model.memory.kind={kind}", *EXTRA.get(kind, []), *extra])
+
+
+def _models(cfg, rank):
+    from memscale.models import MemoryTransformer
+
+    torch.manual_seed(0)
+    whole = MemoryTransformer(cfg.model, segment_len=8)
+    half = cfg.model.num_layers // 2
+    stage = MemoryTransformer(cfg.model, segment_len=8, layers=range(rank * half, (rank + 1) * half))
+    sd = whole.state_dict()
+    stage.load_state_dict({n: sd[n] for n in stage.state_dict()}, strict=True)
+    return whole, stage
+
+
+def _rows(x, g):
+    return x[g * ROWS // G : (g + 1) * ROWS // G]
+
+
+def _group_batches(batches):
+    from memscale.data.batch import Batch
+
+    return [
+        [Batch(*(_rows(x, g) for x in (b.tokens_BT, b.targets_BT, b.reset_B, b.doc_pos_B))) for b in batches]
+        for g in range(G)
+    ]
+
+
+def _start_state(whole):
+    """A memory that is not the initial one: the state after one segment of other tokens."""
+    from tests.helpers import random_batches
+
+    with torch.no_grad():
+        warm = random_batches(1, B=ROWS, seed=9)[0]
+        return whole.step(warm.tokens_BT, whole.init_state(ROWS)).state
+
+
+def _reference(whole, batches, state, memory_grad):
+    """run_window on the whole model: one call per BPTT window, each weighted by its share of the targets."""
+    from memscale.train.bptt import run_window
+
+    k = K if memory_grad != "detached" else S
+    total = sum(b.num_targets for b in batches)
+    loss = 0.0
+    for w in range(0, S, k):
+        window = batches[w : w + k]
+        share = sum(b.num_targets for b in window) / total
+        r = run_window(whole, window, state, memory_grad=memory_grad, loss_scale=share)
+        loss += r.loss_sum
+        state = r.state
+    return loss / total, state
+
+
+def _pipeline(stage, kind, memory_grad, batches, state, *, schedule_of=None):
+    from memscale.parallel.pipeline.runtime import PipelineRuntime, stage_state
+    from memscale.parallel.pipeline.schedule import generate, spec_for_kind
+
+    spec = spec_for_kind(
+        kind, num_stages=2, num_groups=G, num_segments=S, bptt_segments=K, memory_grad=memory_grad
+    )
+    states = [stage_state(state.map(lambda x, g=g: _rows(x, g)), stage, spec) for g in range(G)]
+    schedule = generate(schedule_of or spec)
+    return PipelineRuntime(stage, spec).run(schedule, _group_batches(batches), states), schedule
+
+
+def _rel(a, b):
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def _compare(kind, memory_grad, rank):
+    from tests.helpers import random_batches
+
+    cfg = _cfg(kind)
+    whole, stage = _models(cfg, rank)
+    batches = random_batches(S, B=ROWS, seed=1, reset_at=RESETS)
+    state = _start_state(whole)
+    ref_loss, ref_state = _reference(whole, batches, state, memory_grad)
+    res, _ = _pipeline(stage, kind, memory_grad, batches, state)
+
+    err = {"loss": abs(res.loss - ref_loss) / abs(ref_loss), "grad": 0.0, "state": 0.0}
+    assert err["loss"] < RTOL, (kind, memory_grad, res.loss, ref_loss)
+    ref_params = dict(whole.named_parameters(remove_duplicate=False))
+    checked = 0
+    for name, p in stage.named_parameters():
+        g_ref = ref_params[name].grad
+        assert (p.grad is None) == (g_ref is None), (kind, memory_grad, name)
+        if g_ref is None:
+            continue
+        e = _rel(p.grad, g_ref)
+        assert e < RTOL, (kind, memory_grad, name, e)
+        err["grad"] = max(err["grad"], e)
+        checked += 1
+    assert checked > 0
+    names = set()
+    for g, got in enumerate(res.states):
+        for n, x in got.items():
+            want = _rows(ref_state[n], g)
+            if x.is_floating_point():
+                e = _rel(x, want)
+                assert e < RTOL, (kind, memory_grad, n, e)
+                err["state"] = max(err["state"], e)
+            else:
+                assert torch.equal(x, want), (kind, memory_grad, n)
+            names.add(n)
+    return err, sorted(names)
+
+
+def _dropout_replay(kind, rank):
+    """With dropout, the pipeline under replay equals the pipeline under truncated BPTT (same masks recomputed)."""
+    from tests.helpers import random_batches
+
+    out = {}
+    for mode, dropout in (("truncated", 0.1), ("replay", 0.1), ("truncated", 0.0)):
+        _, stage = _models(_cfg(kind, f"model.dropout={dropout}"), rank)
+        whole, _ = _models(_cfg(kind), rank)
+        torch.manual_seed(100 + rank)
+        res, schedule = _pipeline(
+            stage, kind, mode, random_batches(S, B=ROWS, seed=1, reset_at=RESETS), _start_state(whole)
+        )
+        out[(mode, dropout)] = (res, [p.grad.clone() for p in stage.parameters()], schedule)
+    (tr, tr_grads, tr_sched), (rp, rp_grads, rp_sched), (plain, plain_grads, _) = out.values()
+    # The precondition of equal masks: both schedules run the forwards in the same order on this rank.
+    forwards = [[str(a) for a in sched[rank] if a.type.value == "F"] for sched in (tr_sched, rp_sched)]
+    assert forwards[0] == forwards[1]
+    assert abs(rp.loss - tr.loss) <= RTOL * abs(tr.loss), (kind, rp.loss, tr.loss)
+    worst = max(_rel(a, b) for a, b in zip(rp_grads, tr_grads, strict=True))
+    assert worst < RTOL, (kind, worst)
+    for a, b in zip(rp.states, tr.states, strict=True):
+        for n in b:
+            assert _rel(a[n], b[n]) < RTOL, (kind, n)
+    # Dropout did something: without it the loss and gradients are others.
+    assert abs(plain.loss - tr.loss) > 1e-4 * abs(tr.loss)
+    assert max(_rel(a, b) for a, b in zip(plain_grads, tr_grads, strict=True)) > 1e-3
+    return worst
+
+
+def _refuses_a_broken_schedule(rank):
+    """A schedule the simulator rejects raises ScheduleError on every rank before anything is sent: the next,
+    valid step then runs as if nothing happened (a stray message would be taken by it and break it)."""
+    from memscale.parallel.pipeline.runtime import PipelineRuntime, stage_state
+    from memscale.parallel.pipeline.schedule import ActionType, generate, spec_for_kind
+    from memscale.parallel.pipeline.simulate import ScheduleError
+    from tests.helpers import random_batches
+
+    whole, stage = _models(_cfg("rmt"), rank)
+    spec = spec_for_kind("rmt", num_stages=2, num_groups=G, num_segments=S, bptt_segments=K, memory_grad="truncated")
+    broken = generate(spec)
+    # Stage 0 forwards a group's second segment before the memory of its first has come back.
+    row = broken[0]
+    i = next(i for i, a in enumerate(row) if a.type is ActionType.RECV_M)
+    j = next(j for j, a in enumerate(row) if j > i and a.type is ActionType.F)
+    row[i], row[j] = row[j], row[i]
+    state = _start_state(whole)
+    states = [stage_state(state.map(lambda x, g=g: _rows(x, g)), stage, spec) for g in range(G)]
+    batches = _group_batches(random_batches(S, B=ROWS, seed=1, reset_at=RESETS))
+    runtime = PipelineRuntime(stage, spec)
+    try:
+        runtime.run(broken, batches, states)
+    except ScheduleError as e:
+        message = str(e)
+    else:
+        raise AssertionError("the broken schedule ran")
+    assert all(p.grad is None for p in stage.parameters())
+    runtime.run(generate(spec), batches, states)
+    return message
+
+
+def _worker():
+    import torch.distributed as dist
+
+    from memscale.config import GRAD_CARRYING_KINDS
+
+    assert tuple(GRAD_CARRYING_KINDS) == GRAD_CARRYING
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    try:
+        errors = {f"{k}/{m}": _compare(k, m, rank) for k, m in CASES}
+        dropout = {k: _dropout_replay(k, rank) for k in GRAD_CARRYING}
+        refused = _refuses_a_broken_schedule(rank)
+    finally:
+        dist.destroy_process_group()
+    return errors, dropout, refused
+
+
+def test_pipeline_of_two_stages_equals_one_process():
+    results = run_distributed(_worker, 2, timeout=300)
+    for rank, (errors, dropout, refused) in enumerate(results):
+        assert set(errors) == {f"{k}/{m}" for k, m in CASES}
+        print(f"rank {rank}: worst relative errors", {k: {n: f"{v:.1e}" for n, v in e.items()} for k, (e, _) in errors.items()})
+        print(f"rank {rank}: dropout replay vs truncated", dropout)
+        assert "needs memory" in refused, refused
+    # Every stage that must hold a memory holds it after the step (rmt: both; memformer: both; xl: its layers).
+    held = {k: [r[0][k][1] for r in results] for k in results[0][0]}
+    assert held["rmt/truncated"] == [["mem"], ["mem"]]
+    assert held["memformer/replay"] == [["mem"], ["mem"]]
+    assert held["xl/detached"] == [["mem.0", "mem.1", "valid"], ["mem.2", "mem.3", "valid"]]
+    assert held["none/detached"] == [[], []]
