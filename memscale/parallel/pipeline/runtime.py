@@ -219,7 +219,9 @@ class PipelineRuntime:
         if len(states) != G:
             raise ValueError(f"states must hold one MemoryState per group ({G}); got {len(states)}")
         if sorted(schedule) != list(range(self.P)):
-            raise ValueError(f"the schedule has ranks {sorted(schedule)}; {self.P} stages need ranks 0..{self.P - 1}")
+            raise ValueError(
+                f"the schedule has ranks {sorted(schedule)}; {self.P} stages need ranks 0..{self.P - 1}"
+            )
 
     # -- layout: what each stage holds, exchanged once per step ---------------------------------------------------
     def _layout(self, schedule: Schedule) -> None:
@@ -230,11 +232,19 @@ class PipelineRuntime:
         S = None
         if self.first:
             b = self.batches[0][0]
-            with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            with (
+                torch.no_grad(),
+                torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+            ):
                 x, _ = self.stage.embed_segment(b.tokens_BT, self.stage.memory.reset(self.held[0], b.reset_B))
             S = x.shape[1]
         held = {n: tuple(t.shape[1:]) for n, t in self.held[0].items()}
-        info = {"S": S, "held": held, "own_init": own_init, "params": {n: p.numel() for n, p in self._param_keys().items()}}
+        info = {
+            "S": S,
+            "held": held,
+            "own_init": own_init,
+            "params": {n: p.numel() for n, p in self._param_keys().items()},
+        }
         infos: list = [None] * self.P
         dist.all_gather_object(infos, info, group=self.group)
         self.S = infos[0]["S"]
@@ -427,7 +437,8 @@ class PipelineRuntime:
         names_of = self.s if kind is A.RECV_M else src
         held = self.infos[names_of]["held"]
         return [
-            torch.empty(B, *held[n], dtype=self.dtype, device=self.device) for n in self._global_names(names_of)
+            torch.empty(B, *held[n], dtype=self.dtype, device=self.device)
+            for n in self._global_names(names_of)
         ]
 
     # -- the step's collectives --------------------------------------------------------------------------------------
@@ -438,12 +449,14 @@ class PipelineRuntime:
         self.foreign_init: list[dict[str, Tensor]] = [{} for _ in self.batches]
         ops = []
         if self.init_readers:
-            for g, group in enumerate(self.batches):
+            for group in self.batches:
                 init = self.stage.init_state(group[0].tokens_BT.shape[0])
                 self.owned_init.append(init)
                 for s, names in self.init_readers.items():
                     for n in names:
-                        ops.append(dist.P2POp(dist.isend, init[n].detach().contiguous(), self.ranks[s], self.group))
+                        ops.append(
+                            dist.P2POp(dist.isend, init[n].detach().contiguous(), self.ranks[s], self.group)
+                        )
         for g, group in enumerate(self.batches):
             B = group[0].tokens_BT.shape[0]
             for n in sorted(self.foreign):
@@ -460,12 +473,12 @@ class PipelineRuntime:
     def _initial_memory_gradients(self) -> None:
         """The gradients of the initial memory read on other stages, back to its creator, which backpropagates them."""
         ops, got = [], []
-        for g, init in enumerate(self.foreign_init):
+        for init in self.foreign_init:
             for n in sorted(init):
                 x = init[n]
                 gx = x.grad if x.grad is not None else torch.zeros_like(x)
                 ops.append(dist.P2POp(dist.isend, gx.contiguous(), self.ranks[self.foreign[n]], self.group))
-        for g, init in enumerate(self.owned_init):
+        for init in self.owned_init:
             for s, names in self.init_readers.items():
                 for n in names:
                     buf = torch.empty_like(init[n])
@@ -520,7 +533,9 @@ class PipelineRuntime:
             offset += m
 
     def _loss_everywhere(self) -> float:
-        loss = self.loss_sum.clone() if self.last else torch.zeros((), dtype=torch.float64, device=self.device)
+        loss = (
+            self.loss_sum.clone() if self.last else torch.zeros((), dtype=torch.float64, device=self.device)
+        )
         dist.all_reduce(loss, group=self.group)
         return loss.item()
 
