@@ -27,6 +27,7 @@ recomputed under the saved RNG state), and differ from a run without dropout.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.distributed import run_distributed
@@ -113,7 +114,7 @@ def _reference(whole, batches, state, memory_grad):
     return loss / total, state
 
 
-def _pipeline(stage, kind, memory_grad, batches, state, *, schedule_of=None):
+def _pipeline(stage, kind, memory_grad, batches, state, *, schedule_of=None, group=None):
     from memscale.parallel.pipeline.runtime import PipelineRuntime, stage_state
     from memscale.parallel.pipeline.schedule import generate, spec_for_kind
 
@@ -122,7 +123,8 @@ def _pipeline(stage, kind, memory_grad, batches, state, *, schedule_of=None):
     )
     states = [stage_state(state.map(lambda x, g=g: _rows(x, g)), stage, spec) for g in range(G)]
     schedule = generate(schedule_of or spec)
-    return PipelineRuntime(stage, spec).run(schedule, _group_batches(batches), states), schedule
+    runtime = PipelineRuntime(stage, spec, group=group)
+    return runtime.run(schedule, _group_batches(batches), states), schedule
 
 
 def _rel(a, b):
@@ -130,26 +132,40 @@ def _rel(a, b):
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def _compare(kind, memory_grad, rank):
+def _compare(kind, memory_grad, rank, *, groups=None):
+    """PP=2 (rank = stage) against run_window on the whole model; with `groups`, each stage is also cut for
+    tensor parallelism and its gradients are gathered over the TP group before the comparison."""
     from tests.helpers import random_batches
 
     cfg = _cfg(kind)
     whole, stage = _models(cfg, rank)
+    if groups is not None:
+        from memscale.parallel.tensor import parallelize
+
+        stage = parallelize(stage, groups=groups)
     batches = random_batches(S, B=ROWS, seed=1, reset_at=RESETS)
     state = _start_state(whole)
     ref_loss, ref_state = _reference(whole, batches, state, memory_grad)
-    res, _ = _pipeline(stage, kind, memory_grad, batches, state)
+    res, _ = _pipeline(
+        stage, kind, memory_grad, batches, state, group=groups.pp if groups is not None else None
+    )
 
     err = {"loss": abs(res.loss - ref_loss) / abs(ref_loss), "grad": 0.0, "state": 0.0}
     assert err["loss"] < RTOL, (kind, memory_grad, res.loss, ref_loss)
     ref_params = dict(whole.named_parameters(remove_duplicate=False))
+    grads = {n: p.grad for n, p in stage.named_parameters()}
+    if groups is not None:
+        from memscale.parallel.tensor import gather_tensor_parallel
+
+        assert all(g is not None for g in grads.values())
+        grads = gather_tensor_parallel(stage, grads, groups.tp)
     checked = 0
-    for name, p in stage.named_parameters():
+    for name, grad in grads.items():
         g_ref = ref_params[name].grad
-        assert (p.grad is None) == (g_ref is None), (kind, memory_grad, name)
+        assert (grad is None) == (g_ref is None), (kind, memory_grad, name)
         if g_ref is None:
             continue
-        e = _rel(p.grad, g_ref)
+        e = _rel(grad, g_ref)
         assert e < RTOL, (kind, memory_grad, name, e)
         err["grad"] = max(err["grad"], e)
         checked += 1
@@ -263,3 +279,39 @@ def test_pipeline_of_two_stages_equals_one_process():
     assert held["memformer/replay"] == [["mem"], ["mem"]]
     assert held["xl/detached"] == [["mem.0", "mem.1", "valid"], ["mem.2", "mem.3", "valid"]]
     assert held["none/detached"] == [[], []]
+
+
+# -- composition: tensor x pipeline parallel ------------------------------------------------------------------------
+TP_PP_CASES = [("xl", "detached"), ("memformer", "replay")]
+
+
+def _tp_pp_worker():
+    """tp=2 x pp=2 on 4 processes (megatron-core's groups: tp neighbours, pp across): each stage cut for TP."""
+    from memscale.config import ParallelConfig
+    from memscale.parallel.dims import ParallelDims, destroy_distributed, init_distributed
+    from memscale.parallel.random import model_parallel_seed
+
+    dims = ParallelDims.from_config(ParallelConfig(tp=2, pp=2)).validate(
+        num_heads=2, vocab_size=50, num_layers=4
+    )
+    groups = init_distributed(dims)
+    model_parallel_seed(0, tp_rank=groups.tp_rank)
+    try:
+        return {f"{k}/{m}": _compare(k, m, groups.pp_rank, groups=groups) for k, m in TP_PP_CASES}
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+def test_tp2_by_pp2_equals_one_process():
+    """The same comparison with every stage also split over 2 tensor-parallel ranks (4 processes), for a per-layer
+    kind whose u and v are both TP-sharded and replicated over the stages, and memformer under replay (its
+    initial memory crosses the stages, its writer gathers heads over TP). Same tolerance: TP adds its own
+    reordered sums (row-parallel and vocab-parallel partial sums, tests/test_parallel_tensor.py)."""
+    results = run_distributed(_tp_pp_worker, 4, timeout=400)
+    for rank, errors in enumerate(results):
+        assert set(errors) == {f"{k}/{m}" for k, m in TP_PP_CASES}
+        print(
+            f"rank {rank}: worst relative errors",
+            {k: {n: f"{v:.1e}" for n, v in e.items()} for k, (e, _) in errors.items()},
+        )
