@@ -27,6 +27,8 @@ recomputed under the saved RNG state), and differ from a run without dropout.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -241,9 +243,53 @@ def _refuses_a_broken_schedule(rank):
         message = str(e)
     else:
         raise AssertionError("the broken schedule ran")
+    # Inputs that do not fit the spec are refused too, naming what is expected.
+    for bad_batches, bad_states, match in (
+        (batches[:1], states, "num_groups=2 lists"),
+        (batches, states[:1], "one MemoryState per group"),
+    ):
+        try:
+            runtime.run(generate(spec), bad_batches, bad_states)
+        except ValueError as e:
+            assert match in str(e), e
+        else:
+            raise AssertionError(f"ran with {match} wrong")
     assert all(p.grad is None for p in stage.parameters())
     runtime.run(generate(spec), batches, states)
     return message
+
+
+def _one_stage(rank):
+    """P = 1 through the runtime (a pipeline group of one rank: every rank its own): the whole model as the only
+    stage, no transfers, equals run_window."""
+    import torch.distributed as dist
+
+    from memscale.parallel.pipeline.runtime import PipelineRuntime, stage_state
+    from memscale.parallel.pipeline.schedule import generate, spec_for_kind
+    from tests.helpers import random_batches
+
+    alone = [dist.new_group([r]) for r in range(dist.get_world_size())][rank]
+    worst = 0.0
+    for kind, mode in (("rmt", "replay"), ("xl", "detached")):
+        whole, _ = _models(_cfg(kind), rank)
+        stage = copy.deepcopy(whole)
+        batches = random_batches(S, B=ROWS, seed=1, reset_at=RESETS)
+        state = _start_state(whole)
+        ref_loss, ref_state = _reference(whole, batches, state, mode)
+        spec = spec_for_kind(
+            kind, num_stages=1, num_groups=G, num_segments=S, bptt_segments=K, memory_grad=mode
+        )
+        states = [stage_state(state.map(lambda x, g=g: _rows(x, g)), stage, spec) for g in range(G)]
+        res = PipelineRuntime(stage, spec, group=alone).run(generate(spec), _group_batches(batches), states)
+        assert abs(res.loss - ref_loss) <= RTOL * abs(ref_loss)
+        for (n, p), q in zip(stage.named_parameters(), whole.parameters(), strict=True):
+            worst = max(worst, _rel(p.grad, q.grad))
+            assert _rel(p.grad, q.grad) < RTOL, (kind, n)
+        for g, got in enumerate(res.states):
+            assert set(got) == set(ref_state)
+            for n, x in got.items():
+                assert torch.equal(x, _rows(ref_state[n], g)) or _rel(x, _rows(ref_state[n], g)) < RTOL
+    return worst
 
 
 def _worker():
@@ -258,14 +304,15 @@ def _worker():
         errors = {f"{k}/{m}": _compare(k, m, rank) for k, m in CASES}
         dropout = {k: _dropout_replay(k, rank) for k in GRAD_CARRYING}
         refused = _refuses_a_broken_schedule(rank)
+        one = _one_stage(rank)
     finally:
         dist.destroy_process_group()
-    return errors, dropout, refused
+    return errors, dropout, refused, one
 
 
 def test_pipeline_of_two_stages_equals_one_process():
     results = run_distributed(_worker, 2, timeout=300)
-    for rank, (errors, dropout, refused) in enumerate(results):
+    for rank, (errors, dropout, refused, one) in enumerate(results):
         assert set(errors) == {f"{k}/{m}" for k, m in CASES}
         print(
             f"rank {rank}: worst relative errors",
@@ -273,6 +320,7 @@ def test_pipeline_of_two_stages_equals_one_process():
         )
         print(f"rank {rank}: dropout replay vs truncated", dropout)
         assert "needs memory" in refused, refused
+        print(f"rank {rank}: one stage through the runtime vs run_window", one)
     # Every stage that must hold a memory holds it after the step (rmt: both; memformer: both; xl: its layers).
     held = {k: [r[0][k][1] for r in results] for k in results[0][0]}
     assert held["rmt/truncated"] == [["mem"], ["mem"]]
