@@ -57,6 +57,7 @@ CASES = [
     for kind in KINDS
     for mode in (("detached", "truncated", "replay") if kind in GRAD_CARRYING else ("detached",))
 ]
+FRESH = [("rmt", "replay"), ("memformer", "truncated"), ("xl", "detached")]  # started from no state
 RESETS = {1: [1], 2: [0, 3]}  # segment -> rows that start a document (mid-window, and a window start)
 
 
@@ -123,7 +124,9 @@ def _pipeline(stage, kind, memory_grad, batches, state, *, schedule_of=None, gro
     spec = spec_for_kind(
         kind, num_stages=2, num_groups=G, num_segments=S, bptt_segments=K, memory_grad=memory_grad
     )
-    states = [stage_state(state.map(lambda x, g=g: _rows(x, g)), stage, spec) for g in range(G)]
+    states = None  # a fresh start: every stage starts its groups from the initial memory
+    if state is not None:
+        states = [stage_state(state.map(lambda x, g=g: _rows(x, g)), stage, spec) for g in range(G)]
     schedule = generate(schedule_of or spec)
     runtime = PipelineRuntime(stage, spec, group=group)
     return runtime.run(schedule, _group_batches(batches), states), schedule
@@ -134,9 +137,10 @@ def _rel(a, b):
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def _compare(kind, memory_grad, rank, *, groups=None):
+def _compare(kind, memory_grad, rank, *, groups=None, fresh=False):
     """PP=2 (rank = stage) against run_window on the whole model; with `groups`, each stage is also cut for
-    tensor parallelism and its gradients are gathered over the TP group before the comparison."""
+    tensor parallelism and its gradients are gathered over the TP group before the comparison. `fresh`: the step
+    starts from the initial memory, which the pipeline builds itself (no state given)."""
     from tests.helpers import random_batches
 
     cfg = _cfg(kind)
@@ -146,10 +150,15 @@ def _compare(kind, memory_grad, rank, *, groups=None):
 
         stage = parallelize(stage, groups=groups)
     batches = random_batches(S, B=ROWS, seed=1, reset_at=RESETS)
-    state = _start_state(whole)
+    state = whole.init_state(ROWS) if fresh else _start_state(whole)
     ref_loss, ref_state = _reference(whole, batches, state, memory_grad)
     res, _ = _pipeline(
-        stage, kind, memory_grad, batches, state, group=groups.pp if groups is not None else None
+        stage,
+        kind,
+        memory_grad,
+        batches,
+        None if fresh else state,
+        group=groups.pp if groups is not None else None,
     )
 
     err = {"loss": abs(res.loss - ref_loss) / abs(ref_loss), "grad": 0.0, "state": 0.0}
@@ -302,6 +311,7 @@ def _worker():
     rank = dist.get_rank()
     try:
         errors = {f"{k}/{m}": _compare(k, m, rank) for k, m in CASES}
+        errors.update({f"{k}/{m}/fresh": _compare(k, m, rank, fresh=True) for k, m in FRESH})
         dropout = {k: _dropout_replay(k, rank) for k in GRAD_CARRYING}
         refused = _refuses_a_broken_schedule(rank)
         one = _one_stage(rank)
@@ -313,7 +323,7 @@ def _worker():
 def test_pipeline_of_two_stages_equals_one_process():
     results = run_distributed(_worker, 2, timeout=300)
     for rank, (errors, dropout, refused, one) in enumerate(results):
-        assert set(errors) == {f"{k}/{m}" for k, m in CASES}
+        assert set(errors) == {f"{k}/{m}" for k, m in CASES} | {f"{k}/{m}/fresh" for k, m in FRESH}
         print(
             f"rank {rank}: worst relative errors",
             {k: {n: f"{v:.1e}" for n, v in e.items()} for k, (e, _) in errors.items()},
@@ -325,6 +335,7 @@ def test_pipeline_of_two_stages_equals_one_process():
     held = {k: [r[0][k][1] for r in results] for k in results[0][0]}
     assert held["rmt/truncated"] == [["mem"], ["mem"]]
     assert held["memformer/replay"] == [["mem"], ["mem"]]
+    assert held["memformer/truncated/fresh"] == [["mem"], ["mem"]]
     assert held["xl/detached"] == [["mem.0", "mem.1", "valid"], ["mem.2", "mem.3", "valid"]]
     assert held["none/detached"] == [[], []]
 

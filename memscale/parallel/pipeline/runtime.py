@@ -38,16 +38,19 @@ What is not in the action lists, and why:
     detached mode there is no memory-gradient edge in the schedule, yet reset rows still carry gradient into the
     initial memory, hence this pair of transfers outside it.
 
-Example (2 processes, `torchrun --nproc-per-node 2`, gloo; `kind` per layer or global):
+Example, in each of 2 processes (torchrun, `dist.init_process_group("gloo")`; `cfg`, `steps` and `optimizer` are
+the caller's; tests/test_pipeline_runtime.py runs this against one process):
 
     spec = spec_for_kind("memformer", num_stages=2, num_groups=2, num_segments=4, bptt_segments=2,
                          memory_grad="replay")
     stage = MemoryTransformer(cfg.model, segment_len=T, layers=range(2 * rank, 2 * rank + 2))  # 4 layers
     runtime = PipelineRuntime(stage, spec, group=pp_group)
-    states = [stage_state(whole.init_state(B_g), stage, spec) for _ in range(2)]   # or the previous step's
-    result = runtime.run(generate(spec), batches, states)   # batches[g][t]: Batch of group g, segment t
-    optimizer.step()                                         # result.loss_sum / result.num_targets on every rank
-    states = result.states
+    states = None                                            # the first step starts from the initial memory
+    for batches in steps:                                    # batches[g][t]: Batch of group g, segment t
+        result = runtime.run(generate(spec), batches, states)
+        optimizer.step()                                     # result.loss on every rank
+        optimizer.zero_grad()
+        states = result.states                               # what this stage holds, per group
 
 Legend: B_g streams of a group, T segment tokens, S tokens inside the blocks (T plus rmt's 2K memory tokens,
 lamemo's M memory positions), D width.
@@ -154,7 +157,7 @@ class PipelineRuntime:
         self,
         schedule: Schedule,
         batches: list[list[Batch]],
-        states: list[MemoryState],
+        states: list[MemoryState] | None = None,
         *,
         loss_scale: float = 1.0,
         backward=torch.autograd.backward,
@@ -163,14 +166,18 @@ class PipelineRuntime:
 
         `batches[g][t]`: segment t of stream group g, the same on every rank (each stage reads what it needs:
         tokens on the first, targets on the last, reset flags on all). `states[g]`: the memory this stage holds
-        for group g when the step starts (`stage_state`). Gradients accumulate into the stage's parameters;
-        `backward` is called as `torch.autograd.backward(roots, grad_tensors)` is (a data-parallel engine's).
+        for group g when the step starts (`stage_state` cuts it from a whole model's); what a group lacks (all of
+        it with `states=None`) starts from the initial memory, as a reset row does. Gradients accumulate into the
+        stage's parameters; `backward` is called as `torch.autograd.backward(roots, grad_tensors)` is (a
+        data-parallel engine's).
         """
         spec = self.spec
         self._check(schedule, batches, states)
         simulate(schedule, spec, CostModel.uniform(self.P))  # ScheduleError before anything is sent
         self.batches = [[b.to(self.device) for b in group] for group in batches]
-        self.held = [MemoryState(dict(s.items())) for s in states]
+        given = states if states is not None else [MemoryState() for _ in batches]
+        self.held = [MemoryState(dict(s.items())) for s in given]
+        self._start_own_memory()
         self.scale = loss_scale / max(sum(b.num_targets for g in batches for b in g), 1)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.backward = backward
@@ -178,7 +185,7 @@ class PipelineRuntime:
         self.mem_grads: dict[tuple[int, int], dict[str, Tensor]] = {}
         self.outbox: dict[tuple[ActionType, int, int, int], list[Tensor]] = {}  # (send type, g, t, dst)
         self.mailbox: dict[MsgKey, list[Tensor]] = {}
-        self.works: list = []  # outstanding sends (and the tensors they read stay referenced by their works)
+        self.works: list = []  # outstanding sends, with the tensors they read
         self._layout(schedule)
         before = self._replicated_grads()
         self._exchange_initial_memory()
@@ -216,7 +223,7 @@ class PipelineRuntime:
                 f"batches must hold num_groups={G} lists of num_segments={S} segments; got "
                 f"{[len(g) for g in batches]}"
             )
-        if len(states) != G:
+        if states is not None and len(states) != G:
             raise ValueError(f"states must hold one MemoryState per group ({G}); got {len(states)}")
         if sorted(schedule) != list(range(self.P)):
             raise ValueError(
@@ -228,7 +235,7 @@ class PipelineRuntime:
         """Gather what the transfers need to know of the other stages: the activation length S (the first stage
         embeds a segment to find it), the memory each stage holds (names, shapes), which initial memory each
         creates, and which parameters it holds."""
-        own_init = sorted(self.stage.init_state(1).tensors)
+        own_init = {n: tuple(t.shape[1:]) for n, t in self.stage.init_state(1).items()}
         S = None
         if self.first:
             b = self.batches[0][0]
@@ -238,10 +245,8 @@ class PipelineRuntime:
             ):
                 x, _ = self.stage.embed_segment(b.tokens_BT, self.stage.memory.reset(self.held[0], b.reset_B))
             S = x.shape[1]
-        held = {n: tuple(t.shape[1:]) for n, t in self.held[0].items()}
         info = {
             "S": S,
-            "held": held,
             "own_init": own_init,
             "params": {n: p.numel() for n, p in self._param_keys().items()},
         }
@@ -249,15 +254,25 @@ class PipelineRuntime:
         dist.all_gather_object(infos, info, group=self.group)
         self.S = infos[0]["S"]
         self.infos = infos
-        owner = {}
+        owner: dict[str, int] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # per row
         for s, inf in enumerate(infos):
-            for n in inf["own_init"]:
+            for n, shape in inf["own_init"].items():
                 owner.setdefault(n, s)
-        # Names this stage holds but does not initialise: a global memory another stage creates.
-        self.foreign = {n: owner[n] for n in held if n not in own_init and n in owner}
-        # Stages that hold names this stage initialises, without creating them: they get our initial memory.
+                self.shapes.setdefault(n, shape)
+        # A global kind's whole state is its memory, created by one stage (rmt: the first, memformer: the last)
+        # and read by `spec.readers()`; per-layer state is created and read by the stage that holds it.
+        spec = self.spec
+        self.global_names = sorted(owner) if spec.topology == "global" else []
+        self.needed = [
+            set(inf["own_init"]) | (set(self.global_names) if s in spec.readers() else set())
+            for s, inf in enumerate(infos)
+        ]
+        # Names this stage reads but does not create: a global memory another stage creates.
+        self.foreign = {n: owner[n] for n in sorted(self.needed[self.s]) if n not in own_init}
+        # Stages that read names this stage creates, without creating them: they get our initial memory.
         self.init_readers = {
-            s: sorted(n for n in inf["held"] if n not in inf["own_init"] and owner.get(n) == self.s)
+            s: sorted(n for n in self.needed[s] if n not in inf["own_init"] and owner[n] == self.s)
             for s, inf in enumerate(infos)
             if s != self.s
         }
@@ -281,8 +296,16 @@ class PipelineRuntime:
         return out
 
     def _global_names(self, stage: int) -> list[str]:
-        """Names of the global memory exchanged with `stage` (a reader): those it holds, sorted."""
-        return sorted(self.infos[stage]["held"])
+        """Names of the global memory exchanged with `stage` (a reader), in the order they go on the wire."""
+        return [n for n in self.global_names if n in self.needed[stage]]
+
+    def _start_own_memory(self) -> None:
+        """A group that lacks some of the memory this stage creates starts it from the initial memory."""
+        for g, h in enumerate(self.held):
+            init = self.stage.init_state(self.batches[g][0].tokens_BT.shape[0])
+            for n, x in init.items():
+                if n not in h:
+                    h.tensors[n] = x.detach().clone()
 
     # -- F and B ----------------------------------------------------------------------------------------------------
     def _forward(self, a: Action) -> None:
@@ -295,7 +318,6 @@ class PipelineRuntime:
             rec.rng = rng_snapshot(self.device)
             with torch.no_grad():
                 out, new, loss = self._run_segment(g, t, x_in, state, rec=None)
-            rec.out = out
         else:
             out, new, loss = self._run_segment(g, t, x_in, state, rec=rec)
             rec.out, rec.new = (loss * self.scale if self.last else out), new
@@ -391,7 +413,7 @@ class PipelineRuntime:
     # -- transfers --------------------------------------------------------------------------------------------------
     def _transfer(self, actions: list[Action]) -> None:
         """One batch of p2p operations for a run of consecutive transfer actions; waits for its receives."""
-        ops, recvs = [], []
+        ops = []
         for a in actions:
             g, t = a.key
             peer = a.peer_stage()
@@ -407,17 +429,17 @@ class PipelineRuntime:
                 k = channel.popleft()
                 bufs = self._buffers(k)
                 self.mailbox[k] = bufs
-                for x in bufs:
-                    op = dist.P2POp(dist.irecv, x, self.ranks[peer], self.group)
-                    ops.append(op)
-                    recvs.append(op)
+                ops += [dist.P2POp(dist.irecv, x, self.ranks[peer], self.group) for x in bufs]
                 if k == key:
                     break
         if ops:
             works = dist.batch_isend_irecv(ops)
             if len(works) == len(ops):  # one work per operation (gloo): wait for the receives only
                 for op, w in zip(ops, works, strict=True):
-                    w.wait() if op.op is dist.irecv else self.works.append((w, op.tensor))
+                    if op.op is dist.irecv:
+                        w.wait()
+                    else:  # waited for at the end of the step; the tensor stays referenced until then
+                        self.works.append((w, op.tensor))
             else:  # one work for the whole batch (NCCL): waiting only orders the current stream after it
                 for w in works:
                     w.wait()
@@ -433,13 +455,9 @@ class PipelineRuntime:
         D = self.stage.cfg.d_model
         if kind in (A.RECV_F, A.RECV_B):
             return [torch.empty(B, self.S, D, dtype=self.dtype, device=self.device)]
-        # Memory (from the last stage, names this stage holds) or its gradient (names the reader holds).
-        names_of = self.s if kind is A.RECV_M else src
-        held = self.infos[names_of]["held"]
-        return [
-            torch.empty(B, *held[n], dtype=self.dtype, device=self.device)
-            for n in self._global_names(names_of)
-        ]
+        # Memory (from the last stage, names this stage reads) or its gradient (names the reader reads).
+        names = self._global_names(self.s if kind is A.RECV_M else src)
+        return [torch.empty(B, *self.shapes[n], dtype=self.dtype, device=self.device) for n in names]
 
     # -- the step's collectives --------------------------------------------------------------------------------------
     def _exchange_initial_memory(self) -> None:
@@ -460,14 +478,16 @@ class PipelineRuntime:
         for g, group in enumerate(self.batches):
             B = group[0].tokens_BT.shape[0]
             for n in sorted(self.foreign):
-                x = torch.empty(B, *self.infos[self.s]["held"][n], dtype=self.dtype, device=self.device)
+                x = torch.empty(B, *self.shapes[n], dtype=self.dtype, device=self.device)
                 self.foreign_init[g][n] = x
                 ops.append(dist.P2POp(dist.irecv, x, self.ranks[self.foreign[n]], self.group))
         if ops:
             for w in dist.batch_isend_irecv(ops):
                 w.wait()
-        for init in self.foreign_init:
-            for x in init.values():
+        for h, init in zip(self.held, self.foreign_init, strict=True):
+            for n, x in init.items():
+                if n not in h:  # a group given without this memory starts from the initial one
+                    h.tensors[n] = x.clone()
                 x.requires_grad_(x.is_floating_point())
 
     def _initial_memory_gradients(self) -> None:
