@@ -16,7 +16,8 @@ b))`), and runs its row of the schedule in order:
     computation (the simulator's semantics: sends asynchronous, receives blocking);
   - STEP: the step's collectives over the pipeline group. Gradients of parameters held by several stages (xl and
     lamemo's u and v, the token embedding tied to the head) are summed over them; the loss is summed at the last
-    stage and known to every rank afterwards. The optimizer step itself is the caller's.
+    stage and known to every rank afterwards. The optimizer step itself is the caller's; a global gradient norm
+    must count each of those parameters once (`PipelineRuntime.replicated` names them), not once per stage.
 
 The result equals `memscale.train.bptt.run_window` on the whole model over the same batches: same loss (sum over
 the step's targets, normalised by their count times `loss_scale`), same gradients, same final memory. A step
@@ -24,7 +25,18 @@ holds `spec.num_segments` segments per group; with BPTT they form windows of `sp
 one `run_window` call per window (each with `loss_scale` = its share of the step's targets).
 
 Before anything is sent, the schedule is checked by the simulator (simulate.py) against the spec: a schedule that
-would deadlock or compute something else is refused with the simulator's message.
+would deadlock or compute something else is refused with the simulator's message. Then one `all_gather_object`
+over the pipeline group tells every stage what the others hold (the activation length S, which the first stage finds
+by embedding a segment; which stage creates which memory, and its shape; the parameter names), so that every
+receive allocates its buffers in advance.
+
+Why a runtime of memscale's own: torch.distributed.pipelining's `_PipelineScheduleRuntime` executes torch's action
+lists with batched p2p the same way, but its micro-batches are independent, one tensor crosses each stage boundary,
+and it has no action for a memory or its gradient travelling from the last stage to the first (FIELD-NOTES.md).
+
+Randomness: each stage draws dropout from its own generator, in the order of its forwards, so masks differ from
+one process running the whole model (as with any pipeline); replay snapshots the generators before each forward and
+recomputes under the snapshot, so its masks equal the forward's and its gradients equal truncated BPTT's.
 
 What is not in the action lists, and why:
   - Messages between two ranks are matched in the order they are sent (NCCL ignores tags), and a valid schedule may
@@ -51,6 +63,9 @@ the caller's; tests/test_pipeline_runtime.py runs this against one process):
         optimizer.step()                                     # result.loss on every rank
         optimizer.zero_grad()
         states = result.states                               # what this stage holds, per group
+
+Tested over gloo on CPU (tests/test_pipeline_runtime.py, also under tp=2 and dp=2 with ZeRO-1); the NCCL path
+(one work per p2p batch, CUDA RNG in the replay snapshots) is written for but has not run yet.
 
 Legend: B_g streams of a group, T segment tokens, S tokens inside the blocks (T plus rmt's 2K memory tokens,
 lamemo's M memory positions), D width.
@@ -79,7 +94,7 @@ from memscale.parallel.pipeline.schedule import (
     ScheduleSpec,
 )
 from memscale.parallel.pipeline.simulate import CostModel, simulate
-from memscale.parallel.random import replayed_rng, rng_snapshot
+from memscale.parallel.random import RNGSnapshot, replayed_rng, rng_snapshot
 from memscale.train.loss import token_loss
 
 A = ActionType
@@ -117,7 +132,7 @@ class _Record:
     """The received activation (a leaf with grad when the graph is kept; the value under replay)."""
     state_in: MemoryState | None = None
     """replay: the memory the segment started from (before its reset)."""
-    rng: object | None = None
+    rng: RNGSnapshot | None = None
     out: Tensor | None = None
     """The activation sent on, or the scaled loss on the last stage (graph kept)."""
     new: dict[str, Tensor] = field(default_factory=dict)
@@ -129,7 +144,9 @@ class _Record:
 class PipelineRuntime:
     """Runs schedules of `spec` on this rank's `stage`, with the other stages in the process group `group`.
 
-    The rank's index in `group` is its stage index; `group=None` means the default group.
+    The rank's index in `group` is its stage index; `group=None` means the default group. After a step,
+    `replicated` names the parameters that several stages hold (a head tied to the embedding under the name
+    `embed.weight`) and whose gradients were summed over them.
     """
 
     def __init__(self, stage: MemoryTransformer, spec: ScheduleSpec, *, group=None):
@@ -149,6 +166,7 @@ class PipelineRuntime:
                 f" of {stage.cfg.num_layers}: stage {self.s} must {'' if self.first else 'not '}hold the first layer "
                 f"and {'' if self.last else 'not '}the last"
             )
+        self.replicated: list[str] = []
         self.device = next(stage.parameters()).device
         self.dtype = next(p for p in stage.parameters() if p.is_floating_point()).dtype
 
