@@ -22,7 +22,9 @@ summing the tied embedding over the stages, 0.73).
 Compositions (marked slow, 4 processes each): tp=2 x pp=2, every stage also cut for tensor parallelism (xl detached,
 memformer replay; gradients gathered over TP: 7.8e-7 at most); dp=2 x pp=2 under ZeRO-1, one optimizer step (rmt
 replay, xl detached: dp-mean gradients 4.9e-7, AdamW updates 1.9e-7 where |g| > 1e-5, 6.6e-4 everywhere: see the
-worker). A P = 1 pipeline (the whole model as the only stage) runs in the fast test.
+worker); P = 4 stages of one layer and G = 4 groups (middle stages, memformer's memory to three readers and its
+gradient from three: rmt truncated, memformer replay and detached, xl; 6.0e-7 at most). A P = 1 pipeline (the whole
+model as the only stage) runs in the fast test.
 
 Dropout. The pipeline draws dropout masks on each stage from its own generator, so they cannot equal the whole
 model's (one generator, one batch of 4 rows); the PP vs PP=1 comparisons run without dropout. With dropout on, the
@@ -72,28 +74,31 @@ def _cfg(kind, *extra):
     return config_from_dict({}, [*TINY, f"model.memory.kind={kind}", *EXTRA.get(kind, []), *extra])
 
 
-def _models(cfg, rank):
+def _models(cfg, rank, stages=2):
     from memscale.models import MemoryTransformer
 
     torch.manual_seed(0)
     whole = MemoryTransformer(cfg.model, segment_len=8)
-    half = cfg.model.num_layers // 2
-    stage = MemoryTransformer(cfg.model, segment_len=8, layers=range(rank * half, (rank + 1) * half))
+    per = cfg.model.num_layers // stages
+    stage = MemoryTransformer(cfg.model, segment_len=8, layers=range(rank * per, (rank + 1) * per))
     sd = whole.state_dict()
     stage.load_state_dict({n: sd[n] for n in stage.state_dict()}, strict=True)
     return whole, stage
 
 
-def _rows(x, g):
-    return x[g * ROWS // G : (g + 1) * ROWS // G]
+def _rows(x, g, groups=G):
+    return x[g * ROWS // groups : (g + 1) * ROWS // groups]
 
 
-def _group_batches(batches):
+def _group_batches(batches, groups=G):
     from memscale.data.batch import Batch
 
     return [
-        [Batch(*(_rows(x, g) for x in (b.tokens_BT, b.targets_BT, b.reset_B, b.doc_pos_B))) for b in batches]
-        for g in range(G)
+        [
+            Batch(*(_rows(x, g, groups) for x in (b.tokens_BT, b.targets_BT, b.reset_B, b.doc_pos_B)))
+            for b in batches
+        ]
+        for g in range(groups)
     ]
 
 
@@ -122,19 +127,21 @@ def _reference(whole, batches, state, memory_grad):
     return loss / total, state
 
 
-def _pipeline(stage, kind, memory_grad, batches, state, *, schedule_of=None, group=None):
+def _pipeline(stage, kind, memory_grad, batches, state, *, schedule_of=None, group=None, stages=2, groups=G):
     from memscale.parallel.pipeline.runtime import PipelineRuntime, stage_state
     from memscale.parallel.pipeline.schedule import generate, spec_for_kind
 
     spec = spec_for_kind(
-        kind, num_stages=2, num_groups=G, num_segments=S, bptt_segments=K, memory_grad=memory_grad
+        kind, num_stages=stages, num_groups=groups, num_segments=S, bptt_segments=K, memory_grad=memory_grad
     )
     states = None  # a fresh start: every stage starts its groups from the initial memory
     if state is not None:
-        states = [stage_state(state.map(lambda x, g=g: _rows(x, g)), stage, spec) for g in range(G)]
+        states = [
+            stage_state(state.map(lambda x, g=g: _rows(x, g, groups)), stage, spec) for g in range(groups)
+        ]
     schedule = generate(schedule_of or spec)
     runtime = PipelineRuntime(stage, spec, group=group)
-    return runtime.run(schedule, _group_batches(batches), states), schedule
+    return runtime.run(schedule, _group_batches(batches, groups), states), schedule
 
 
 def _rel(a, b):
@@ -142,14 +149,14 @@ def _rel(a, b):
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def _compare(kind, memory_grad, rank, *, groups=None, fresh=False):
-    """PP=2 (rank = stage) against run_window on the whole model; with `groups`, each stage is also cut for
+def _compare(kind, memory_grad, rank, *, groups=None, fresh=False, stages=2, num_groups=G):
+    """PP=`stages` (rank = stage) against run_window on the whole model; with `groups`, each stage is also cut for
     tensor parallelism and its gradients are gathered over the TP group before the comparison. `fresh`: the step
     starts from the initial memory, which the pipeline builds itself (no state given)."""
     from tests.helpers import random_batches
 
     cfg = _cfg(kind)
-    whole, stage = _models(cfg, rank)
+    whole, stage = _models(cfg, rank, stages)
     if groups is not None:
         from memscale.parallel.tensor import parallelize
 
@@ -164,6 +171,8 @@ def _compare(kind, memory_grad, rank, *, groups=None, fresh=False):
         batches,
         None if fresh else state,
         group=groups.pp if groups is not None else None,
+        stages=stages,
+        groups=num_groups,
     )
 
     err = {"loss": abs(res.loss - ref_loss) / abs(ref_loss), "grad": 0.0, "state": 0.0}
@@ -189,7 +198,7 @@ def _compare(kind, memory_grad, rank, *, groups=None, fresh=False):
     names = set()
     for g, got in enumerate(res.states):
         for n, x in got.items():
-            want = _rows(ref_state[n], g)
+            want = _rows(ref_state[n], g, num_groups)
             if x.is_floating_point():
                 e = _rel(x, want)
                 assert e < RTOL, (kind, memory_grad, n, e)
@@ -477,3 +486,34 @@ def test_dp2_by_pp2_zero1_equals_one_process():
     for rank, worst in enumerate(results):
         assert set(worst) == {f"{k}/{m}" for k, m in DP_PP_CASES}
         print(f"rank {rank}: worst relative update difference", worst)
+
+
+# -- four stages -----------------------------------------------------------------------------------------------------
+FOUR_STAGE_CASES = [
+    ("rmt", "truncated"),
+    ("memformer", "replay"),
+    ("memformer", "detached"),
+    ("xl", "detached"),
+]
+
+
+def _four_stage_worker():
+    """P = 4 (one layer per stage) and G = 4 groups of one stream: stages in the middle (no embedding, no head),
+    memformer's memory sent to three readers and its gradient summed from three, rmt's from the last stage to the
+    first across two others."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        rank = dist.get_rank()
+        return {f"{k}/{m}": _compare(k, m, rank, stages=4, num_groups=4)[0] for k, m in FOUR_STAGE_CASES}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_pipeline_of_four_stages_equals_one_process():
+    results = run_distributed(_four_stage_worker, 4, timeout=300)
+    for rank, errors in enumerate(results):
+        assert set(errors) == {f"{k}/{m}" for k, m in FOUR_STAGE_CASES}
+        print(f"rank {rank}: worst relative errors", errors)
