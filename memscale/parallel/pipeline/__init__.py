@@ -2,6 +2,8 @@
 
 schedule.py   the action IR (F, B, activation / memory / memory-gradient transfers, STEP), strings like `1F3.2`,
               CSV dump and load, `ScheduleSpec` and `generate`, `format_order` (a step x rank table)
+runtime.py    `PipelineRuntime(stage, spec, group=...).run(schedule, batches, states)`: this rank's row of a checked
+              schedule on its stage (a MemoryTransformer slice) over batched p2p; equals run_window on one process
 simulate.py   `simulate(schedule, spec, CostModel)`: every dependency (including segment t -> t + 1 through the
               memory), deadlocks, matched transfers; makespan, bubble, peak activation and memory-state bytes per
               rank; `SimResult.format_timeline` (a time x rank table)
@@ -25,8 +27,8 @@ last stage), and nothing crosses a window. `replay` has the same dependencies as
 only the stage input and the memory state at its start, and recomputes the segment inside its backward.
 
 One stage per rank: no virtual (interleaved) stages, and no split of the backward into input and weight gradients
-(torch's I / W); both could be added as actions without changing the checks' structure. The runtime that executes
-these lists over p2p (runtime.py) is not written yet, and nothing here is wired into the trainer.
+(torch's I / W); both could be added as actions without changing the checks' structure. runtime.py executes these
+lists on real stages over p2p (`PipelineRuntime`); nothing here is wired into the trainer yet.
 
     >>> from memscale.parallel.pipeline.schedule import ScheduleSpec, generate, format_order
     >>> from memscale.parallel.pipeline.simulate import CostModel, simulate
