@@ -145,14 +145,17 @@ def test_checkpointed_blocks_give_the_same_gradients(kind):
     ref, ref_grads = _grads_of_window(kind, wrap=None)
     assert sum(g is not None for g in ref_grads) > 0
     for reentrant in (True, False):
-        got, grads = _grads_of_window(kind, wrap=reentrant)
-        assert got.loss_sum == pytest.approx(ref.loss_sum, rel=1e-6)
-        for name in ref.state:
-            torch.testing.assert_close(got.state[name], ref.state[name], atol=1e-6, rtol=0)
-        for g, g_ref in zip(grads, ref_grads, strict=True):
-            assert (g is None) == (g_ref is None)
-            if g is not None:
-                torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
+        _assert_same_window(*_grads_of_window(kind, wrap=reentrant), ref, ref_grads)
+
+
+def _assert_same_window(got, grads, ref, ref_grads) -> None:
+    assert got.loss_sum == pytest.approx(ref.loss_sum, rel=1e-6)
+    for name in ref.state:
+        torch.testing.assert_close(got.state[name], ref.state[name], atol=1e-6, rtol=0)
+    for g, g_ref in zip(grads, ref_grads, strict=True):
+        assert (g is None) == (g_ref is None)
+        if g is not None:
+            torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
 
 
 def _switched_window(kind: str, mode: str, memory_grad: str, *, meter=None):
@@ -184,14 +187,7 @@ def test_activation_checkpointing_switch_gives_the_same_gradients(kind, memory_g
     dropout on: same loss, state and gradients (1e-6 absolute, as above: the same kernels on the same inputs)."""
     ref, ref_grads = _switched_window(kind, "none", memory_grad)
     for mode in ("full", "selective"):
-        got, grads = _switched_window(kind, mode, memory_grad)
-        assert got.loss_sum == pytest.approx(ref.loss_sum, rel=1e-6)
-        for name in ref.state:
-            torch.testing.assert_close(got.state[name], ref.state[name], atol=1e-6, rtol=0)
-        for g, g_ref in zip(grads, ref_grads, strict=True):
-            assert (g is None) == (g_ref is None)
-            if g is not None:
-                torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
+        _assert_same_window(*_switched_window(kind, mode, memory_grad), ref, ref_grads)
 
 
 @pytest.mark.parametrize("kind", ["rmt", "xl"])

@@ -43,6 +43,17 @@ def _dp_run(tmp_path, data_dir, out, *extra, resume=False):
     return r
 
 
+def _resumed_at_3_ends_the_same(tmp_path, data_dir, run, *mode) -> None:
+    """A copy of `run` cut back to its step-3 checkpoint and resumed ends bitwise equal to `run` at step 6."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000006")
+    (resumed / "checkpoints" / "latest").write_text("step-000003\n")
+    r = _dp_run(tmp_path, data_dir, resumed, *mode, resume=True)
+    assert "at step 3" in r.stdout
+    _assert_same_weights(run / "checkpoints" / "step-000006", resumed / "checkpoints" / "step-000006")
+
+
 @pytest.mark.parametrize(
     "stage, memory_grad, recompute",
     [(2, "truncated", "selective"), (3, "replay", "full"), (0, "detached", "none")],
@@ -69,13 +80,7 @@ def test_dp2_zero_equals_one_process_and_resumes_exactly(data_dir, tmp_path, sta
         torch.testing.assert_close(b.memory[name], t, rtol=0, atol=1e-5, msg=name)
     assert (two / "checkpoints" / "step-000006" / "deepspeed").is_dir()
     # Stopped at step 3 and resumed on 2 processes: the same weights as the uninterrupted run, bit for bit.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(two, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-000006")
-    (resumed / "checkpoints" / "latest").write_text("step-000003\n")
-    r = _dp_run(tmp_path, data_dir, resumed, *mode, resume=True)
-    assert "at step 3" in r.stdout
-    _assert_same_weights(two / "checkpoints" / "step-000006", resumed / "checkpoints" / "step-000006")
+    _resumed_at_3_ends_the_same(tmp_path, data_dir, two, *mode)
     # The consolidated weights serve `memscale eval` on one process.
     ev = _run("eval", str(two / "config.yaml"), "--checkpoint", str(two), "--segments", "2")
     assert ev.returncode == 0 and "validation: loss" in ev.stdout, ev.stderr
@@ -150,13 +155,7 @@ def test_tp2_trains_like_one_process_and_resumes_exactly(data_dir, tmp_path):
     drop = (*TP_MEMFORMER, "parallel.tp=2", "parallel.zero_stage=1")
     full = tmp_path / "full"
     _dp_run(tmp_path, data_dir, full, *drop)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-000006")
-    (resumed / "checkpoints" / "latest").write_text("step-000003\n")
-    r = _dp_run(tmp_path, data_dir, resumed, *drop, resume=True)
-    assert "at step 3" in r.stdout
-    _assert_same_weights(full / "checkpoints" / "step-000006", resumed / "checkpoints" / "step-000006")
+    _resumed_at_3_ends_the_same(tmp_path, data_dir, full, *drop)
     # Another layout is refused in one line, naming both.
     r = _run(
         "train", str(tmp_path / "resumed.yaml"), "--resume", "--nproc", "2", "--set", "parallel.tp=1", env=ENV
