@@ -231,19 +231,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(plan)
     plan.add_argument(
-        "--gpus", type=_positive_int, default=None, help="search the layouts of N GPUs (default: print the config's)"
+        "--gpus",
+        type=_positive_int,
+        default=None,
+        help="search the layouts of N GPUs (default: print the config's)",
     )
     plan.add_argument("--gpu", default="h100", help="h100, h200, a100, or cpu (this machine, measured now)")
     plan.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="usable memory per GPU")
-    plan.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (tp stays inside one)")
-    plan.add_argument("--interconnect", default="ib-400", help="between nodes: ib-800, ib-400, ib-200, eth-100")
+    plan.add_argument(
+        "--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (tp stays inside one)"
+    )
+    plan.add_argument(
+        "--interconnect", default="ib-400", help="between nodes: ib-800, ib-400, ib-200, eth-100"
+    )
     plan.add_argument(
         "--global-streams",
         type=_positive_int,
         default=None,
         help="streams over all dp ranks (default: data.num_streams x parallel.dp of the config)",
     )
-    plan.add_argument("--k", default=None, help="segments per step to search, e.g. 1,2,4 (default: the config's)")
+    plan.add_argument(
+        "--k", default=None, help="segments per step to search, e.g. 1,2,4 (default: the config's)"
+    )
     plan.add_argument("--top", type=_positive_int, default=5, help="how many layouts to list")
     plan.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     plan.set_defaults(func=_cmd_plan)
@@ -354,9 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rc.add_argument("--out", default="bench/results", help="directory for the JSON result")
-    pl = bench_sub.add_parser("plan", help="the planner's predicted step time against measured CPU training steps")
+    pl = bench_sub.add_parser(
+        "plan", help="the planner's predicted step time against measured CPU training steps"
+    )
     pl.add_argument("--runs", default="one,dp2,tp2", help="which of one, dp2, tp2 to run (comma-separated)")
-    pl.add_argument("--steps", type=_positive_int, default=6, help="training steps per run (the last half timed)")
+    pl.add_argument(
+        "--steps", type=_positive_int, default=6, help="training steps per run (the last half timed)"
+    )
     pl.add_argument("--out", default="bench/results", help="directory for the JSON result")
     for p in (bench, tp, tk, lg, pp, rc, pl):
         p.set_defaults(func=_cmd_bench)

@@ -125,7 +125,11 @@ def _gloo_worker(rank: int, port: int, out: str) -> None:
         if rank == 0:
             Path(out).write_text(
                 yaml.safe_dump(
-                    {"latency_s": lat, "p2p_Bps": big / max(t_big - lat, 1e-9), "allreduce_16MB_s": min(times)}
+                    {
+                        "latency_s": lat,
+                        "p2p_Bps": big / max(t_big - lat, 1e-9),
+                        "allreduce_16MB_s": min(times),
+                    }
                 )
             )
     finally:
@@ -202,7 +206,9 @@ def main(args) -> int:
     bad = [r for r in runs if r not in RUNS]
     if bad:
         raise ValueError(f"--runs {args.runs}: unknown {', '.join(bad)}; choose from {', '.join(RUNS)}")
-    print("measuring this machine: matmul peak (2 threads, 1 thread), memory copy, gloo between 2 processes ...")
+    print(
+        "measuring this machine: matmul peak (2 threads, 1 thread), memory copy, gloo between 2 processes ..."
+    )
     peaks = {2: _peak(2), 1: _peak(1)}
     copy_Bps = _copy_Bps()
     gloo = measure_gloo()
@@ -239,7 +245,9 @@ def main(args) -> int:
             )
             print(f"  {name}: predicted {e.step_s:.3f} s, measured {measured:.3f} s")
     print()
-    print("| run | layout | processes x threads | predicted s/step | measured s/step | predicted / measured |")
+    print(
+        "| run | layout | processes x threads | predicted s/step | measured s/step | predicted / measured |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(

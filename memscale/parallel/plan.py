@@ -60,7 +60,6 @@ with m = G k; the best few are then re-estimated with the exact per-stage simula
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -435,6 +434,8 @@ class _Unit:
     tp_s: float
     activation_bytes: list[float]
     transient_bytes: list[float]
+    gathered_bytes: list[float]
+    """ZeRO-3: the gathered full weights of two layers."""
     input_bytes: list[float]
     state_bytes: list[float]
     act_msg_bytes: float
@@ -469,7 +470,9 @@ def _layer_activation_bytes(shape: ModelShape, dev: Device, b: int, tp: int, rec
     cross = 0.0
     if shape.cross_keys:
         T = shape.segment_len
-        cross = 2 * e * T * b * h + e * (2 * T + 2 * shape.cross_keys) * b * h / t + scores(shape.cross_keys, T)
+        cross = (
+            2 * e * T * b * h + e * (2 * T + 2 * shape.cross_keys) * b * h / t + scores(shape.cross_keys, T)
+        )
     full_layer = attention + mlp + cross
     if recompute == "full":
         return e * sbh, full_layer
@@ -492,7 +495,7 @@ def _unit_costs(shape: ModelShape, layout: Layout, cluster: Cluster, b: int) -> 
     attn_proj_fwd = 2 * 4 * D * D * S * b  # the QKV and output projections, recomputed by selective
     ar_bytes = b * S * D * e
     tp_ar = _ring("all_reduce", tp, ar_bytes, dev.intra_Bps, dev.intra_latency_s)
-    fwd, bwd, rec, act, trans, inp, st, dp_exposed = [], [], [], [], [], [], [], []
+    fwd, bwd, rec, act, trans, inp, st, dp_exposed, gather = [], [], [], [], [], [], [], [], []
     recompute_ar = {"none": 0, "selective": 1, "full": 2}[lay.recompute]
     zero = lay.zero_stage
     dp_net = (dev.intra_Bps, dev.intra_latency_s)
@@ -506,7 +509,9 @@ def _unit_costs(shape: ModelShape, layout: Layout, cluster: Cluster, b: int) -> 
         f_flops = layers * (2 * (stg.block_params / layers) * S * b + attn_fwd) + 2 * stg.head_params * T * b
         f_c = f_flops / rate
         b_c = 2 * f_c
-        rc = {"none": 0.0, "selective": layers * (attn_proj_fwd + attn_fwd) / rate, "full": f_c}[lay.recompute]
+        rc = {"none": 0.0, "selective": layers * (attn_proj_fwd + attn_fwd) / rate, "full": f_c}[
+            lay.recompute
+        ]
         f_tp = 2 * layers * tp_ar
         b_tp = (2 + recompute_ar) * layers * tp_ar
         params_rank = stg.params / tp
@@ -541,10 +546,9 @@ def _unit_costs(shape: ModelShape, layout: Layout, cluster: Cluster, b: int) -> 
         if i == pp - 1 and not shape.cfg.model.fused_loss:
             a_bytes += 4 * b * T * shape.vocab_size / tp  # fp32 logits kept for the plain cross-entropy
         act.append(a_bytes)
-        t_bytes = transient
-        if zero == 3:  # one layer gathered, the next prefetched
-            t_bytes += 2 * e * (stg.block_params / layers)
-        trans.append(t_bytes)
+        trans.append(transient)
+        # ZeRO-3 holds whole weights only of the layer it runs and the next one (prefetched).
+        gather.append(2 * e * (stg.block_params / layers) if zero == 3 else 0.0)
         inp.append(b * S * D * e if i > 0 else b * T * 8)  # stage 0 keeps token ids (int64)
         st.append(b * stg.state_numel * e)
     opt_params = max(s.params for s in stages) / tp / (dp if zero >= 1 else 1)
@@ -560,6 +564,7 @@ def _unit_costs(shape: ModelShape, layout: Layout, cluster: Cluster, b: int) -> 
         tp_s=tp_total / pp,
         activation_bytes=act,
         transient_bytes=trans,
+        gathered_bytes=gather,
         input_bytes=inp,
         state_bytes=st,
         act_msg_bytes=b * S * D * e,
@@ -646,7 +651,12 @@ def _uniform_sim(spec: ScheduleSpec, bwd_ratio: float, p2p_ratio: float) -> tupl
     )
     sched = generate(spec, forward=1.0, backward=bwd_ratio, p2p=p2p_ratio)
     r = simulate(sched, spec, costs)
-    return r.makespan_s, r.bubble, [x.peak_activation_bytes for x in r.ranks], [x.peak_state_bytes for x in r.ranks]
+    return (
+        r.makespan_s,
+        r.bubble,
+        [x.peak_activation_bytes for x in r.ranks],
+        [x.peak_state_bytes for x in r.ranks],
+    )
 
 
 def _pipeline_fast(spec: ScheduleSpec, u: _Unit) -> _PipeResult:
@@ -670,7 +680,8 @@ def _pipeline_fast(spec: ScheduleSpec, u: _Unit) -> _PipeResult:
         versions = [2 * spec.num_groups if spec.topology != "none" else 0] * P
         simulated = False
     act = [
-        kept[s] * (u.input_bytes[s] if replay else u.activation_bytes[s]) + (u.activation_bytes[s] if replay else 0)
+        kept[s] * (u.input_bytes[s] if replay else u.activation_bytes[s])
+        + (u.activation_bytes[s] if replay else 0)
         for s in range(P)
     ]
     state = [versions[s] * u.state_bytes[s] for s in range(P)]
@@ -710,7 +721,7 @@ def estimate(
         if zero >= 2:
             g /= dp
         if zero >= 3:
-            w /= dp
+            w = w / dp + u.gathered_bytes[s]
         act = pipe.peak_activation[s] + u.transient_bytes[s]
         mems.append(Memory(w, g, o, act, pipe.peak_state[s], dev.overhead_bytes))
     worst = max(mems, key=lambda m: m.total)
@@ -820,7 +831,9 @@ def search(
     fitting = sorted((r for r in rough if r.fits), key=lambda r: (-r.tokens_per_s, r.memory.total))
     if not fitting:
         smallest = min(rough, key=lambda r: r.memory.total)
-        return SearchResult([], len(cands), 0, estimate(shape, smallest.layout, cluster, global_streams=global_streams))
+        return SearchResult(
+            [], len(cands), 0, estimate(shape, smallest.layout, cluster, global_streams=global_streams)
+        )
     exact = [estimate(shape, r.layout, cluster, global_streams=global_streams) for r in fitting[: 3 * top]]
     exact = sorted((e for e in exact if e.fits), key=lambda e: (-e.tokens_per_s, e.memory.total))
     return SearchResult(exact[:top], len(cands), len(fitting), None)
@@ -831,7 +844,9 @@ def config_layout(cfg: Config, *, world_size: int | None = None) -> Layout:
     p = cfg.parallel
     dp = p.dp or 1
     dims = ParallelDims(tp=p.tp, pp=p.pp, dp=dp, zero_stage=p.zero_stage, world_size=p.tp * p.pp * dp)
-    dims.validate(num_heads=cfg.model.num_heads, vocab_size=cfg.model.vocab_size, num_layers=cfg.model.num_layers)
+    dims.validate(
+        num_heads=cfg.model.num_heads, vocab_size=cfg.model.vocab_size, num_layers=cfg.model.num_layers
+    )
     return Layout(
         tp=p.tp,
         pp=p.pp,

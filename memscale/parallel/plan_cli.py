@@ -53,7 +53,9 @@ def _report(e: Estimate, cluster: Cluster) -> list[str]:
 
 
 def _table(rows: list[Estimate]) -> list[str]:
-    head = f"  {'#':>2}  {'layout':<52} {'step s':>8} {'tokens/s':>11} {'MFU':>5} {'bubble':>7} {'GB/rank':>8}"
+    head = (
+        f"  {'#':>2}  {'layout':<52} {'step s':>8} {'tokens/s':>11} {'MFU':>5} {'bubble':>7} {'GB/rank':>8}"
+    )
     out = [head]
     for i, e in enumerate(rows, 1):
         out.append(
@@ -111,7 +113,9 @@ def run_plan(args) -> int:
         f"{streams * k * shape.segment_len:,} tokens/step ({k} segments x {streams} streams x {shape.segment_len}) | "
         f"memory_grad={cfg.train.memory_grad}"
     )
-    where = "" if args.gpu == "cpu" else f", {cluster.gpus_per_node} per node, {cluster.inter.name} between nodes"
+    where = (
+        "" if args.gpu == "cpu" else f", {cluster.gpus_per_node} per node, {cluster.inter.name} between nodes"
+    )
     print(f"cluster: {gpus} x {cluster.device.name}{where}")
     result: dict = {"config": str(args.config), "global_streams": streams, "num_gpus": gpus}
     if args.gpus is None:
@@ -121,7 +125,9 @@ def run_plan(args) -> int:
         print("the config's layout (parallel.*; G is the fewest stream groups that fit):")
         print("\n".join(_report(e, cluster)))
         if not e.fits:
-            print(f"  it does not fit: {e.memory.total / GB:.1f} GB needed per rank; run with --gpus N to search")
+            print(
+                f"  it does not fit: {e.memory.total / GB:.1f} GB needed per rank; run with --gpus N to search"
+            )
         result["layout"] = e.to_dict()
     else:
         found = search(shape, cluster, global_streams=streams, segments=_parse_ks(args.k), top=args.top)
