@@ -802,8 +802,6 @@ def candidate_layouts(
                     if pp > 1 and G > 2 * pp:
                         continue
                     for k in segments:
-                        if shape.cfg.train.memory_grad != "detached" and k < 1:
-                            continue
                         for rc in recomputes:
                             out.append(Layout(tp, pp, dp, G, k, zero, rc))
     return out
@@ -827,19 +825,26 @@ def search(
             f"dp={cluster.num_gpus}/(tp pp) the {global_streams} global streams: change --gpus or --global-streams"
         )
     rough = [estimate(shape, c, cluster, global_streams=global_streams, exact=False) for c in cands]
-    # Fastest first; among equally fast layouts, the one with the most memory to spare.
-    fitting = sorted((r for r in rough if r.fits), key=lambda r: (-r.tokens_per_s, r.memory.total))
-    if not fitting:
-        smallest = min(rough, key=lambda r: r.memory.total)
-        return SearchResult(
-            [], len(cands), 0, estimate(shape, smallest.layout, cluster, global_streams=global_streams)
-        )
-    exact = [estimate(shape, r.layout, cluster, global_streams=global_streams) for r in fitting[: 3 * top]]
-    exact = sorted((e for e in exact if e.fits), key=lambda e: (-e.tokens_per_s, e.memory.total))
-    return SearchResult(exact[:top], len(cands), len(fitting), None)
+    # Fastest first; among equally fast layouts, the one with the most memory to spare. The exact simulation can
+    # disagree with the rough one about fitting, so candidates are re-estimated until `top` fit exactly.
+    key = lambda e: (-e.tokens_per_s, e.memory.total)  # noqa: E731
+    fitting = sorted((r for r in rough if r.fits), key=key)
+    exact: list[Estimate] = []
+    for r in fitting:
+        e = estimate(shape, r.layout, cluster, global_streams=global_streams)
+        if e.fits:
+            exact.append(e)
+        if len(exact) >= 3 * top:
+            break
+    if exact:
+        return SearchResult(sorted(exact, key=key)[:top], len(cands), len(fitting), None)
+    smallest = min(rough, key=lambda r: r.memory.total)
+    return SearchResult(
+        [], len(cands), 0, estimate(shape, smallest.layout, cluster, global_streams=global_streams)
+    )
 
 
-def config_layout(cfg: Config, *, world_size: int | None = None) -> Layout:
+def config_layout(cfg: Config) -> Layout:
     """The config's own layout (parallel.*, dp = 0 -> 1), one group per pipeline stage for global kinds."""
     p = cfg.parallel
     dp = p.dp or 1
