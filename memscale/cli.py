@@ -371,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=_positive_int, default=6, help="training steps per run (the last half timed)"
     )
     pl.add_argument("--out", default="bench/results", help="directory for the JSON result")
+    pl.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the bench shape",
+    )
     for p in (bench, tp, tk, lg, pp, rc, pl):
         p.set_defaults(func=_cmd_bench)
     return parser

@@ -2,6 +2,7 @@
 
     memscale bench plan                  # ~3 minutes on 2 cores: 1 process, dp=2 and tp=2 on the bundled corpus
     memscale bench plan --runs one       # only the single-process run
+    memscale bench plan --runs one --steps 2 --set model.d_model=64   # a smaller shape (the tests' smoke run)
 
 Method. The same formula as `memscale plan` (memscale/parallel/plan.py), with this machine's numbers measured in
 the same run: the best of several matmul samples (PeakMeter) with 2 threads (the single-process run) and with 1
@@ -152,13 +153,13 @@ def measure_gloo() -> dict:
 _DONE = re.compile(r"done: .*\| ([\d.]+) tok/s")
 
 
-def _train(name: str, data_dir: Path, work: Path, steps: int) -> tuple[float, dict]:
+def _train(name: str, data_dir: Path, work: Path, steps: int, shape: list[str]) -> tuple[float, dict]:
     """Run `memscale train` for `steps` steps; the measured seconds per step and the config used."""
     from memscale.config import load_config, to_dict
 
     nproc, threads, extra = RUNS[name]
     overrides = [
-        *SHAPE,
+        *shape,
         *extra,
         f"data.dir={data_dir}",
         f"train.max_steps={steps}",
@@ -223,7 +224,7 @@ def main(args) -> int:
         data_dir = work / "data"
         prepare(data_dir, source="bundled", vocab_size=4096)
         for name in runs:
-            measured, info = _train(name, data_dir, work, args.steps)
+            measured, info = _train(name, data_dir, work, args.steps, [*SHAPE, *args.overrides])
             nproc, threads = info["nproc"], info["threads"]
             # Re-sample the peak right after the run: the rate wanders within minutes (FIELD-NOTES).
             peak = max(peaks[threads], _peak(threads, samples=2))
@@ -258,7 +259,7 @@ def main(args) -> int:
         "bench": "plan",
         "time": now(),
         "machine": machine_info(),
-        "shape": SHAPE,
+        "shape": [*SHAPE, *args.overrides],
         "steps": args.steps,
         "assumed_cpu_mfu": CPU_MFU,
         "matmul_peak_flops": {str(k): v for k, v in peaks.items()},
