@@ -416,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("memscale: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output (head, less) went away: nothing failed here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         if os.environ.get("MEMSCALE_DEBUG"):
             raise

@@ -11,13 +11,15 @@ import pytest
 
 from memscale.cli import main
 from memscale.config import ConfigError, config_from_dict, load_config
-from memscale.parallel.pipeline.schedule import generate
+from memscale.parallel.pipeline.schedule import ScheduleSpec, generate
 from memscale.parallel.pipeline.simulate import CostModel, simulate
 from memscale.parallel.plan import (
     DEVICES,
     Cluster,
     Layout,
     ModelShape,
+    _pipeline_fast,
+    _Unit,
     candidate_layouts,
     estimate,
     schedule_spec,
@@ -181,6 +183,35 @@ def test_bubble_equals_the_simulators():
     F, B = e.stage_forward_s, e.stage_backward_s
     costs = CostModel(F, B, [1, 1], [1, 1], optimizer_s=e.parts["optimizer"])
     r = simulate(generate(spec, forward=F, backward=B), spec, costs)
-    assert e.parts["simulated"] == 1.0
+    assert e.pipeline == "exact simulation"
     assert e.bubble == pytest.approx(r.bubble, rel=1e-12) and 0 < e.bubble < 1
     assert e.step_s == pytest.approx(r.makespan_s + e.parts["dp_exposed"], rel=1e-12)
+
+
+@pytest.mark.parametrize("memory_grad", ["truncated", "replay"])
+def test_scaled_simulation_of_a_long_pipeline_is_close_to_the_full_one(memory_grad):
+    """Beyond the search's limit a 16-stage rmt pipeline is estimated from an 8-stage one with the same groups per
+    stage: makespan within 5% of the full simulation (where 1F1B's formula is off by 20%)."""
+    P, G, k = 16, 32, 2
+    spec = ScheduleSpec(
+        num_stages=P,
+        num_groups=G,
+        num_segments=k,
+        bptt_segments=k,
+        memory_grad=memory_grad,
+        topology="global",
+    )
+    u = _Unit(
+        forward_s=[1.0] * P, backward_s=[2.0] * P, recompute_s=[1.0] * P, compute_s=0.0, tp_s=0.0,
+        activation_bytes=[1.0] * P, transient_bytes=[0.0] * P, gathered_bytes=[0.0] * P, input_bytes=[1.0] * P,
+        state_bytes=[1.0] * P, act_msg_bytes=0.0, mem_msg_bytes=0.0, p2p_Bps=math.inf, p2p_latency_s=0.05,
+        dp_s=[0.0] * P, optimizer_s=0.0, model_flops_per_token=0.0,
+    )  # fmt: skip
+    fast = _pipeline_fast(spec, u)
+    assert fast.how == "scaled from pp=8, G=16"
+    full = simulate(
+        generate(spec, forward=1.0, backward=2.0, p2p=0.05), spec, CostModel.uniform(P, p2p_latency_s=0.05)
+    )
+    assert fast.makespan_s == pytest.approx(full.makespan_s, rel=0.05)
+    one_f_one_b = (P - 1) / (G * k + P - 1)
+    assert abs(fast.bubble - full.bubble) < 0.5 * abs(one_f_one_b - full.bubble)

@@ -53,8 +53,9 @@ The search (`search`) enumerates tp | heads and vocab (tp <= gpus per node), pp 
 B (global kinds: G >= pp; G <= max(2 pp, 1) beyond pp = 1 to bound the simulation), k from the given set, ZeRO 0-3
 (2 and 3 only with pp = 1) and activation checkpointing none / selective / full; every candidate passes
 ParallelDims.validate. Candidates are ranked with a cached simulation of uniform stages (the slowest stage's
-costs, ratios rounded) or, beyond `SIM_LIMIT` compute actions, the analytic 1F1B bubble (pp - 1) / (m + pp - 1)
-with m = G k; the best few are then re-estimated with the exact per-stage simulation and re-ranked.
+costs, ratios rounded) or, beyond `SEARCH_SIM_LIMIT` compute actions, a scaled-down simulation (`_pipeline_fast`);
+the best few are then re-estimated with the exact per-stage simulation (up to `SIM_LIMIT` compute actions, the
+scaled one beyond) and re-ranked.
 """
 
 from __future__ import annotations
@@ -76,8 +77,11 @@ ADAM_BYTES_PER_PARAM = 32
 """Bytes read and written per parameter by one Adam update: weight, gradient, two moments (and fp32 master + bf16
 copy on GPUs), rounded up."""
 SIM_LIMIT = 1024
-"""Compute actions (2 x pp x G x k) above which the search and the report use the analytic bubble: the generator's
+"""Compute actions (2 x pp x G x k) above which a reported estimate uses the analytic bubble: the generator's
 list scheduling is quadratic and takes seconds beyond this."""
+SEARCH_SIM_LIMIT = 256
+"""The same limit for the search's rough pass (cached per schedule shape; measured: a 1024-GPU 70B search went
+from 16 s to a few seconds); the layouts it ranks best are then estimated under SIM_LIMIT."""
 
 
 # -- hardware ------------------------------------------------------------------------------------------------------
@@ -384,7 +388,9 @@ class Estimate:
     """One unit's forward on each stage (compute, tp and ZeRO-3 collectives): what the simulator was given."""
     stage_backward_s: list[float] = field(default_factory=list)
     parts: dict[str, float] = field(default_factory=dict)
-    """Seconds: compute, tp, pipeline makespan, dp exposed, optimizer; `simulated` 1 or 0 (analytic bubble)."""
+    """Seconds: compute and tp communication per stage, pipeline makespan, dp exposed, optimizer."""
+    pipeline: str = "exact simulation"
+    """How the makespan and bubble were obtained (exact simulation, or `_pipeline_fast`'s approximations)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -412,6 +418,7 @@ class Estimate:
             "memory_bytes": {**vars(self.memory), "total": self.memory.total},
             "memory_total_per_stage": [m.total for m in self.memory_per_stage],
             "parts_s": self.parts,
+            "pipeline": self.pipeline,
         }
 
 
@@ -598,7 +605,8 @@ class _PipeResult:
     bubble: float
     peak_activation: list[float]
     peak_state: list[float]
-    simulated: bool
+    how: str
+    """How: exact simulation, uniform stages simulated, or scaled from pp=P', G=G' (`_pipeline_fast`)."""
 
 
 def _pipeline_exact(spec: ScheduleSpec, u: _Unit) -> _PipeResult:
@@ -624,7 +632,7 @@ def _pipeline_exact(spec: ScheduleSpec, u: _Unit) -> _PipeResult:
         r.bubble,
         [float(x.peak_activation_bytes) for x in r.ranks],
         [float(x.peak_state_bytes) for x in r.ranks],
-        True,
+        "exact simulation",
     )
 
 
@@ -659,33 +667,68 @@ def _uniform_sim(spec: ScheduleSpec, bwd_ratio: float, p2p_ratio: float) -> tupl
     )
 
 
+def _fill_drain(P: int, m: int) -> float:
+    """1F1B's bubble with m micro-batches on P stages: (P - 1) / (m + P - 1)."""
+    return (P - 1) / (m + P - 1)
+
+
 def _pipeline_fast(spec: ScheduleSpec, u: _Unit) -> _PipeResult:
-    """The search's estimate: uniform stages at the slowest stage's costs, cached; analytic beyond SIM_LIMIT."""
-    P = spec.num_stages
+    """Uniform stages at the slowest stage's costs, simulated once per schedule shape and cost ratios (cached).
+
+    Beyond SEARCH_SIM_LIMIT compute actions (the generator is quadratic) a scaled-down schedule is simulated
+    instead: P' = 8 stages (fewer if it would pass SIM_LIMIT) with the same groups per stage G / P and the same k; its bubble
+    is carried to P stages by the ratio of 1F1B's fill-drain bubbles, (P - 1) / (m + P - 1) over the same for P'
+    (m = G k). Checked against full simulations (F = 1, B = 2, p2p 0.05), bubble scaled / simulated: rmt with BPTT
+    P = 16, G = 32, k = 2: 0.348 / 0.352 (the plain 1F1B formula says 0.19); P = 20, G = 20: 0.427 / 0.431;
+    per-layer detached P = 16, G = 16: 0.340 / 0.340; replay P = 16, G = 32: 0.291 / 0.309 (tests/test_plan.py).
+    """
+    P, G, k = spec.num_stages, spec.num_groups, spec.num_segments
     F, B = max(u.forward_s), max(u.backward_s)
-    if spec.memory_grad == "replay":
-        B += max(u.recompute_s)
+    R = max(u.recompute_s) if spec.memory_grad == "replay" else 0.0
     p2p = u.p2p_latency_s + u.act_msg_bytes / u.p2p_Bps if P > 1 else 0.0
     replay = spec.memory_grad == "replay"
-    if 2 * P * spec.num_groups * spec.num_segments <= SIM_LIMIT and F > 0:
-        span, bubble, kept, versions = _uniform_sim(spec, _round_ratio(B / F), _round_ratio(p2p / F))
-        makespan = span * F + u.optimizer_s
-        simulated = True
+    m = G * k
+    # The simulator adds replay's recompute (= the forward) itself; the ratios are those of its inputs.
+    ratios = (_round_ratio(B / F), _round_ratio(p2p / F)) if F > 0 else (0.0, 0.0)
+    if 2 * P * m <= SEARCH_SIM_LIMIT and F > 0:
+        span, bubble, kept, versions = _uniform_sim(spec, *ratios)
+        return _PipeResult(
+            span * F + u.optimizer_s,
+            bubble,
+            _kept_bytes(kept, u, replay),
+            [versions[s] * u.state_bytes[s] for s in range(P)],
+            "uniform stages, simulated",
+        )
+    small_P = 8
+    while True:
+        small_G = max(small_P if spec.topology == "global" else 1, round(G * small_P / P))
+        if 2 * small_P * small_G * k <= SIM_LIMIT or small_P == 1:
+            break
+        small_P //= 2
+    small = replace(spec, num_stages=small_P, num_groups=small_G)
+    _, small_bubble, _, small_versions = _uniform_sim(small, *ratios) if F > 0 else (0, 0.0, [0], [0])
+    small_m = small_G * k
+    if small_P > 1 and P > 1:
+        bubble = min(0.99, small_bubble * _fill_drain(P, m) / _fill_drain(small_P, small_m))
     else:
-        m = spec.num_groups * spec.num_segments
-        makespan = (m + P - 1) * (F + B) + 2 * (P - 1) * p2p + u.optimizer_s
-        bubble = (P - 1) / (m + P - 1)
-        m_total = spec.num_groups * spec.num_segments
-        kept = [min(inflight_limit(spec, s), m_total) for s in range(P)]
-        versions = [2 * spec.num_groups if spec.topology != "none" else 0] * P
-        simulated = False
-    act = [
+        bubble = _fill_drain(P, m)
+    makespan = m * (F + B + R) / (1 - bubble) + u.optimizer_s
+    kept = [min(inflight_limit(spec, s), m) for s in range(P)]
+    scale = G / small_G
+    versions = [max(small_versions) * scale] * P
+    state = [versions[s] * u.state_bytes[s] for s in range(P)]
+    return _PipeResult(
+        makespan, bubble, _kept_bytes(kept, u, replay), state, f"scaled from pp={small_P}, G={small_G}"
+    )
+
+
+def _kept_bytes(kept: list, u: _Unit, replay: bool) -> list[float]:
+    """Activation peak per stage from the units kept in flight (replay: their inputs, plus one recomputed)."""
+    return [
         kept[s] * (u.input_bytes[s] if replay else u.activation_bytes[s])
         + (u.activation_bytes[s] if replay else 0)
-        for s in range(P)
+        for s in range(len(kept))
     ]
-    state = [versions[s] * u.state_bytes[s] for s in range(P)]
-    return _PipeResult(makespan, bubble, act, state, simulated)
 
 
 def estimate(
@@ -747,8 +790,8 @@ def estimate(
             "pipeline_makespan": pipe.makespan_s,
             "dp_exposed": max(u.dp_s),
             "optimizer": u.optimizer_s,
-            "simulated": float(pipe.simulated),
         },
+        pipeline=pipe.how,
     )
 
 
@@ -825,9 +868,15 @@ def search(
             f"dp={cluster.num_gpus}/(tp pp) the {global_streams} global streams: change --gpus or --global-streams"
         )
     rough = [estimate(shape, c, cluster, global_streams=global_streams, exact=False) for c in cands]
-    # Fastest first; among equally fast layouts, the one with the most memory to spare. The exact simulation can
-    # disagree with the rough one about fitting, so candidates are re-estimated until `top` fit exactly.
-    key = lambda e: (-e.tokens_per_s, e.memory.total)  # noqa: E731
+
+    # Fastest first (to 3 significant digits: the model is no finer); among equally fast layouts the simplest (lower
+    # ZeRO stage, less recompute, fewer groups), then the one with the most memory to spare. The exact simulation
+    # can disagree with the rough one about fitting, so candidates are re-estimated until enough fit exactly.
+    def key(e: Estimate) -> tuple:
+        lay = e.layout
+        rc = ("none", "selective", "full").index(lay.recompute)
+        return (-float(f"{e.tokens_per_s:.3g}"), lay.zero_stage, rc, lay.groups, e.memory.total)
+
     fitting = sorted((r for r in rough if r.fits), key=key)
     exact: list[Estimate] = []
     for r in fitting:
@@ -901,7 +950,7 @@ def assumptions(cluster: Cluster) -> list[str]:
         )
         + f"; Adam step memory-bound ({ADAM_BYTES_PER_PARAM} B/param at {d.hbm_Bps / 1e12:.2g} TB/s)",
         f"pipeline: memscale's schedule generator + simulator (exact for the reported layouts up to {SIM_LIMIT} "
-        "compute actions per step; beyond, the analytic 1F1B bubble)",
+        "compute actions per step; beyond, a simulation scaled down to 8 stages with the same groups per stage)",
     ]
     return lines
 

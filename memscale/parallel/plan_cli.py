@@ -41,13 +41,12 @@ def _mem_line(e: Estimate, cluster: Cluster) -> str:
 
 def _report(e: Estimate, cluster: Cluster) -> list[str]:
     p = e.parts
-    how = "simulated" if p["simulated"] else "analytic"
     return [
         f"  layout           {e.layout}  ({e.streams_per_rank} streams per dp rank)",
         f"  step time        {e.step_s:.3g} s  (per stage: compute {p['compute_per_stage']:.3g} s, tp comm "
         f"{p['tp_comm_per_stage']:.3g} s; dp exposed {p['dp_exposed']:.3g} s; optimizer {p['optimizer']:.3g} s)",
         f"  tokens/s         {e.tokens_per_s:,.0f}  (MFU {e.mfu:.2f})",
-        f"  bubble           {100 * e.bubble:.1f}% ({how})",
+        f"  bubble           {100 * e.bubble:.1f}% ({e.pipeline})",
         f"  memory per rank  {_mem_line(e, cluster)}" + ("" if e.fits else "  -- DOES NOT FIT"),
     ]
 
@@ -140,7 +139,7 @@ def run_plan(args) -> int:
             )
         print(
             f"searched {found.considered} layouts, {found.fitting} fit; the fastest {len(found.best)} "
-            "(exact simulation):"
+            "(re-estimated stage by stage):"
         )
         print("\n".join(_table(found.best)))
         print("best:")
