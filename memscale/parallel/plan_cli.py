@@ -107,24 +107,25 @@ def run_plan(args) -> int:
     )
     k = cfg.train.bptt_segments
     params = f"{shape.num_params / 1e9:.2f}B" if shape.num_params >= 1e9 else f"{shape.num_params / 1e6:.2f}M"
-    print(
-        f"memscale plan: {args.config} | {shape.kind} | {params} params | "
-        f"{streams * k * shape.segment_len:,} tokens/step ({k} segments x {streams} streams x {shape.segment_len}) | "
-        f"memory_grad={cfg.train.memory_grad}"
-    )
     where = (
         "" if args.gpu == "cpu" else f", {cluster.gpus_per_node} per node, {cluster.inter.name} between nodes"
     )
-    print(f"cluster: {gpus} x {cluster.device.name}{where}")
+    # The report is printed once complete (after the JSON is written): a reader that stops early (head) loses none.
+    out = [
+        f"memscale plan: {args.config} | {shape.kind} | {params} params | {streams} global streams x "
+        f"{shape.segment_len}-token segments, k={k} per step ({streams * k * shape.segment_len:,} tokens) | "
+        f"memory_grad={cfg.train.memory_grad}",
+        f"cluster: {gpus} x {cluster.device.name}{where}",
+    ]
     result: dict = {"config": str(args.config), "global_streams": streams, "num_gpus": gpus}
     if args.gpus is None:
         if streams % own.dp:
             raise ConfigError(f"--global-streams {streams} does not split over parallel.dp={own.dp}")
         e = _own_layout(shape, own, cluster, streams)
-        print("the config's layout (parallel.*; G is the fewest stream groups that fit):")
-        print("\n".join(_report(e, cluster)))
+        out.append("the config's layout (parallel.*; G is the fewest stream groups that fit):")
+        out += _report(e, cluster)
         if not e.fits:
-            print(
+            out.append(
                 f"  it does not fit: {e.memory.total / GB:.1f} GB needed per rank; run with --gpus N to search"
             )
         result["layout"] = e.to_dict()
@@ -137,22 +138,23 @@ def run_plan(args) -> int:
                 f"{args.config}: the smallest needs {s.memory.total / GB:.1f} GB per GPU ({s.layout}); use more GPUs, "
                 "a larger --gpu-memory or fewer --global-streams"
             )
-        print(
+        out.append(
             f"searched {found.considered} layouts, {found.fitting} fit; the fastest {len(found.best)} "
             "(re-estimated stage by stage):"
         )
-        print("\n".join(_table(found.best)))
-        print("best:")
-        print("\n".join(_report(found.best[0], cluster)))
+        out += _table(found.best)
+        out.append("best:")
+        out += _report(found.best[0], cluster)
         result["best"] = [e.to_dict() for e in found.best]
         result["considered"], result["fitting"] = found.considered, found.fitting
-    print("assumptions:")
     lines = assumptions(cluster)
-    print("\n".join(f"  - {a}" for a in lines))
+    out.append("assumptions:")
+    out += [f"  - {a}" for a in lines]
     result["assumptions"] = lines
     if args.json:
         _write_json(args.json, result)
-        print(f"wrote {args.json}")
+        out.append(f"wrote {args.json}")
+    print("\n".join(out))
     return 0
 
 
