@@ -12,8 +12,8 @@ unit (micro-batch) is one segment of b = B / G streams, B = global_streams / dp 
 
 Time of one step:
   - compute: forward FLOPs of a unit on a stage (2 x block parameters x tokens inside the blocks, plus attention
-    4 x D x attended keys per token; the head 2 x V x D per segment token on the last stage; memscale.models'
-    `flops_per_token` is 3x this forward count, with the rmt write tokens added since they are computed too),
+    4 x D x attended keys per token; the head 2 x V x D per segment token on the last stage; the model's
+    `flops_per_token`, the MFU numerator, is 3x this count without rmt's memory tokens, which time must count),
     divided by tp, at `device.mfu` of the device peak; backward 2x forward; recompute adds the forward (full) or
     the attention sub-layer's forward (selective); memory_grad=replay adds the forward again (the simulator).
   - tensor parallel (Megatron): 2 all-reduces of [b, S, D] per layer in forward, 2 in backward (plus those of the
