@@ -122,7 +122,7 @@ def run_plan(args) -> int:
         if streams % own.dp:
             raise ConfigError(f"--global-streams {streams} does not split over parallel.dp={own.dp}")
         e = _own_layout(shape, own, cluster, streams)
-        out.append("the config's layout (parallel.*; G is the fewest stream groups that fit):")
+        out.append("the config's layout (parallel.*; G, the stream groups, chosen fastest that fits):")
         out += _report(e, cluster)
         if not e.fits:
             out.append(
@@ -159,14 +159,16 @@ def run_plan(args) -> int:
 
 
 def _own_layout(shape: ModelShape, own, cluster: Cluster, streams: int) -> Estimate:
-    """The config's layout with the fewest stream groups G that fit (G is not a config key)."""
+    """The config's layout with the number of stream groups G (not a config key) that is fastest among those that
+    fit, the fewest on a tie; if none fits, the one that needs the least memory."""
     B = streams // own.dp
     first = with_groups(own, shape, B)
-    tried = None
-    for G in [g for g in range(first.groups, B + 1) if B % g == 0]:
-        e = estimate(shape, replace(first, groups=G), cluster, global_streams=streams)
-        tried = e
-        if e.fits:
-            return e
-    assert tried is not None
-    return tried
+    tried = [
+        estimate(shape, replace(first, groups=G), cluster, global_streams=streams)
+        for G in range(first.groups, B + 1)
+        if B % G == 0
+    ]
+    fits = [e for e in tried if e.fits]
+    if fits:
+        return min(fits, key=lambda e: (-float(f"{e.tokens_per_s:.3g}"), e.layout.groups))
+    return min(tried, key=lambda e: e.memory.total)
