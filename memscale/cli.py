@@ -3,6 +3,7 @@
     memscale data prepare --source bundled --out data/prepared/bundled
     memscale train configs/quickstart.yaml --set train.max_steps=20 --set model.memory.kind=rmt
     memscale eval configs/quickstart.yaml --checkpoint runs/quickstart/checkpoints/latest
+    memscale plan configs/plan-7b.yaml --gpus 64 --interconnect ib-200
     memscale bench throughput
     memscale launch slurm configs/quickstart.yaml --nodes 2 --nproc-per-node 4 --dry-run
 
@@ -139,7 +140,17 @@ def _cmd_eval(args) -> int:
     return run_eval(args)
 
 
+def _cmd_plan(args) -> int:
+    from memscale.parallel.plan_cli import run_plan
+
+    return run_plan(args)
+
+
 def _cmd_bench(args) -> int:
+    if args.bench == "plan":
+        from memscale.bench.plan import main as plan_main
+
+        return plan_main(args)
     if args.bench == "throughput":
         from memscale.bench.throughput import main as throughput_main
 
@@ -291,6 +302,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.set_defaults(func=_cmd_eval)
 
+    plan = sub.add_parser(
+        "plan",
+        help="predict step time, bubble and memory per rank of a layout, or search a cluster for the fastest",
+    )
+    _add_config_args(plan)
+    plan.add_argument(
+        "--gpus",
+        type=_positive_int,
+        default=None,
+        help="search the layouts of N GPUs (default: print the config's)",
+    )
+    plan.add_argument("--gpu", default="h100", help="h100, h200, a100, or cpu (this machine, measured now)")
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="usable memory per GPU")
+    plan.add_argument(
+        "--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (tp stays inside one)"
+    )
+    plan.add_argument(
+        "--interconnect", default="ib-400", help="between nodes: ib-800, ib-400, ib-200, eth-100"
+    )
+    plan.add_argument(
+        "--global-streams",
+        type=_positive_int,
+        default=None,
+        help="streams over all dp ranks (default: data.num_streams x parallel.dp of the config)",
+    )
+    plan.add_argument(
+        "--k", default=None, help="segments per step to search, e.g. 1,2,4 (default: the config's)"
+    )
+    plan.add_argument("--top", type=_positive_int, default=5, help="how many layouts to list")
+    plan.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    plan.set_defaults(func=_cmd_plan)
+
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON under bench/results/")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     tp = bench_sub.add_parser("throughput", help="training tokens/s and MFU per memory kind")
@@ -409,7 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rc.add_argument("--out", default="bench/results", help="directory for the JSON result")
-    for p in (bench, tp, tk, lg, par, pp, rc):
+    pl = bench_sub.add_parser(
+        "plan", help="the planner's predicted step time against measured CPU training steps"
+    )
+    pl.add_argument("--runs", default="one,dp2,tp2", help="which of one, dp2, tp2 to run (comma-separated)")
+    pl.add_argument(
+        "--steps", type=_positive_int, default=6, help="training steps per run (the last half timed)"
+    )
+    pl.add_argument("--out", default="bench/results", help="directory for the JSON result")
+    pl.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the bench shape",
+    )
+    for p in (bench, tp, tk, lg, par, pp, rc, pl):
         p.set_defaults(func=_cmd_bench)
     return parser
 
@@ -446,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("memscale: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output (head, less) went away: nothing failed here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         if os.environ.get("MEMSCALE_DEBUG"):
             raise

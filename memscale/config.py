@@ -167,7 +167,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-    def validate(self) -> Config:
+    def validate(self, *, planning: bool = False) -> Config:
+        """`planning`: for `memscale plan`, which predicts layouts that `memscale train` cannot run yet
+        (parallel.pp > 1)."""
         m, d, t, p, mem = self.model, self.data, self.train, self.parallel, self.model.memory
         _check_finite(self, "")
         _positive(d.segment_len, "data.segment_len", "use a positive segment length, e.g. 512")
@@ -238,7 +240,7 @@ class Config:
             raise ConfigError(f"parallel.pp={p.pp} must divide model.num_layers={m.num_layers}")
         if p.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
-        if p.pp != 1:
+        if p.pp != 1 and not planning:
             raise ConfigError(
                 f"parallel.pp={p.pp}: `memscale train` runs tensor and data parallel (parallel.tp, parallel.dp, "
                 "parallel.zero_stage) in this release; pipeline parallel training is not wired into it yet: set "
@@ -356,15 +358,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def config_from_dict(
+    data: dict, overrides: list[str] | tuple[str, ...] = (), *, planning: bool = False
+) -> Config:
     tree = dict(data or {})
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return _build(Config, tree, "").validate()
+    return _build(Config, tree, "").validate(planning=planning)
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *, planning: bool = False
+) -> Config:
     data: dict = {}
     if path is not None:
         try:
@@ -381,7 +387,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping (model:, data:, train:, parallel:)")
     try:
-        return config_from_dict(data, overrides)
+        return config_from_dict(data, overrides, planning=planning)
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None

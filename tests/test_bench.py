@@ -70,3 +70,17 @@ assert expected_saving(3, 1000, 4) == (12000, 11000)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_bench_plan(tmp_path):
+    """One single-process run at a tiny shape: the prediction and the measurement are both there and positive."""
+    args = (
+        "plan --runs one --steps 2 --set model.d_model=32 --set model.num_heads=2 --set data.segment_len=32"
+    )
+    out = _run(*args.split(), "--out", str(tmp_path))
+    assert "predicted / measured" in out
+    (path,) = tmp_path.glob("plan-*.json")
+    result = json.loads(path.read_text())
+    (row,) = result["runs"]
+    assert row["run"] == "one" and row["predicted_step_s"] > 0 and row["measured_step_s"] > 0
+    assert result["gloo"]["allreduce_Bps"] > 0 and result["matmul_peak_flops"]["2"] > 0
