@@ -55,6 +55,31 @@ def test_every_generated_schedule_passes_the_simulator():
     assert n == 576
 
 
+def test_eight_stages_pass_the_simulator():
+    """P = 8 with G in {1, P, 2P} and k in {1, 4}, both topologies and every mode (42 schedules; G < P only per
+    layer): dependency-correct and deadlock-free."""
+    n = 0
+    for G, k, topology, mode in itertools.product(
+        [1, 8, 16], [1, 4], ["per_layer", "global"], ["detached", "truncated", "replay"]
+    ):
+        if topology == "global" and G < 8:
+            continue
+        for r in ["first", "every"] if topology == "global" else ["first"]:
+            spec = ScheduleSpec(
+                num_stages=8,
+                num_groups=G,
+                num_segments=max(4, 2 * k),
+                bptt_segments=k,
+                memory_grad=mode,
+                topology=topology,
+                memory_readers=r,
+            )
+            result = simulate(generate(spec), spec, CostModel.uniform(8))
+            assert 0.0 <= result.bubble < 1.0, spec
+            n += 1
+    assert n == 42
+
+
 @pytest.mark.parametrize("topology", ["per_layer", "global"])
 @pytest.mark.parametrize("mode", ["detached", "truncated", "replay"])
 def test_generated_schedules_stay_valid_under_other_costs(topology, mode):
