@@ -11,8 +11,7 @@ History. The curves were first recorded with the fused q/k/v rows stacked [3, H,
 order, and the curves then drifted by the last fp32 bit (at most 8.2e-8 relative over 20 steps, checked at 1e-6).
 They were re-recorded with weight decay by role (every projection matrix decays, memory projections included;
 embeddings and memory vectors do not). Another x86 CPU reproduced them to 8.3e-8 relative, not bitwise, so the
-check is relative 1e-6. The rmt curves were re-recorded with LM-RMT's initial memory (one N(0, 1) vector repeated
-K times, instead of N(0, 0.02) per slot) and its dropout on the memory in and out.
+check is relative 1e-6. The rmt curves were re-recorded with LM-RMT's dropout on the memory in and out.
 
 Tiny shape on the bundled corpus (d_model 32, 2 layers, 2 heads, segments of 16, 2 streams, 2 segments per
 step), dropout 0.1 so that the RNG path is covered; rmt and memformer with both truncated BPTT and memory replay.

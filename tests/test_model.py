@@ -73,19 +73,15 @@ def test_rmt_next_memory_is_write_positions():
     torch.testing.assert_close(out.hidden_BTD, captured["h"][:, K : K + T])
 
 
-def test_rmt_initial_memory_is_at_the_scale_of_written_memory():
-    """LM-RMT's `init_mem_tokens`: one N(0, 1) vector repeated K times, so the first segment reads a memory of the
-    scale the model writes (the final LayerNorm's output, rms ~1), not one 50x smaller."""
+def test_rmt_initial_memory_is_at_the_scale_of_the_tokens():
+    """The initial memory: K independent N(0, 0.02) rows, the scale of the token embeddings the first layer reads
+    with it (the authors' later RMT; LM-RMT's one N(0, 1) row repeated K times learned the copy task far slower:
+    measured in memscale/models/memory/rmt.py)."""
     model = tiny_model("rmt", "model.d_model=256", "model.num_heads=4", seed=3)
     init = model.memory.mem_init_KD.detach()
-    assert torch.equal(init, init[:1].expand_as(init))  # K copies of one draw
-    rms = init.pow(2).mean().sqrt().item()
-    assert 0.85 < rms < 1.15, rms  # N(0, 1) over 256 values; the old N(0, 0.02) start gave 0.02
-    model.eval()
-    tokens = torch.randint(0, 50, (2, 8))
-    out = model.step(tokens, model.init_state(2))
-    written = out.state["mem"].pow(2).mean().sqrt().item()
-    assert 0.5 < rms / written < 2, (rms, written)
+    assert all(not torch.equal(init[0], init[i]) for i in range(1, init.shape[0]))  # K distinct slots
+    ratio = init.std().item() / model.embed.weight.detach().std().item()
+    assert 0.8 < ratio < 1.25, ratio
 
 
 def test_rmt_dropout_reaches_memory_in_and_out():

@@ -5,13 +5,17 @@ K memory tokens are placed twice around the segment: `[mem_read; x; mem_write]`.
   - segment tokens see the read block and the causal past of the segment,
   - write tokens see everything (read block, whole segment, write block),
 and the next memory is the final hidden states at the write positions. The initial memory is a learned K x D
-parameter, so reset rows restart from it and gradient reaches it. As in LM-RMT (`init_mem_tokens`), it starts as
-one N(0, 1) vector repeated K times: at the scale of the memory the model writes (the final LayerNorm's output, rms
-~1), so a document's first segment does not read an out-of-range memory (an N(0, 0.02) start was 50x smaller than
-every later memory, and swamped by nothing but the 0.02-scale position vectors); the K copies are told apart by
-the read/write position vectors and drift apart in training. As in LM-RMT, dropout (`model.dropout`) applies to the
-memory going in (its input dropout covers the memory tokens) and to the memory written (its output dropout covers
-the write positions).
+parameter, so reset rows restart from it and gradient reaches it.
+
+Its initialisation follows the authors' later RMT (Hugging Face wrapper): independent normal entries at the scale
+of the token embeddings, N(0, 0.02), the scale of everything else the first layer reads. LM-RMT's
+`init_mem_tokens` instead repeats one N(0, 1) draw K times, at the scale of the memory the model writes (the final
+LayerNorm's output, rms ~1). Measured on the copy task of tests/test_synthetic.py (two symbols across a segment
+boundary, 300 steps, same seed): validation accuracy 1.00 with N(0, 0.02) per slot, 0.33 with LM-RMT's repeated
+N(0, 1), 0.32 with independent N(0, 1), 0.13 (chance) with a repeated N(0, 0.02): identical slots start
+symmetric, and a unit-scale memory swamps the 0.02-scale tokens and position vectors of the first segment. As in
+LM-RMT, dropout (`model.dropout`) applies to the memory going in (its input dropout covers the memory tokens) and
+to the memory written (its output dropout covers the write positions).
 
 Gradient through memory is decided by the training loop (`train.memory_grad`): the state returned here is a
 differentiable function of the incoming one, and the loop detaches it where BPTT is cut (memscale/train/bptt.py).
@@ -62,9 +66,7 @@ class RecurrentMemory(MemoryKind):
 
     def reset_parameters(self, parts) -> None:
         if self.first:
-            with torch.no_grad():
-                self.mem_init_KD.copy_(torch.randn(1, self.d_model).expand_as(self.mem_init_KD))
-            for p in (self.read_pos_KD, self.write_pos_KD):
+            for p in (self.mem_init_KD, self.read_pos_KD, self.write_pos_KD):
                 nn.init.normal_(p, std=0.02)
 
     def init_state(self, batch_size: int, *, device, dtype) -> MemoryState:
