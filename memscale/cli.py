@@ -144,6 +144,10 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if args.bench == "prepare":
+        from memscale.bench.prepare import main as prepare_main
+
+        return prepare_main(args)
     if args.bench == "throughput":
         from memscale.bench.throughput import main as throughput_main
 
@@ -390,7 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rc.add_argument("--out", default="bench/results", help="directory for the JSON result")
-    for p in (bench, tp, tk, lg, pp, rc):
+    bp = bench_sub.add_parser(
+        "prepare", help="data prepare --input MB/s and tokens/s beside sentencepiece's batch encode; peak RSS"
+    )
+    bp.add_argument("--size-mb", type=float, default=500, help="generated corpus size (MB)")
+    bp.add_argument(
+        "--small-mb", type=float, default=None, help="second, smaller corpus for peak RSS (default: size / 5)"
+    )
+    bp.add_argument(
+        "--workers", default="1,2", help="comma-separated worker (and sentencepiece thread) counts"
+    )
+    bp.add_argument("--vocab-size", type=int, default=16000, help="BPE vocabulary of the tokenizer used")
+    bp.add_argument("--tmp-dir", default=None, help="where the corpora are generated (default: the temp dir)")
+    bp.add_argument("--out", default="bench/results", help="directory for the JSON result")
+    for p in (bench, tp, tk, lg, pp, rc, bp):
         p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -147,7 +147,11 @@ class SplitWriter:
         self._writer = None
         path = self._shard_path()
         self.info.shards.append(
-            {"path": str(path.relative_to(self.root)), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            {
+                "path": str(path.relative_to(self.root)),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
         )
 
     def add(self, doc_id: str, ids: np.ndarray) -> None:
