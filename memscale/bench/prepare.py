@@ -125,7 +125,7 @@ def _tree_memory(proc) -> int:
 
 
 def time_prepare(model: Path, corpus: Path, out: Path, *, workers: int) -> dict:
-    """Run `memscale data prepare --input` in a subprocess: wall seconds, peak RSS of its tree, its meta.json."""
+    """Run `memscale data prepare --input` in a subprocess: wall seconds, peak PSS of its tree, its meta.json."""
     cmd = [sys.executable, "-m", "memscale.cli", "data", "prepare", "--input", str(corpus), "--out", str(out),
            "--tokenizer", str(model), "--workers", str(workers), "--overwrite"]  # fmt: skip
     start = time.perf_counter()
