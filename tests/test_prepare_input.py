@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from memscale.cli import main
+from memscale.data.corpus import split_documents
 from memscale.data.prepare import BUNDLED_CORPUS, InputOptions, prepare_inputs
 from memscale.data.shards import load_split, read_meta, read_row
 from memscale.data.tokenizer import Tokenizer
@@ -61,10 +62,10 @@ def tokenizer_file(corpus, tmp_path_factory) -> Path:
     return out / "tokenizer.model"
 
 
-def _stored_docs(data_dir: Path) -> dict[str, list[int]]:
-    """{document id: tokens without bos/eos} over both splits, read back through the shard index."""
-    docs = {}
-    for split in ("train", "val"):
+def _stored_docs(data_dir: Path) -> dict[str, dict[str, list[int]]]:
+    """{split: {document id: tokens without bos/eos}}, read back through the shard index."""
+    docs: dict[str, dict[str, list[int]]] = {"train": {}, "val": {}}
+    for split in docs:
         index = load_split(data_dir, split)
         for doc in range(index.num_docs):
             first = int(index.first_row[doc])
@@ -74,7 +75,7 @@ def _stored_docs(data_dir: Path) -> dict[str, list[int]]:
             with open(index.shard_paths[shard], "rb") as f:
                 f.seek(offset + 512)  # the .json member's data follows its 512-byte tar header
                 doc_id = json.loads(f.read(200).split(b"}")[0] + b"}")["id"]
-            docs[doc_id] = tokens[1:-1]
+            docs[split][doc_id] = tokens[1:-1]
     return docs
 
 
@@ -86,8 +87,12 @@ def test_jsonl_text_and_gzip_inputs_with_a_trained_then_reused_tokenizer(corpus,
     assert meta["input"]["files"] == 2 + len(expected) - 25 and meta["input"]["documents"] == len(expected)
     assert meta["splits"]["val"]["num_docs"] >= 4  # topped up as split_documents does
     tok = Tokenizer(tokenizer_file)
-    stored = _stored_docs(data)
-    assert stored.keys() == expected.keys()
+    by_split = _stored_docs(data)
+    stored = {**by_split["train"], **by_split["val"]}
+    assert stored.keys() == expected.keys() and len(stored) == len(by_split["train"]) + len(by_split["val"])
+    # The split is the one split_documents makes of the same ids (by id hash, topped up to 4).
+    _, val = split_documents([{"id": doc_id} for doc_id in expected], val_fraction=0.02)
+    assert set(by_split["val"]) == {d["id"] for d in val}
     assert all(tok.decode(ids) == expected[doc_id] for doc_id, ids in stored.items())  # lossless, every kind
     # Reused: the same model file gives the same shards.
     again = tmp_path / "again"
@@ -143,11 +148,12 @@ BAD_INPUTS = {
     ),
     "text_not_a_string": ("bad.jsonl", b'{"text": null}\n', 1, "no string under --text-key 'text'"),
     "empty_file": ("bad.txt", b"", 1, "the file is empty"),
+    "blank_text": ("bad.txt", b"  \n\n", 1, "the file is empty"),
     "empty_jsonl": ("bad.jsonl.gz", gzip.compress(b"\n\n"), 1, "the file is empty"),
     "corrupt_gzip": ("bad.jsonl.gz", _truncated_gzip(), 1, "gzip stream breaks"),
 }
 KIND = {"not_utf8_jsonl": "not_utf8", "not_utf8_text": "not_utf8", "text_not_a_string": "missing_text_key",
-        "empty_jsonl": "empty_file"}  # fmt: skip
+        "empty_jsonl": "empty_file", "blank_text": "empty_file"}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

@@ -16,7 +16,10 @@ writing shards.
   batches, only the encode calls timed (reading and parsing the JSON are not): the speed limit for any
   pipeline that encodes with sentencepiece.
 
-Runs alternate (sentencepiece N, prepare N, ...) so that both see the same state of a shared machine. The
+Runs alternate (sentencepiece N, prepare N, ...) so that both see the same state of a shared machine. On a
+machine shared with other jobs the wall-clock ratio moves with their load, so CPU seconds are reported too
+(prepare: the command and its workers, from the rusage of waited-for children; sentencepiece: this process's
+CPU time during the encode calls): their ratio says how much work prepare adds to the encoding itself. The
 token counts of the two must agree (prepare adds bos/eos to each document); the benchmark fails otherwise.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -94,14 +98,15 @@ def time_sentencepiece(model: Path, corpus: Path, *, threads: int) -> dict:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(model))
-    seconds, tokens = 0.0, 0
+    seconds, cpu_seconds, tokens = 0.0, 0.0, 0
     for batch in _texts(corpus, BASELINE_BATCH_BYTES):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         ids = sp.encode(batch, num_threads=threads)
         seconds += time.perf_counter() - start
+        cpu_seconds += time.process_time() - cpu_start  # all of this process's threads
         tokens += sum(len(x) for x in ids)
         del ids
-    return {"seconds": seconds, "tokens": tokens}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens}
 
 
 def _tree_memory(proc) -> int:
@@ -128,6 +133,7 @@ def time_prepare(model: Path, corpus: Path, out: Path, *, workers: int) -> dict:
     """Run `memscale data prepare --input` in a subprocess: wall seconds, peak PSS of its tree, its meta.json."""
     cmd = [sys.executable, "-m", "memscale.cli", "data", "prepare", "--input", str(corpus), "--out", str(out),
            "--tokenizer", str(model), "--workers", str(workers), "--overwrite"]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
@@ -135,12 +141,15 @@ def time_prepare(model: Path, corpus: Path, out: Path, *, workers: int) -> dict:
         peak = max(peak, _tree_memory(proc))
         time.sleep(0.05)
     seconds = time.perf_counter() - start
+    # The command and its workers (which it waits for): CPU seconds, whatever else shares the machine.
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_seconds = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     err = proc.stderr.read()
     proc.stderr.close()
     if proc.returncode != 0:
         raise RuntimeError(f"memscale data prepare failed ({proc.returncode}): {err.strip()[-500:]}")
     meta = json.loads((out / "meta.json").read_text())
-    return {"seconds": seconds, "peak_pss_mb": peak / 2**20, "meta": meta}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_pss_mb": peak / 2**20, "meta": meta}
 
 
 def main(args) -> int:
@@ -174,6 +183,7 @@ def main(args) -> int:
                     "docs": corpus["docs"],
                     "workers": n,
                     "prepare_s": round(run["seconds"], 2),
+                    "prepare_cpu_s": round(run["cpu_seconds"], 2),
                     "prepare_mb_per_s": mb / run["seconds"],
                     "prepare_tokens_per_s": tokens / run["seconds"],
                     "peak_pss_mb": round(run["peak_pss_mb"], 1),
@@ -186,6 +196,8 @@ def main(args) -> int:
                         )
                     row.update(
                         spm_s=round(base["seconds"], 2),
+                        spm_cpu_s=round(base["cpu_seconds"], 2),
+                        cpu_ratio=base["cpu_seconds"] / run["cpu_seconds"],
                         spm_mb_per_s=mb / base["seconds"],
                         spm_tokens_per_s=tokens / base["seconds"],
                         ratio=base["seconds"] / run["seconds"],
@@ -193,13 +205,18 @@ def main(args) -> int:
                 rows.append(row)
                 print(_row_line(row), flush=True)
     print()
-    print("| corpus | workers | prepare MB/s | prepare M tok/s | sentencepiece MB/s | ratio | peak memory (PSS) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| corpus | workers | prepare MB/s | prepare M tok/s | sentencepiece MB/s | speed ratio | CPU ratio "
+        "| peak memory (PSS) |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         spm = f"{r['spm_mb_per_s']:.2f}" if "spm_s" in r else "-"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+        cpu_ratio = f"{r['cpu_ratio']:.2f}x" if "cpu_ratio" in r else "-"
         print(f"| {r['corpus_mb']:.0f} MB | {r['workers']} | {r['prepare_mb_per_s']:.2f} | "
-              f"{r['prepare_tokens_per_s'] / 1e6:.2f} | {spm} | {ratio} | {r['peak_pss_mb']:.0f} MB |")  # fmt: skip
+              f"{r['prepare_tokens_per_s'] / 1e6:.2f} | {spm} | {ratio} | {cpu_ratio} | "
+              f"{r['peak_pss_mb']:.0f} MB |")  # fmt: skip
     result = {
         "benchmark": "prepare",
         "date": now(),
@@ -218,5 +235,8 @@ def _row_line(r: dict) -> str:
         f"peak PSS {r['peak_pss_mb']:.0f} MB"
     )
     if "spm_s" in r:
-        line += f" | sentencepiece {r['spm_s']:.1f} s, {r['spm_mb_per_s']:.2f} MB/s: ratio {r['ratio']:.2f}x"
+        line += (
+            f" | sentencepiece {r['spm_s']:.1f} s, {r['spm_mb_per_s']:.2f} MB/s: ratio {r['ratio']:.2f}x"
+            f" (CPU seconds {r['prepare_cpu_s']:.1f} vs {r['spm_cpu_s']:.1f}: {r['cpu_ratio']:.2f}x)"
+        )
     return line

@@ -143,6 +143,8 @@ def read_tasks(files: list[InputFile], *, block_bytes: int = BLOCK_BYTES) -> Ite
                     if not data:
                         break
                     seen_text = seen_text or not data.isspace()
+                    if file.kind == "text" and data.isspace():
+                        break  # an empty document, reported below
                     yield Task(index, line, data, done_before + raw.tell())
                     line += data.count(b"\n")
                     if file.kind == "text":

@@ -22,6 +22,7 @@ import functools
 import heapq
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -415,6 +416,8 @@ def _init_worker(
         id_key=id_key,
     )
     if watch_parent:
+        # Ctrl-C reaches the whole process group: the parent stops the pool, the workers need not report it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         # A worker blocks on its task queue forever if the parent is killed (kill -9 runs no cleanup), so it
         # leaves as soon as it is orphaned.
         parent = os.getppid()
