@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import struct
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +43,7 @@ META_FILE = "meta.json"
 INDEX_FILE = "index.npy"
 DEFAULT_CHUNK_TOKENS = 1 << 16  # 128 KiB of uint16 a sample: most documents fit one
 DEFAULT_SHARD_TOKENS = 1 << 21  # ~4 MiB shards: a few for the small corpora, many for large ones
+_ROW = struct.Struct("<4q")  # an index row: doc, shard, byte offset, tokens
 
 
 class ShardError(ValueError):
@@ -134,7 +137,11 @@ class SplitWriter:
         self.chunk_tokens, self.shard_tokens = chunk_tokens, shard_tokens
         self.dtype = token_dtype(vocab_size)
         self.info = SplitInfo()
-        self._rows: list[tuple[int, int, int, int]] = []
+        # Index rows go to disk as they are made and become index.npy at close: a corpus of a billion short
+        # documents has a billion rows, too many to hold.
+        self._rows_path = self.split_dir / f"{INDEX_FILE}.rows"
+        self._rows = open(self._rows_path, "wb")  # noqa: SIM115 (closed in close())
+        self._num_rows = 0
         self._writer: wds.TarWriter | None = None
         self._shard_fill = 0
 
@@ -177,7 +184,9 @@ class SplitWriter:
             part = tokens[chunk * chunk_tokens : (chunk + 1) * chunk_tokens]
             header = {"id": doc_id, "chunk": chunk, "num_chunks": num_chunks, "start": chunk * chunk_tokens}
             # tarstream.offset is where the next member's header will start: the byte a reader seeks to.
-            self._rows.append((info.num_docs, len(info.shards), self._writer.tarstream.offset, len(part)))
+            row = (info.num_docs, len(info.shards), self._writer.tarstream.offset, len(part))
+            self._rows.write(_ROW.pack(*row))
+            self._num_rows += 1
             sample = {"json": json.dumps(header).encode(), "npy": _npy_bytes(part)}
             self._writer.write({"__key__": sample_key(info.num_docs, chunk), **sample})
             self._shard_fill += len(part)
@@ -189,8 +198,14 @@ class SplitWriter:
         """Close the last shard and write `index.npy`."""
         if self._writer is not None:
             self._close_shard()
+        self._rows.close()
         index_path = self.split_dir / INDEX_FILE
-        np.save(index_path, np.asarray(self._rows, dtype=np.int64).reshape(-1, 4), allow_pickle=False)
+        # Byte for byte what np.save writes for the int64 [rows, 4] array, streamed from the rows file.
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<i8")), "fortran_order": False}
+        with open(index_path, "wb") as out, open(self._rows_path, "rb") as rows:
+            np.lib.format.write_array_header_1_0(out, {**header, "shape": (self._num_rows, 4)})
+            shutil.copyfileobj(rows, out, 1 << 20)
+        self._rows_path.unlink()
         self.info.index = {"path": str(index_path.relative_to(self.root)), "sha256": sha256_file(index_path)}
         return self.info
 
