@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -176,6 +177,7 @@ def test_bad_input_is_reported_with_file_and_line(case, corpus, tokenizer_file, 
     kind = KIND.get(case, case)
     assert skipped[kind]["count"] == 1 and skipped[kind]["first"][0].startswith(f"in/{name} line {line}: ")
     assert "skipped 1 " in err and f"in/{name} line {line}" in err
+    assert re.search(r"MB 100\.0% \| [\d.]+ MB/s \| [\d.]+ M tokens/s \| ETA 0s", err)  # the progress line
     assert read_meta(tmp_path / "skip")["input"]["documents"] >= 6
 
 
@@ -247,3 +249,32 @@ def test_a_data_dir_moved_aside_by_a_killed_run_is_put_back(tokenizer_file, corp
     with pytest.raises(ValueError, match="is not empty: pass --overwrite"):
         prepare_inputs(out, [corpus[0]], tokenizer=tokenizer_file, options=opts)
     assert read_meta(out) == meta and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_progress_rewrites_one_line_on_a_terminal(monkeypatch, capsys):
+    from memscale.data import prepare as prepare_module
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    progress = prepare_module._ByteProgress(10_000_000, prepare_module._Progress())
+    progress.last -= 1  # as if the last redraw was a second ago
+    progress.update(2_500_000, 1000)
+    err = capsys.readouterr().err
+    assert err.startswith("\r2.5/10.0 MB  25.0% | ") and "MB/s" in err and "ETA" in err and "\n" not in err
+
+
+def test_conflicting_flags_are_one_line_errors(corpus, tokenizer_file, tmp_path, capsys):
+    out = ["data", "prepare", "--out", str(tmp_path / "o")]
+    cases = [
+        (["--input", str(corpus[0]), "--source", "bundled"], "--input and --source both given"),
+        (["--source", "bundled", "--tokenizer", str(tokenizer_file)], "--tokenizer is for --input"),
+        (
+            ["--input", str(corpus[0]), "--tokenizer", str(tokenizer_file), "--vocab-size", "600"],
+            "both given",
+        ),
+        (["--input", str(tmp_path / "nowhere")], "--input " + str(tmp_path / "nowhere") + " not found"),
+    ]
+    for flags, message in cases:
+        assert main([*out, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
