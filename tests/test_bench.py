@@ -84,3 +84,16 @@ def test_bench_plan(tmp_path):
     (row,) = result["runs"]
     assert row["run"] == "one" and row["predicted_step_s"] > 0 and row["measured_step_s"] > 0
     assert result["gloo"]["allreduce_Bps"] > 0 and result["matmul_peak_flops"]["2"] > 0
+
+
+def test_bench_prepare(tmp_path):
+    out = _run("prepare", "--size-mb", "2", "--small-mb", "1", "--workers", "1,2", "--vocab-size", "1000",
+               "--out", str(tmp_path))  # fmt: skip
+    assert "sentencepiece MB/s" in out
+    (path,) = tmp_path.glob("prepare-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["workers"], "ratio" in r) for r in rows] == [(1, True), (2, True), (1, False), (2, False)]
+    assert rows[0]["corpus_mb"] > rows[2]["corpus_mb"] > 0.9
+    assert all(r["tokens"] > 0 and r["prepare_mb_per_s"] > 0 and r["peak_pss_mb"] > 0 for r in rows)
+    # prepare and sentencepiece encoded the same text into the same number of tokens (checked by the bench).
+    assert rows[0]["tokens"] == rows[1]["tokens"]

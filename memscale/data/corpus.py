@@ -417,7 +417,7 @@ def read_sources(
 # Split and write.
 
 
-def _split_key(doc_id: str) -> float:
+def split_key(doc_id: str) -> float:
     """A number in [0, 1) fixed by the id alone, so that a document stays on its side of the split when others
     are added or removed."""
     return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
@@ -432,7 +432,7 @@ def split_documents(
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     if len(docs) <= min_val_docs:
         raise ValueError(f"only {len(docs)} documents: need more than min_val_docs={min_val_docs} to split")
-    keys = [_split_key(d["id"]) for d in docs]
+    keys = [split_key(d["id"]) for d in docs]
     num_val = max(min_val_docs, sum(k < val_fraction for k in keys))
     val_set = set(sorted(range(len(docs)), key=keys.__getitem__)[:num_val])
     train = [d for i, d in enumerate(docs) if i not in val_set]

@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import struct
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +43,7 @@ META_FILE = "meta.json"
 INDEX_FILE = "index.npy"
 DEFAULT_CHUNK_TOKENS = 1 << 16  # 128 KiB of uint16 a sample: most documents fit one
 DEFAULT_SHARD_TOKENS = 1 << 21  # ~4 MiB shards: a few for the small corpora, many for large ones
+_ROW = struct.Struct("<4q")  # an index row: doc, shard, byte offset, tokens
 
 
 class ShardError(ValueError):
@@ -110,6 +113,103 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class SplitWriter:
+    """Writes one split's shards and index document by document (`add`), so that a caller streaming a corpus
+    holds one document at a time; `close` writes the index and returns the split's SplitInfo."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        *,
+        vocab_size: int,
+        bos_id: int,
+        eos_id: int,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    ) -> None:
+        if chunk_tokens < 1 or shard_tokens < 1:
+            raise ValueError(f"chunk_tokens={chunk_tokens} and shard_tokens={shard_tokens} must be >= 1")
+        self.root = Path(data_dir)
+        self.split_dir = self.root / split
+        self.split_dir.mkdir(parents=True, exist_ok=True)
+        self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
+        self.chunk_tokens, self.shard_tokens = chunk_tokens, shard_tokens
+        self.dtype = token_dtype(vocab_size)
+        self.info = SplitInfo()
+        # Index rows go to disk as they are made and become index.npy at close: a corpus of a billion short
+        # documents has a billion rows, too many to hold.
+        self._rows_path = self.split_dir / f"{INDEX_FILE}.rows"
+        self._rows = open(self._rows_path, "wb")  # noqa: SIM115 (closed in close())
+        self._num_rows = 0
+        self._writer: wds.TarWriter | None = None
+        self._shard_fill = 0
+
+    def _shard_path(self) -> Path:
+        return self.split_dir / f"shard-{len(self.info.shards):06d}.tar"
+
+    def _close_shard(self) -> None:
+        assert self._writer is not None
+        self._writer.close()
+        self._writer = None
+        path = self._shard_path()
+        self.info.shards.append(
+            {
+                "path": str(path.relative_to(self.root)),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
+
+    def add(self, doc_id: str, ids: np.ndarray) -> None:
+        """Append one document (token ids without bos/eos); a document without tokens is skipped and counted."""
+        info = self.info
+        if len(ids) == 0:
+            info.num_empty_skipped += 1
+            return
+        if int(np.max(ids)) >= self.vocab_size or int(np.min(ids)) < 0:
+            raise ValueError(f"document {doc_id!r} has token ids outside [0, vocab_size={self.vocab_size})")
+        tokens = np.concatenate([[self.bos_id], ids, [self.eos_id]]).astype(self.dtype)
+        chunk_tokens = self.chunk_tokens
+        num_chunks = -(-len(tokens) // chunk_tokens)
+        for chunk in range(num_chunks):
+            if self._writer is None or self._shard_fill >= self.shard_tokens:
+                if self._writer is not None:
+                    self._close_shard()
+                # A fixed mtime makes the same corpus give byte-identical shards, hence stable checksums.
+                self._writer = wds.TarWriter(
+                    str(self._shard_path()), encoder=False, mtime=0, user="memscale", group="memscale"
+                )
+                self._shard_fill = 0
+            part = tokens[chunk * chunk_tokens : (chunk + 1) * chunk_tokens]
+            header = {"id": doc_id, "chunk": chunk, "num_chunks": num_chunks, "start": chunk * chunk_tokens}
+            # tarstream.offset is where the next member's header will start: the byte a reader seeks to.
+            row = (info.num_docs, len(info.shards), self._writer.tarstream.offset, len(part))
+            self._rows.write(_ROW.pack(*row))
+            self._num_rows += 1
+            sample = {"json": json.dumps(header).encode(), "npy": _npy_bytes(part)}
+            self._writer.write({"__key__": sample_key(info.num_docs, chunk), **sample})
+            self._shard_fill += len(part)
+        info.num_docs += 1
+        info.num_tokens += len(tokens)
+        info.num_chunks += num_chunks
+
+    def close(self) -> SplitInfo:
+        """Close the last shard and write `index.npy`."""
+        if self._writer is not None:
+            self._close_shard()
+        self._rows.close()
+        index_path = self.split_dir / INDEX_FILE
+        # Byte for byte what np.save writes for the int64 [rows, 4] array, streamed from the rows file.
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<i8")), "fortran_order": False}
+        with open(index_path, "wb") as out, open(self._rows_path, "rb") as rows:
+            np.lib.format.write_array_header_1_0(out, {**header, "shape": (self._num_rows, 4)})
+            shutil.copyfileobj(rows, out, 1 << 20)
+        self._rows_path.unlink()
+        self.info.index = {"path": str(index_path.relative_to(self.root)), "sha256": sha256_file(index_path)}
+        return self.info
+
+
 def write_split(
     data_dir: str | Path,
     split: str,
@@ -123,60 +223,18 @@ def write_split(
 ) -> SplitInfo:
     """Write `data_dir/split/shard-*.tar` and `index.npy` from (id, token ids) pairs, each document as
     [bos] + ids + [eos]. Documents without tokens are skipped and counted."""
-    if chunk_tokens < 1 or shard_tokens < 1:
-        raise ValueError(f"chunk_tokens={chunk_tokens} and shard_tokens={shard_tokens} must be >= 1")
-    root = Path(data_dir)
-    split_dir = root / split
-    split_dir.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(vocab_size)
-    info = SplitInfo()
-    rows: list[tuple[int, int, int, int]] = []
-    writer: wds.TarWriter | None = None
-    shard_fill = 0
-
-    def shard_path() -> Path:
-        return split_dir / f"shard-{len(info.shards):06d}.tar"
-
-    def close_shard() -> None:
-        writer.close()
-        path = shard_path()
-        info.shards.append(
-            {"path": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        )
-
+    writer = SplitWriter(
+        data_dir,
+        split,
+        vocab_size=vocab_size,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        chunk_tokens=chunk_tokens,
+        shard_tokens=shard_tokens,
+    )
     for doc_id, ids in docs:
-        if len(ids) == 0:
-            info.num_empty_skipped += 1
-            continue
-        if int(np.max(ids)) >= vocab_size or int(np.min(ids)) < 0:
-            raise ValueError(f"document {doc_id!r} has token ids outside [0, vocab_size={vocab_size})")
-        tokens = np.concatenate([[bos_id], ids, [eos_id]]).astype(dtype)
-        num_chunks = -(-len(tokens) // chunk_tokens)
-        for chunk in range(num_chunks):
-            if writer is None or shard_fill >= shard_tokens:
-                if writer is not None:
-                    close_shard()
-                # A fixed mtime makes the same corpus give byte-identical shards, hence stable checksums.
-                writer = wds.TarWriter(
-                    str(shard_path()), encoder=False, mtime=0, user="memscale", group="memscale"
-                )
-                shard_fill = 0
-            part = tokens[chunk * chunk_tokens : (chunk + 1) * chunk_tokens]
-            header = {"id": doc_id, "chunk": chunk, "num_chunks": num_chunks, "start": chunk * chunk_tokens}
-            # tarstream.offset is where the next member's header will start: the byte a reader seeks to.
-            rows.append((info.num_docs, len(info.shards), writer.tarstream.offset, len(part)))
-            sample = {"json": json.dumps(header).encode(), "npy": _npy_bytes(part)}
-            writer.write({"__key__": sample_key(info.num_docs, chunk), **sample})
-            shard_fill += len(part)
-        info.num_docs += 1
-        info.num_tokens += len(tokens)
-        info.num_chunks += num_chunks
-    if writer is not None:
-        close_shard()
-    index_path = split_dir / INDEX_FILE
-    np.save(index_path, np.asarray(rows, dtype=np.int64).reshape(-1, 4), allow_pickle=False)
-    info.index = {"path": str(index_path.relative_to(root)), "sha256": sha256_file(index_path)}
-    return info
+        writer.add(doc_id, ids)
+    return writer.close()
 
 
 def write_meta(

@@ -71,7 +71,23 @@ def train_tokenizer(
     num_threads: int | None = None,
 ) -> Tokenizer:
     """Train a BPE model on the documents of `corpus_jsonl` and write it to `model_path`."""
-    paragraphs = (p for doc in read_jsonl(corpus_jsonl) for p in iter_paragraphs(doc["text"]))
+    texts = (doc["text"] for doc in read_jsonl(corpus_jsonl))
+    return train_tokenizer_on_texts(
+        texts, model_path, vocab_size=vocab_size, num_threads=num_threads, source=str(corpus_jsonl)
+    )
+
+
+def train_tokenizer_on_texts(
+    texts: Iterable[str],
+    model_path: str | Path,
+    *,
+    vocab_size: int = 16000,
+    num_threads: int | None = None,
+    source: str = "the input",
+) -> Tokenizer:
+    """Train a BPE model on the paragraphs of `texts` and write it to `model_path`; `source` names the corpus
+    in the error raised when `vocab_size` does not fit it."""
+    paragraphs = (p for text in texts for p in iter_paragraphs(text))
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -98,7 +114,7 @@ def train_tokenizer(
         # e.g. "Vocabulary size is smaller than required_chars" or "Vocabulary size too high": a user setting.
         reason = str(e).strip().splitlines()[-1]
         raise ValueError(
-            f"vocab_size={vocab_size} does not fit the corpus {corpus_jsonl} ({reason}): change it"
+            f"vocab_size={vocab_size} does not fit the corpus {source} ({reason}): change it"
         ) from None
     Path(model_path).write_bytes(model.getvalue())
     return Tokenizer(model_path)
