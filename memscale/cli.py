@@ -201,6 +201,10 @@ def _cmd_bench(args) -> int:
         from memscale.bench.tasks import main as tasks_main
 
         return tasks_main(args)
+    if args.bench == "pipeline":
+        from memscale.bench.pipeline import main as pipeline_main
+
+        return pipeline_main(args)
     if args.bench == "parallel":
         from memscale.bench.parallel import main as parallel_main
 
@@ -461,6 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps first")
     par.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     par.add_argument("--out", default="bench/results", help="directory for the JSON result")
+    pip = bench_sub.add_parser(
+        "pipeline",
+        help="pipeline idle fraction per stage against the simulator, and tokens/s against one process",
+    )
+    pip.add_argument("--segments", type=_positive_int, default=4, help="segments per stream group per step")
+    pip.add_argument("--steps", type=_positive_int, default=4, help="timed steps per case")
+    pip.add_argument("--warmup", type=_positive_int, default=1, help="untimed steps first")
+    pip.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pip.add_argument("--out", default="bench/results", help="directory for the JSON result")
     pp = bench_sub.add_parser("ppl", help="validation perplexity per memory kind on the real corpus")
     pp.add_argument("--config", required=True, help="training config, e.g. configs/quickstart.yaml")
     pp.add_argument(
@@ -556,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--vocab-size", type=int, default=16000, help="BPE vocabulary of the tokenizer used")
     bp.add_argument("--tmp-dir", default=None, help="where the corpora are generated (default: the temp dir)")
     bp.add_argument("--out", default="bench/results", help="directory for the JSON result")
-    for p in (bench, tp, tk, lg, par, pp, rc, pl, bp):
+    for p in (bench, tp, tk, lg, par, pip, pp, rc, pl, bp):
         p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -1,0 +1,353 @@
+"""Pipeline parallelism with memory: measured idle fraction per stage against the simulator's, and tokens/s.
+
+    memscale bench pipeline                 # xl (per layer) and rmt (global) at P = 2 and 4, one thread per rank
+    memscale bench pipeline --steps 3 --set model.d_model=128
+
+Each case runs the real `PipelineRuntime` (memscale/parallel/pipeline/runtime.py) in P processes (torchrun, gloo,
+one thread each) on random tokens: G stream groups of `data.num_streams` streams, S segments per group per step,
+BPTT windows of k segments for the kinds that carry gradient. Every rank times its computations (the runtime's
+forward and backward of a segment) and the action loop of each step (from the moment the step's set-up is done,
+which ends in a collective every rank waits for, to its last computation), after `--warmup` untimed steps:
+
+    measured idle fraction = 1 - computing time / loop time                 (per rank, mean over timed steps)
+
+The prediction runs the simulator (simulate.py) on the same schedule with this run's measured costs: the mean
+forward and backward time of a segment on each stage, and the p2p latency and bandwidth of a ping-pong of the
+activation message measured between ranks 0 and 1 before the steps. The bubble of independent micro-batches,
+(P - 1) / (m + P - 1) for m = G x S segments per step, is printed beside it.
+
+Tokens/s: the same model as one process with one thread, training the same streams with
+`memscale.train.bptt.run_window` (S / k windows per step), against the pipeline (its slowest rank paces the
+step), optimizer steps included in both.
+
+On a 2-core machine P = 4 runs four processes on two cores: each computation then shares its core, which the
+measured forward/backward times (and so the prediction) include.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from memscale.bench import machine_info, now, write_result
+
+# (kind, P, G, memory_grad, k)
+CASES = [
+    ("xl", 2, 1, "detached", 1),
+    ("rmt", 2, 2, "truncated", 2),
+    ("xl", 4, 1, "detached", 1),
+    ("rmt", 4, 4, "truncated", 2),
+]
+SHAPE = [
+    "model.d_model=256",
+    "model.num_layers=4",
+    "model.num_heads=4",
+    "model.vocab_size=4096",
+    "model.memory.num_tokens=8",
+    "model.memory.mem_len=128",
+    "data.segment_len=128",
+    "data.num_streams=2",
+]
+
+
+def _config(kind: str, memory_grad: str, k: int, overrides: list[str]):
+    from memscale.config import config_from_dict
+
+    return config_from_dict(
+        {},
+        [
+            *SHAPE,
+            f"model.memory.kind={kind}",
+            f"train.memory_grad={memory_grad}",
+            f"train.bptt_segments={k}",
+            *overrides,
+        ],
+    )
+
+
+def _batches(cfg, num_groups: int, num_segments: int, seed: int = 0):
+    """`num_groups` groups of `data.num_streams` streams, `num_segments` segments each: random tokens, targets on
+    every position, no resets after the first segment."""
+    import torch
+
+    from memscale.data.batch import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = cfg.data.num_streams, cfg.data.segment_len, cfg.model.vocab_size
+    out = []
+    for _ in range(num_groups):
+        segs = []
+        for t in range(num_segments):
+            tokens = torch.randint(0, V, (B, T), generator=g)
+            segs.append(
+                Batch(
+                    tokens_BT=tokens,
+                    targets_BT=torch.randint(0, V, (B, T), generator=g),
+                    reset_B=torch.full((B,), t == 0),
+                    doc_pos_B=torch.full((B,), t * T),
+                )
+            )
+        out.append(segs)
+    return out
+
+
+def _ping_pong(nbytes: int, rounds: int = 20) -> float:
+    """Mean one-way time of a message of `nbytes` between ranks 0 and 1 (others wait at the barrier)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.zeros(max(nbytes // 4, 1))
+    rank = dist.get_rank()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        if rank == 0:
+            dist.send(t, 1)
+            dist.recv(t, 1)
+        elif rank == 1:
+            dist.recv(t, 0)
+            dist.send(t, 0)
+    elapsed = time.perf_counter() - t0
+    dist.barrier()
+    box = [elapsed / (2 * rounds)]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def pipeline_worker(spec: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from memscale.models import MemoryTransformer
+    from memscale.parallel.pipeline.runtime import PipelineRuntime
+    from memscale.parallel.pipeline.schedule import generate, spec_for_kind
+    from memscale.parallel.pipeline.simulate import CostModel, simulate
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, P = dist.get_rank(), dist.get_world_size()
+    cfg = _config(spec["kind"], spec["memory_grad"], spec["k"], spec["overrides"])
+    L = cfg.model.num_layers
+    torch.manual_seed(0)
+    stage = MemoryTransformer(
+        cfg.model, segment_len=cfg.data.segment_len, layers=range(rank * L // P, (rank + 1) * L // P)
+    )
+    sspec = spec_for_kind(
+        spec["kind"],
+        num_stages=P,
+        num_groups=spec["G"],
+        num_segments=spec["S"],
+        bptt_segments=spec["k"],
+        memory_grad=spec["memory_grad"],
+    )
+    schedule = generate(sspec)
+    runtime = PipelineRuntime(stage, sspec)
+    opt = torch.optim.AdamW(stage.parameters(), lr=1e-4)
+    batches = _batches(cfg, spec["G"], spec["S"])
+    # The activation message: B x S_len x D floats (rmt adds 2K memory positions to the segment).
+    extra = 2 * cfg.model.memory.num_tokens if spec["kind"] == "rmt" else 0
+    msg = cfg.data.num_streams * (cfg.data.segment_len + extra) * cfg.model.d_model * 4
+    small, big = _ping_pong(4), _ping_pong(msg)
+    latency, bandwidth = small, msg / max(big - small, 1e-9)
+
+    timing = {"F": [], "B": []}
+    marks: dict[str, float] = {}
+
+    def timed(fn, key):
+        def run(*a, **kw):
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            t1 = time.perf_counter()
+            timing[key].append(t1 - t0)
+            marks["last"] = t1
+            return out
+
+        return run
+
+    def loop_start(fn):
+        def run(*a, **kw):
+            out = fn(*a, **kw)
+            marks["start"] = time.perf_counter()
+            return out
+
+        return run
+
+    runtime._forward = timed(runtime._forward, "F")
+    runtime._backward = timed(runtime._backward, "B")
+    runtime._exchange_initial_memory = loop_start(runtime._exchange_initial_memory)
+    states = None
+    idle, steps = [], []
+    for step in range(spec["warmup"] + spec["steps"]):
+        for v in timing.values():
+            v.clear()
+        dist.barrier()
+        t0 = time.perf_counter()
+        result = runtime.run(schedule, batches, states)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        states = result.states
+        step_s = time.perf_counter() - t0
+        if step >= spec["warmup"]:
+            busy = sum(timing["F"]) + sum(timing["B"])
+            idle.append(1 - busy / (marks["last"] - marks["start"]))
+            steps.append(step_s)
+            f_mean = sum(timing["F"]) / len(timing["F"])
+            b_mean = sum(timing["B"]) / len(timing["B"])
+    costs = [None] * P
+    dist.all_gather_object(costs, (f_mean, b_mean))
+    sim = simulate(
+        schedule,
+        sspec,
+        CostModel(
+            forward_s=[c[0] for c in costs],
+            backward_s=[c[1] for c in costs],
+            activation_bytes=[1] * P,
+            state_bytes=[1] * P,
+            activation_msg_bytes=[msg] * P,
+            memory_msg_bytes=msg * cfg.model.memory.num_tokens // max(cfg.data.segment_len + extra, 1),
+            p2p_latency_s=latency,
+            p2p_bandwidth_Bps=bandwidth,
+        ),
+    )
+    out = {
+        "rank": rank,
+        "measured_idle": sum(idle) / len(idle),
+        "predicted_idle": sim.ranks[rank].bubble,
+        "step_seconds": sorted(steps)[len(steps) // 2],
+        "forward_s": f_mean,
+        "backward_s": b_mean,
+        "p2p_latency_s": latency,
+        "p2p_bandwidth_Bps": bandwidth,
+    }
+    Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def one_process_worker(spec: dict) -> None:
+    """The same model, streams and segments on one process (one thread): run_window over S / k windows per step."""
+    import torch
+
+    from memscale.models import MemoryTransformer
+    from memscale.models.memory.base import MemoryState
+    from memscale.train.bptt import run_window
+
+    torch.set_num_threads(1)
+    cfg = _config(spec["kind"], spec["memory_grad"], spec["k"], spec["overrides"])
+    torch.manual_seed(0)
+    model = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    groups = _batches(cfg, spec["G"], spec["S"])
+    # All groups' streams side by side: one batch of G x B rows per segment.
+    segments = [
+        type(groups[0][t])(
+            *(
+                torch.cat([getattr(g[t], f) for g in groups])
+                for f in ("tokens_BT", "targets_BT", "reset_B", "doc_pos_B")
+            )
+        )
+        for t in range(spec["S"])
+    ]
+    state: MemoryState = model.init_state(spec["G"] * cfg.data.num_streams)
+    k, steps = spec["k"], []
+    for step in range(spec["warmup"] + spec["steps"]):
+        t0 = time.perf_counter()
+        total = sum(b.num_targets for b in segments)
+        for w in range(0, spec["S"], k):
+            window = segments[w : w + k]
+            r = run_window(
+                model,
+                window,
+                state,
+                memory_grad=spec["memory_grad"],
+                loss_scale=sum(b.num_targets for b in window) / total,
+            )
+            state = r.state
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= spec["warmup"]:
+            steps.append(time.perf_counter() - t0)
+    Path(spec["out"], "one.json").write_text(json.dumps({"step_seconds": sorted(steps)[len(steps) // 2]}))
+
+
+def _launch(code: str, spec: dict, nproc: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-c", code, json.dumps(spec)]
+    else:
+        script = Path(spec["out"]) / "worker.py"
+        script.write_text(code)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        cmd += [str(script), json.dumps(spec)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(
+            f"{spec['kind']} P={nproc} failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-2000:]}"
+        )
+
+
+def main(args) -> int:
+    overrides = list(args.overrides)
+    for kind, _, _, grad, k in CASES:
+        _config(kind, grad, k, overrides)  # a bad key stops here, before any process starts
+    S = args.segments
+    print(
+        f"bench pipeline: d_model 256, 4 layers, {S} segments of 128 tokens per group per step, 2 streams per group, "
+        f"{args.warmup} + {args.steps} steps, one thread per process",
+        flush=True,
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="memscale-bench-pipeline-") as tmp:
+        for kind, P, G, grad, k in CASES:
+            out = Path(tmp) / f"{kind}-P{P}"
+            out.mkdir()
+            spec = {
+                "kind": kind, "G": G, "S": S, "k": k, "memory_grad": grad, "overrides": overrides,
+                "steps": args.steps, "warmup": args.warmup, "out": str(out),
+            }  # fmt: skip
+            code = "import json, sys\nfrom memscale.bench.pipeline import {}\n{}(json.loads(sys.argv[1]))"
+            _launch(code.format("pipeline_worker", "pipeline_worker"), spec, P)
+            _launch(code.format("one_process_worker", "one_process_worker"), spec, 1)
+            ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(P)]
+            one = json.loads((out / "one.json").read_text())
+            tokens = G * S * 2 * 128
+            m = G * S
+            pp_step = max(r["step_seconds"] for r in ranks)
+            rows.append(
+                {
+                    "kind": kind,
+                    "P": P,
+                    "G": G,
+                    "segments_per_group": S,
+                    "memory_grad": grad,
+                    "k": k,
+                    "measured_idle_per_stage": [r["measured_idle"] for r in ranks],
+                    "predicted_idle_per_stage": [r["predicted_idle"] for r in ranks],
+                    "independent_bubble": (P - 1) / (m + P - 1),
+                    "pipeline_tokens_per_s": tokens / pp_step,
+                    "one_process_tokens_per_s": tokens / one["step_seconds"],
+                    "speedup": one["step_seconds"] / pp_step,
+                    "ranks": ranks,
+                }  # fmt: skip
+            )
+            print(f"  {kind} P={P}: done", flush=True)
+    print()
+    print(f"{'case':<22} {'idle measured / predicted per stage':<44} {'1F1B':>5} {'x 1 proc':>9}")
+    for r in rows:
+        pairs = " ".join(
+            f"{a:.2f}/{b:.2f}"
+            for a, b in zip(r["measured_idle_per_stage"], r["predicted_idle_per_stage"], strict=True)
+        )
+        case = f"{r['kind']} P={r['P']} G={r['G']} {r['memory_grad']}"
+        print(f"{case:<22} {pairs:<44} {r['independent_bubble']:>5.2f} {r['speedup']:>8.2f}x")
+    print("idle: 1 - computing time / action-loop time per rank; 1F1B: (P - 1) / (m + P - 1), m = G x S")
+    result = {
+        "benchmark": "pipeline", "date": now(), "machine": machine_info(), "overrides": overrides,
+        "steps": args.steps, "warmup": args.warmup, "rows": rows,
+    }  # fmt: skip
+    write_result(result, args.out, "pipeline")
+    return 0
