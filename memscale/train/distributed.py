@@ -48,7 +48,7 @@ DEEPSPEED_TAG = "state"
 def wanted(cfg: Config) -> bool:
     """True when this process is one of several (torchrun) or the config asks for parallelism or ZeRO."""
     p = cfg.parallel
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.dp > 1 or p.tp > 1 or p.zero_stage != 0
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.dp > 1 or p.tp > 1 or p.pp > 1 or p.zero_stage != 0
 
 
 def head_sharded_state(model) -> set[str]:
@@ -73,11 +73,41 @@ class Distributed:
         self.rank = self.groups.rank
         self.dp, self.dp_rank = self.dims.dp, self.groups.dp_rank
         self.tp, self.tp_rank = self.dims.tp, self.groups.tp_rank
+        self.pp, self.pp_rank = self.dims.pp, self.groups.pp_rank
         self.is_main = self.rank == 0
         self.engine: Any = None
         self.sharded_state: set[str] = set()
+        self.pipeline: Any = None
+        """memscale/train/pipeline.py `StagePipeline` with pp > 1 (`start_pipeline`)."""
 
     # -- the model ---------------------------------------------------------------------------------------------
+    def cut(self, model):
+        """This rank's pipeline stage of the plain `model`: its num_layers / pp consecutive layers, with the
+        embedding on the first stage and the final norm and head on the last, holding `model`'s weights (so the
+        stages start from the weights one process builds from the same seed). `model` itself for pp=1."""
+        if self.pp == 1:
+            return model
+        from memscale.models import MemoryTransformer
+
+        per = self.cfg.model.num_layers // self.pp
+        layers = range(self.pp_rank * per, (self.pp_rank + 1) * per)
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[]):  # the stage's own initial draws are overwritten below
+            stage = MemoryTransformer(self.cfg.model, segment_len=model.segment_len, layers=layers).to(device)
+        whole = model.state_dict()
+        stage.load_state_dict({n: whole[n] for n in stage.state_dict()}, strict=True)
+        return stage
+
+    def start_pipeline(self, stage):
+        """The pipeline over this rank's (TP-sharded) `stage`; marks the stage's copies of parameters an earlier
+        stage owns, so that DeepSpeed's gradient norm counts them once. Before `wrap`."""
+        from memscale.parallel.zero import mark_pipe_replicated
+        from memscale.train.pipeline import StagePipeline
+
+        self.pipeline = StagePipeline(self.cfg, stage, group=self.groups.pp, pp=self.pp, pp_rank=self.pp_rank)
+        mark_pipe_replicated(stage, self.pipeline.not_owned())
+        return self.pipeline
+
     def shard(self, model):
         """This rank's tensor-parallel shard of the plain `model` (in place; unchanged for tp=1)."""
         self.sharded_state = head_sharded_state(model) if self.tp > 1 else set()
@@ -88,19 +118,23 @@ class Distributed:
         return parallelize(model, groups=self.groups)
 
     def seed(self, seed: int) -> None:
-        """The training streams: `seed + dp_rank` by default (equal within a TP group), the TP tracker per TP rank."""
+        """The training streams: `seed + dp_rank` by default (equal within a TP group), the TP tracker per TP rank;
+        pipeline stages after the first add `pp_rank x dp`, so every stage of every replica draws its own dropout
+        masks (a stage's masks cannot equal one process's anyway: it draws only for its layers)."""
+        seed = seed + self.dp_rank + self.pp_rank * self.dp
         if self.tp == 1:
-            torch.manual_seed(seed + self.dp_rank)
+            torch.manual_seed(seed)
             return
         from memscale.parallel.random import model_parallel_seed
 
-        model_parallel_seed(seed + self.dp_rank, tp_rank=self.tp_rank)
+        model_parallel_seed(seed, tp_rank=self.tp_rank)
 
     def wrap(self, model, optimizer, *, batch_size: int, segment_len: int):
         """The engine over `model`; returns the object the loop calls like the model (`.step`, `.init_state`)."""
         from memscale.parallel.zero import build_engine
 
-        tokens = torch.zeros(batch_size, segment_len, dtype=torch.long, device=model.embed.weight.device)
+        device = next(model.parameters()).device
+        tokens = torch.zeros(batch_size, segment_len, dtype=torch.long, device=device)
 
         def probe(m):  # one step from the initial memory: what ZeRO-3 must see to gather every parameter
             return m.step(tokens, m.init_state(batch_size), targets_BT=tokens, reset_B=None)
@@ -159,10 +193,27 @@ class Distributed:
             if k in self.sharded_state:
                 v = self._gather(v, self.groups.tp, self.tp, dim=-1)
             out[k] = self._gather(v, self.groups.dp, self.dp)
+        return self._from_stages(out, prefer_last=True)
+
+    def _from_stages(self, part: dict[str, torch.Tensor], *, prefer_last: bool) -> dict[str, torch.Tensor]:
+        """The union of every pipeline stage's `part` (on pipeline rank 0; the others get theirs back). A name
+        held by several stages (the bookkeeping every stage keeps, a global memory its readers hold) is taken from
+        the last stage that holds it with `prefer_last` (the writer of a global memory), else from the first."""
+        if self.pp == 1:
+            return part
+        parts: list[Any] | None = [None] * self.pp if self.pp_rank == 0 else None
+        dist.gather_object(part, parts, dst=self.groups.pp_ranks[0], group=self.groups.pp)
+        if parts is None:
+            return part
+        out: dict[str, torch.Tensor] = {}
+        for p in reversed(parts) if prefer_last else parts:
+            for k, v in p.items():
+                out.setdefault(k, v)
         return out
 
     def local_memory(self, tensors: dict[str, torch.Tensor], *, device) -> MemoryState:
-        """This rank's part of memory saved by `gather_memory`."""
+        """This rank's part of memory saved by `gather_memory` (with pp > 1, of all stages: cut it with
+        `StagePipeline.own_part`)."""
         out = {}
         for k, v in tensors.items():
             v = v.chunk(self.dp, 0)[self.dp_rank]
@@ -188,7 +239,8 @@ class Distributed:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def consolidated_weights(self, model) -> dict[str, torch.Tensor]:
-        """The full weights (ZeRO-3: gathered from the partitions; a collective on every rank)."""
+        """The full weights (ZeRO-3: gathered from the partitions; TP shards joined; pipeline stages sent to
+        pipeline rank 0; a collective on every rank)."""
 
         def tensors() -> dict[
             str, torch.Tensor
@@ -206,11 +258,13 @@ class Distributed:
                 weights = tensors()
         else:
             weights = tensors()
-        if self.tp == 1:
-            return weights
-        from memscale.parallel.tensor import gather_tensor_parallel
+        if self.tp > 1:
+            from memscale.parallel.tensor import gather_tensor_parallel
 
-        return gather_tensor_parallel(model, weights, self.groups.tp)
+            weights = gather_tensor_parallel(model, weights, self.groups.tp)
+        # The stages' weights under the plain model's names (a tied head is in both the first and the last stage's,
+        # equal: the first's is taken).
+        return self._from_stages(weights, prefer_last=False)
 
     def save(self, root: Path, *, step: int, state: MemoryState, make_state, keep: int) -> Path | None:
         """Every rank writes its share; rank 0 completes the checkpoint with `make_state(memory, rng, weights)`

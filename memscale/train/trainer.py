@@ -125,9 +125,12 @@ class _Silent:
 
 
 def _layout(extra: dict) -> str:
-    """The process layout a multi-process checkpoint records, in words."""
+    """The process layout a multi-process checkpoint records, in words (pp named when > 1: checkpoints from before
+    pipeline parallelism record none)."""
+    pp = extra.get("pp", 1)
     return (
-        f"{extra.get('world_size', 1)} processes (tp={extra.get('tp', 1)}, ZeRO-{extra.get('zero_stage', 0)})"
+        f"{extra.get('world_size', 1)} processes (tp={extra.get('tp', 1)}"
+        f"{f', pp={pp}' if pp > 1 else ''}, ZeRO-{extra.get('zero_stage', 0)})"
     )
 
 
@@ -162,8 +165,14 @@ class Trainer:
         self.model = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len).to(self.device)
         self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.num_params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
-        if self.dist is not None:  # the same plain model on every rank, cut into this rank's TP shard
+        self.pipeline = None
+        if self.dist is not None:  # the same plain model on every rank, cut into this rank's stage and TP shard
+            if self.dist.pp > 1:
+                self.model = self.dist.cut(self.model)
+                self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)
             self.model = self.dist.shard(self.model)
+            if self.dist.pp > 1:
+                self.pipeline = self.dist.start_pipeline(self.model)
         self.optimizer = build_optimizer(self.model, cfg.train)
         # What the loop calls like the model: the model itself, or the engine's view of it (memscale/parallel/zero.py).
         self.net = self.model
@@ -227,6 +236,7 @@ class Trainer:
                 {
                     "world_size": self.dist.dims.world_size,
                     "tp": self.dist.tp,
+                    "pp": self.dist.pp,
                     "zero_stage": self.dist.dims.zero_stage,
                 }
             )
@@ -246,6 +256,8 @@ class Trainer:
         else:
             self.dist.load(path, ts.rng)
             self.state = self.dist.local_memory(ts.memory, device=self.device)
+            if self.pipeline is not None:
+                self.state = self.pipeline.own_part(self.state)
         self.train_loader.load_state_dict(ts.loader)
         self.step = ts.step
         self.resumed_from = path
@@ -273,6 +285,7 @@ class Trainer:
                 extra={
                     "world_size": self.dist.dims.world_size,
                     "tp": self.dist.tp,
+                    "pp": self.dist.pp,
                     "dp": self.dist.dp,
                     "zero_stage": self.dist.dims.zero_stage,
                 },
@@ -288,14 +301,20 @@ class Trainer:
         resumed continues exactly as one that ran it."""
         cfg = self.cfg
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            ev = evaluate_lm(
-                self.net,
-                build_loader(cfg, "val", infinite=False, **self.slice),
-                num_segments=cfg.train.eval_segments,
-                num_streams=cfg.data.num_streams,
-                device=self.device,
-                unigram_logp=uni,
-            )
+            loader = build_loader(cfg, "val", infinite=False, **self.slice)
+            if self.pipeline is not None:  # forward only through the stages
+                ev = self.pipeline.evaluate(
+                    loader, num_segments=cfg.train.eval_segments, device=self.device, unigram_logp=uni
+                )
+            else:
+                ev = evaluate_lm(
+                    self.net,
+                    loader,
+                    num_segments=cfg.train.eval_segments,
+                    num_streams=cfg.data.num_streams,
+                    device=self.device,
+                    unigram_logp=uni,
+                )
         self.model.train()
         if self.dist is not None:  # token-weighted over the ranks' slices
             uni = math.log(ev.unigram_ppl) * ev.num_tokens if ev.unigram_ppl is not None else 0.0
@@ -337,7 +356,8 @@ class Trainer:
         layout = ""
         if self.dist:
             tp = f", tp={self.dist.tp}" if self.dist.tp > 1 else ""
-            layout = f" x {ranks} ranks{tp}, ZeRO-{self.dist.dims.zero_stage}"
+            pp = f", pp={self.dist.pp} ({cfg.parallel.stream_groups} stream groups)" if self.dist.pp > 1 else ""
+            layout = f" x {ranks} ranks{tp}{pp}, ZeRO-{self.dist.dims.zero_stage}"
         say(
             f"memscale: {cfg.model.memory.kind} | {self.num_params / 1e6:.2f}M params | "
             f"{tokens_per_step} tokens/step ({t.bptt_segments} segments x {cfg.data.num_streams} streams x "
@@ -367,18 +387,25 @@ class Trainer:
                         self.optimizer.step()
                 else:  # the engine reduces, clips and steps, and skips a non-finite update itself
                     scale = self.dist.loss_scale(sum(b.num_targets for b in batches))
-                    result = run_window(
-                        self.net,
-                        batches,
-                        self.state,
-                        memory_grad=t.memory_grad,
-                        loss_scale=scale,
-                        backward=self.dist.engine.backward,
-                    )
+                    if self.pipeline is not None:  # this window through the stages (memscale/train/pipeline.py)
+                        result, state = self.pipeline.train_step(
+                            batches, self.state, loss_scale=scale, backward=self.dist.engine.backward
+                        )
+                    else:
+                        result = run_window(
+                            self.net,
+                            batches,
+                            self.state,
+                            memory_grad=t.memory_grad,
+                            loss_scale=scale,
+                            backward=self.dist.engine.backward,
+                        )
+                        state = result.state
                     grad_norm = self.dist.step()
                     loss_sum, num_targets = self.dist.sum(result.loss_sum, result.num_targets)
                     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
-                state = result.state
+                if self.dist is None:
+                    state = result.state
                 if finite:
                     streak = 0
                     window_loss += loss_sum
@@ -388,7 +415,9 @@ class Trainer:
                     # memory went non-finite restart from the initial memory.
                     skipped, streak = skipped + 1, streak + 1
                     bad_B = _non_finite_rows(state)
-                    if bad_B is not None and bool(bad_B.any()):
+                    if self.pipeline is not None:
+                        state = self.pipeline.restart_rows(state, bad_B)
+                    elif bad_B is not None and bool(bad_B.any()):
                         state = state.where(bad_B, self.net.init_state(len(bad_B), device=self.device))
                     logger.scalars(self.step + 1, {"train/skipped_steps": skipped})
                     say(
