@@ -99,7 +99,9 @@ def test_pp2_rmt_equals_one_process_and_resumes_exactly(data_dir, tmp_path):
     assert "at step 3" in r.stdout
     _assert_same_weights(full / "checkpoints" / "step-000006", resumed / "checkpoints" / "step-000006")
     # Another layout is refused in one line, naming both.
-    r = _run("train", str(tmp_path / "resumed.yaml"), "--resume", "--nproc", "2", "--set", "parallel.pp=1", env=ENV)
+    r = _run(
+        "train", str(tmp_path / "resumed.yaml"), "--resume", "--nproc", "2", "--set", "parallel.pp=1", env=ENV
+    )
     assert r.returncode != 0 and "was written by 2 processes (tp=1, pp=2, ZeRO-0), this run is" in r.stderr
 
 
@@ -138,3 +140,42 @@ def test_bad_pipeline_layout_is_one_line_before_any_process_starts(data_dir, tmp
     r = _run("train", str(cfg), "--nproc", "2", *args)
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(err) == 1 and message in err[0], r.stderr
+
+
+def _compare_4(tmp_path, data_dir, mode, layout):
+    """4 processes (`layout`: dp=2 with ZeRO-1, or tp=2) against one process training the 4 streams."""
+    one = tmp_path / "one"
+    Trainer(
+        _cfg(data_dir, one, *STEPS, "train.threads=1", "model.num_layers=4", "data.num_streams=4", *mode),
+        log=lambda _: None,
+    ).train()
+    four = tmp_path / "four"
+    cfg = _config_file(tmp_path, data_dir, four, *STEPS, *PP, *mode, *layout, name="four.yaml")
+    r = _run("train", str(cfg), "--nproc", "4", env=ENV)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _losses(four) == pytest.approx(_losses(one), rel=1e-5)
+    assert _val_losses(four) == pytest.approx(_val_losses(one), rel=1e-5)
+    a = ckpt.load(one / "checkpoints" / "step-000006")
+    b = ckpt.load(four / "checkpoints" / "step-000006")
+    assert sorted(b.model) == sorted(a.model)
+    for name, t in a.model.items():
+        diff = (b.model[name] - t).abs()  # the rare AdamW entries of `_compare`
+        assert int((diff > 1e-5).sum()) <= max(2, t.numel() // 1000) and diff.max().item() < 1e-4, name
+    for name, t in a.memory.items():
+        torch.testing.assert_close(b.memory[name], t, rtol=0, atol=5e-5, msg=name)
+    return r
+
+
+@pytest.mark.slow
+def test_dp2_by_pp2_zero1_equals_one_process(data_dir, tmp_path):
+    """dp=2 x pp=2 under ZeRO-1 (4 processes): each pipeline trains 2 of the 4 streams; DeepSpeed's ZeRO-1 norm
+    skips the stage copies marked ds_pipe_replicated (xl's u and v and the tied embedding count once)."""
+    r = _compare_4(tmp_path, data_dir, XL, ("parallel.zero_stage=1", "data.num_streams=2"))
+    assert "x 2 ranks, pp=2 (1 stream groups), ZeRO-1)" in r.stdout, r.stdout
+
+
+@pytest.mark.slow
+def test_tp2_by_pp2_equals_one_process(data_dir, tmp_path):
+    """tp=2 x pp=2 (4 processes): every stage also split over 2 tensor-parallel ranks (rmt, truncated)."""
+    r = _compare_4(tmp_path, data_dir, RMT, ("parallel.tp=2",))
+    assert "tp=2, pp=2 (2 stream groups), ZeRO-0)" in r.stdout, r.stdout

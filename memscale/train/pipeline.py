@@ -179,5 +179,7 @@ class StagePipeline:
             ppl=math.exp(min(loss, 50.0)),
             num_tokens=total_tokens,
             num_segments=steps,
-            unigram_ppl=math.exp(uni_loss / total_tokens) if unigram_logp is not None and total_tokens else None,
+            unigram_ppl=math.exp(uni_loss / total_tokens)
+            if unigram_logp is not None and total_tokens
+            else None,
         )

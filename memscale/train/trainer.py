@@ -166,7 +166,8 @@ class Trainer:
         self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.num_params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
         self.pipeline = None
-        if self.dist is not None:  # the same plain model on every rank, cut into this rank's stage and TP shard
+        # Several processes: the same plain model on every rank, cut into this rank's stage and TP shard.
+        if self.dist is not None:
             if self.dist.pp > 1:
                 self.model = self.dist.cut(self.model)
                 self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)
@@ -356,7 +357,8 @@ class Trainer:
         layout = ""
         if self.dist:
             tp = f", tp={self.dist.tp}" if self.dist.tp > 1 else ""
-            pp = f", pp={self.dist.pp} ({cfg.parallel.stream_groups} stream groups)" if self.dist.pp > 1 else ""
+            groups = cfg.parallel.stream_groups
+            pp = f", pp={self.dist.pp} ({groups} stream groups)" if self.dist.pp > 1 else ""
             layout = f" x {ranks} ranks{tp}{pp}, ZeRO-{self.dist.dims.zero_stage}"
         say(
             f"memscale: {cfg.model.memory.kind} | {self.num_params / 1e6:.2f}M params | "
@@ -387,7 +389,7 @@ class Trainer:
                         self.optimizer.step()
                 else:  # the engine reduces, clips and steps, and skips a non-finite update itself
                     scale = self.dist.loss_scale(sum(b.num_targets for b in batches))
-                    if self.pipeline is not None:  # this window through the stages (memscale/train/pipeline.py)
+                    if self.pipeline is not None:  # through the stages (memscale/train/pipeline.py)
                         result, state = self.pipeline.train_step(
                             batches, self.state, loss_scale=scale, backward=self.dist.engine.backward
                         )

@@ -196,7 +196,9 @@ class PipelineRuntime:
         stage's parameters; `backward` is called as `torch.autograd.backward(roots, grad_tensors)` is (a
         data-parallel engine's).
         """
-        return self._run(schedule, batches, states, loss_scale=loss_scale, backward=backward, forward_only=False)
+        return self._run(
+            schedule, batches, states, loss_scale=loss_scale, backward=backward, forward_only=False
+        )
 
     def forward(
         self, schedule: Schedule, batches: list[list[Batch]], states: list[MemoryState] | None = None
