@@ -1,9 +1,21 @@
-"""What the training loop does differently on several processes: tensor parallelism (megatron-core) and data
-parallelism with DeepSpeed ZeRO 0-3, over gloo or NCCL.
+"""What the training loop does differently on several processes: tensor parallelism (megatron-core), data
+parallelism with DeepSpeed ZeRO 0-3 and pipeline parallelism (memscale/train/pipeline.py), over gloo or NCCL.
 
     torchrun --nproc-per-node 2 -m memscale.cli train configs/quickstart.yaml --set parallel.zero_stage=2
     memscale train configs/quickstart.yaml --nproc 2 --set parallel.zero_stage=2          # the same
     memscale train configs/quickstart.yaml --nproc 4 --set parallel.tp=2 --set parallel.zero_stage=1
+    memscale train configs/quickstart.yaml --nproc 4 --set parallel.pp=2 --set parallel.zero_stage=1
+
+Pipeline parallelism (`parallel.pp` > 1): every rank builds the whole plain model from the seed (the weights of
+one process) and keeps its stage (`cut`), which `parallelize` then cuts for TP. The engine runs over the stage, with
+ZeRO-0 or -1 over the data-parallel group (ZeRO-2/3 partition per backward: refused with pp, memscale/parallel/
+dims.py). The clipping norm counts a parameter several stages hold (the tied embedding, xl's and lamemo's u and v)
+once: every copy but the first stage's is marked `ds_pipe_replicated`, which DeepSpeed's ZeRO-1 norm skips, and
+ZeRO-0 clips through memscale/parallel/zero.py `_clip_pipeline_stage0`. Checkpoints: the consolidated weights
+and the memory of all stages go to rank 0 (gathered over TP and dp first, then over the pipeline group; a name
+several stages hold is taken from the first stage for weights, from the last, the writer, for memory); each
+rank's engine writes its own files under `deepspeed/` (DeepSpeed names them by dp and tp x pp rank). Each stage
+draws dropout from its own seed (`train.seed + dp_rank + pp_rank x dp`).
 
 Every rank builds the plain model from the same seed; with `parallel.tp` > 1 `parallelize`
 (memscale/parallel/tensor.py) cuts it into the rank's shard before the optimizer sees it. The ranks of one
@@ -23,8 +35,8 @@ directory, every rank writes its share of the model and optimizer into `deepspee
 files: the ZeRO partitions), rank 0 adds the consolidated weights (`model.safetensors`, for `memscale eval`), the
 memory of all global streams gathered in global row order, every rank's RNG state, the loader position (the same
 on every rank) and the manifest over all of it, then renames it into place. The directory must be on a file
-system every rank sees (as on any cluster). Resume needs the same number of ranks and ZeRO stage; resharding to
-another layout comes with the sharded checkpoints.
+system every rank sees (as on any cluster). Resume needs the same number of ranks, tp, pp and ZeRO stage;
+resharding to another layout comes with the sharded checkpoints.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
-"""The training loop: one loop for every memory kind (and, later, every parallel layout).
+"""The training loop: one loop for every memory kind and every parallel layout.
 
     build model -> stream segments -> BPTT window -> clip -> AdamW step -> log -> checkpoint -> validate
+
+On several processes (memscale/train/distributed.py) the model is this rank's TP shard and pipeline stage, the
+window runs through `run_window` (pp=1) or the pipeline runtime (pp > 1, memscale/train/pipeline.py), and the
+DeepSpeed engine reduces, clips and steps; one process runs `run_window` and torch's AdamW as it always did.
 
 Run it with `memscale train configs/quickstart.yaml --set train.max_steps=20`.
 
