@@ -41,14 +41,14 @@ def _val_losses(out) -> list[float]:
     return [e.value for e in _events(out).Scalars("val/loss")]
 
 
-def _compare(tmp_path, data_dir, mode):
+def _compare(tmp_path, data_dir, mode, *pp_only):
     one = tmp_path / "one"
     Trainer(
         _cfg(data_dir, one, *STEPS, "train.threads=1", "model.num_layers=4", "data.num_streams=4", *mode),
         log=lambda _: None,
     ).train()
     two = tmp_path / "two"
-    r = _dp_run(tmp_path, data_dir, two, *PP, *mode)
+    r = _dp_run(tmp_path, data_dir, two, *PP, *mode, *pp_only)
     assert "pp=2" in r.stdout and "done: 6 steps" in r.stdout, r.stdout
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     val_one, val_two = _val_losses(one), _val_losses(two)
@@ -106,8 +106,9 @@ def test_pp2_rmt_equals_one_process_and_resumes_exactly(data_dir, tmp_path):
 
 
 def test_pp2_xl_equals_one_process(data_dir, tmp_path):
-    """xl, detached: per-layer memory on each stage, its u and v held by both stages, one stream group."""
-    _compare(tmp_path, data_dir, XL)
+    """xl, detached: per-layer memory on each stage, its u and v held by both stages, one stream group; the stages
+    recompute their blocks in backward (activation checkpointing) against none on one process."""
+    _compare(tmp_path, data_dir, XL, "train.activation_checkpointing=full")
 
 
 @pytest.mark.slow
