@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -543,7 +544,9 @@ def _clip_pipeline_stage0(engine: Any, groups: ParallelGroups) -> None:
     parameter that is not TP-sharded on model-parallel rank 0 only (stage 0's: the other stages' layers would be
     left out of the norm) and does not skip `ds_pipe_replicated` copies. Here each gradient counts once: TP-sharded
     ones on every TP rank (its shard), the others on TP rank 0, a replicated one on the stage that owns it; summed
-    over tp x pp. The gradients are already averaged over dp when DeepSpeed clips."""
+    over tp x pp. The gradients are already averaged over dp when DeepSpeed clips. A non-finite norm (the same on
+    every rank) drops the gradients, so the torch optimizer DeepSpeed steps next leaves every parameter and its
+    moments as they are: the step is skipped, as the training loop expects of the engine."""
     import torch.distributed as dist
     from deepspeed.runtime.utils import is_model_parallel_parameter
 
@@ -558,11 +561,15 @@ def _clip_pipeline_stage0(engine: Any, groups: ParallelGroups) -> None:
             sq += p.grad.detach().double().pow(2).sum()
         dist.all_reduce(sq, group=groups.model_parallel)
         norm = sq.sqrt().item()
+        engine._global_grad_norm = norm
+        if not math.isfinite(norm):
+            for p in params:
+                p.grad = None
+            return
         coef = min(1.0, engine.gradient_clipping() / (norm + 1e-6))
         if coef < 1.0:
             for p in params:
                 p.grad.mul_(coef)
-        engine._global_grad_norm = norm
 
     engine.clip_fp32_gradients = clip_and_keep_norm
 
