@@ -115,8 +115,13 @@ class StagePipeline:
 
     def group_batches(self, batches: list[Batch]) -> list[list[Batch]]:
         """batches[t] (all streams) -> [g][t] (group g's rows)."""
-        fields = lambda b: (b.tokens_BT, b.targets_BT, b.reset_B, b.doc_pos_B)  # noqa: E731
-        return [[Batch(*(x.chunk(self.G, 0)[g] for x in fields(b))) for b in batches] for g in range(self.G)]
+
+        def rows(b: Batch, g: int) -> Batch:
+            return Batch(
+                *(x.chunk(self.G, 0)[g] for x in (b.tokens_BT, b.targets_BT, b.reset_B, b.doc_pos_B))
+            )
+
+        return [[rows(b, g) for b in batches] for g in range(self.G)]
 
     # -- the step ---------------------------------------------------------------------------------------------------
     def train_step(
