@@ -1,6 +1,6 @@
 """What the training loop does with `parallel.pp` > 1: its window and its validation through the pipeline runtime.
 
-    memscale train configs/quickstart.yaml --nproc 2 --set parallel.pp=2 --set model.num_layers=4
+    memscale train configs/quickstart.yaml --nproc 2 --set parallel.pp=2 --set train.out_dir=runs/quickstart-pp2
 
 Each rank holds one stage (memscale/train/distributed.py `Distributed.cut`: the whole plain model built from the
 seed, then only its layers kept) and runs the step's schedule on it (memscale/parallel/pipeline/): the window's
