@@ -27,6 +27,8 @@ DataSource = Literal["corpus", "copy", "reverse", "assoc", "recall"]
 # Kinds whose memory carries gradient from one segment to the next (global topology, DESIGN.md §2). The per-layer
 # kinds (xl, lamemo, infinity) detach their memory by construction, as in their papers.
 GRAD_CARRYING_KINDS = ("rmt", "memformer")
+GLOBAL_MEMORY_KINDS = ("rmt", "memformer")
+"""Kinds whose memory is one global state written by the last layer (topology "global", memscale/models/memory/)."""
 # How each kind is trained in its paper, what `train.memory_grad=auto` (the default) picks: BPTT over the window for
 # RMT, memory replay back-propagation for Memformer (the same gradients in less memory), detached otherwise.
 OWN_MEMORY_GRAD = {"memformer": "replay"}
@@ -151,13 +153,20 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree (megatron-core layers; memscale/parallel/)."""
     pp: int = 1
-    """Pipeline-parallel degree."""
+    """Pipeline-parallel degree: each of pp ranks holds num_layers / pp consecutive layers (memscale/parallel/
+    pipeline/); composes with tp and with dp under zero_stage 0 or 1."""
     dp: int = 0
     """Data-parallel degree; 0 (the default) means the world size / (tp x pp). The world size is the number of processes that
     torchrun (or `memscale train --nproc N`) starts; tp x pp x dp must equal it."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage over the data-parallel group: 0 (replicated), 1 (optimizer state sharded), 2 (and
     gradients), 3 (and parameters)."""
+    stream_groups: int = 0
+    """With pp > 1: the rank's data.num_streams streams are split into this many groups that take turns in the
+    pipeline (a micro-batch is one segment of one group). 0 chooses: pp for rmt and memformer, whose memory must
+    come back from the last stage before a group's next segment enters (fewer than pp groups leave stages idle,
+    and the schedule refuses them), 1 for the other kinds (their memory stays on each stage, so consecutive
+    segments of one group already fill the pipe). Must divide data.num_streams."""
 
 
 @dataclass
@@ -167,9 +176,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-    def validate(self, *, planning: bool = False) -> Config:
-        """`planning`: for `memscale plan`, which predicts layouts that `memscale train` cannot run yet
-        (parallel.pp > 1)."""
+    def validate(self) -> Config:
         m, d, t, p, mem = self.model, self.data, self.train, self.parallel, self.model.memory
         _check_finite(self, "")
         _positive(d.segment_len, "data.segment_len", "use a positive segment length, e.g. 512")
@@ -240,18 +247,36 @@ class Config:
             raise ConfigError(f"parallel.pp={p.pp} must divide model.num_layers={m.num_layers}")
         if p.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
-        if p.pp != 1 and not planning:
-            raise ConfigError(
-                f"parallel.pp={p.pp}: `memscale train` runs tensor and data parallel (parallel.tp, parallel.dp, "
-                "parallel.zero_stage) in this release; pipeline parallel training is not wired into it yet: set "
-                "parallel.pp=1"
-            )
-        if (p.dp > 1 or p.tp > 1 or p.zero_stage) and d.source != "corpus":
+        _check_stream_groups(self)
+        if (p.dp > 1 or p.tp > 1 or p.pp > 1 or p.zero_stage) and d.source != "corpus":
             raise ConfigError(
                 f"data.source={d.source} runs on one process: multi-process training reads a prepared corpus "
                 "(data.source=corpus); remove the parallel overrides"
             )
         return self
+
+
+def _check_stream_groups(cfg: Config) -> None:
+    """`parallel.stream_groups` (resolved here when 0, so config.yaml records the groups that run) against the
+    pipeline's needs: a global memory needs G >= pp groups, and every group the same number of streams."""
+    p, kind, streams = cfg.parallel, cfg.model.memory.kind, cfg.data.num_streams
+    if p.stream_groups < 0:
+        raise ConfigError(f"parallel.stream_groups={p.stream_groups} must be >= 1, or 0 to choose")
+    if p.pp == 1:
+        return
+    if p.stream_groups == 0:
+        p.stream_groups = p.pp if kind in GLOBAL_MEMORY_KINDS else 1
+    G = p.stream_groups
+    if kind in GLOBAL_MEMORY_KINDS and G < p.pp:
+        raise ConfigError(
+            f"parallel.stream_groups={G} < parallel.pp={p.pp} with model.memory.kind={kind}: its memory returns "
+            f"from the last stage before a group's next segment, so use at least {p.pp} groups (or 0 to choose)"
+        )
+    if streams % G:
+        raise ConfigError(
+            f"data.num_streams={streams} is not divisible by parallel.stream_groups={G}: every stream group "
+            "needs the same number of streams; change one of them"
+        )
 
 
 def _check_finite(node: Any, prefix: str) -> None:
@@ -358,19 +383,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def config_from_dict(
-    data: dict, overrides: list[str] | tuple[str, ...] = (), *, planning: bool = False
-) -> Config:
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     tree = dict(data or {})
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return _build(Config, tree, "").validate(planning=planning)
+    return _build(Config, tree, "").validate()
 
 
-def load_config(
-    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *, planning: bool = False
-) -> Config:
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     data: dict = {}
     if path is not None:
         try:
@@ -387,7 +408,7 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping (model:, data:, train:, parallel:)")
     try:
-        return config_from_dict(data, overrides, planning=planning)
+        return config_from_dict(data, overrides)
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None

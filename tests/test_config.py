@@ -34,6 +34,15 @@ def test_overrides_apply_with_types(tmp_path):
         (["train.dtype=bfloat16"], "bfloat16 on train.device=cpu"),
         (["train"], "must look like key.path=value"),
         (["train.max_steps.x=1"], "train.max_steps={'x': 1} must be an integer"),
+        (["parallel.pp=2", "parallel.stream_groups=-1"], "parallel.stream_groups=-1 must be >= 1, or 0"),
+        (
+            ["parallel.pp=2", "data.num_streams=3", "model.memory.kind=xl", "parallel.stream_groups=2"],
+            "data.num_streams=3 is not divisible by parallel.stream_groups=2",
+        ),
+        (
+            ["parallel.pp=4", "model.memory.kind=memformer", "parallel.stream_groups=2"],
+            "parallel.stream_groups=2 < parallel.pp=4 with model.memory.kind=memformer",
+        ),
     ],
 )
 def test_bad_values_fail_with_one_line(overrides, fragment):
@@ -58,6 +67,17 @@ def test_bad_values_fail_with_one_line(overrides, fragment):
 def test_memory_grad_follows_the_kind(kind, asked, runs):
     cfg = config_from_dict({}, [f"model.memory.kind={kind}", f"train.memory_grad={asked}"])
     assert cfg.train.memory_grad == runs
+
+
+@pytest.mark.parametrize(
+    "kind, pp, groups",
+    [("rmt", 2, 2), ("memformer", 4, 4), ("xl", 2, 1), ("none", 4, 1), ("rmt", 1, 0)],
+)
+def test_stream_groups_default_to_what_the_pipeline_needs(kind, pp, groups):
+    """0 resolves at load time (so config.yaml records it): pp for a global memory, 1 for the others; pp=1 leaves
+    it alone."""
+    cfg = config_from_dict({}, [f"model.memory.kind={kind}", f"parallel.pp={pp}", "data.num_streams=8"])
+    assert cfg.parallel.stream_groups == groups
 
 
 def test_file_errors_name_the_file(tmp_path):

@@ -413,7 +413,7 @@ def _dp_pp_worker():
     groups = init_distributed(dims)
     # A clip that never acts: the norm DeepSpeed takes over the model-parallel group counts parameters held by both
     # stages (the tied embedding, xl's u and v) twice, so a clipped step would differ from one process (not solved
-    # here: the runtime is not wired into training yet).
+    # here; memscale train marks the copies ds_pipe_replicated: memscale/parallel/zero.py `mark_pipe_replicated`).
     train = si.train_config(**{"train.grad_clip": "1e6"})
     out = {}
     try:

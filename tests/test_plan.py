@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from memscale.cli import main
-from memscale.config import ConfigError, config_from_dict, load_config
+from memscale.config import config_from_dict, load_config
 from memscale.parallel.pipeline.schedule import ScheduleSpec, generate
 from memscale.parallel.pipeline.simulate import CostModel, simulate
 from memscale.parallel.plan import (
@@ -43,7 +43,7 @@ def _shape(*overrides: str) -> ModelShape:
         "data.num_streams=2",
         "train.bptt_segments=1",
     ]
-    return ModelShape.from_config(config_from_dict({}, [*base, *overrides], planning=True))
+    return ModelShape.from_config(config_from_dict({}, [*base, *overrides]))
 
 
 def _cluster(n: int = 1, device=PLAIN16, **kw) -> Cluster:
@@ -129,7 +129,7 @@ def test_search_lists_only_valid_layouts():
 
 
 def test_7b_on_8_h100_fits_and_70b_reports_the_memory_it_needs(capsys):
-    cfg = load_config("configs/plan-7b.yaml", planning=True)
+    cfg = load_config("configs/plan-7b.yaml")
     shape = ModelShape.from_config(cfg)
     assert 6e9 < shape.num_params < 8e9
     found = search(shape, Cluster.make("h100", num_gpus=8), global_streams=64, top=3)
@@ -159,11 +159,9 @@ def test_cli_prints_the_quickstart_layout_without_a_data_dir(capsys, tmp_path):
     assert out.exists() and '"step_s"' in out.read_text()
 
 
-def test_plan_configs_pass_validation_and_training_still_refuses_pp():
+def test_plan_configs_pass_validation():
     for name in ("1b", "7b", "70b"):
-        load_config(f"configs/plan-{name}.yaml", planning=True)
-    with pytest.raises(ConfigError, match="parallel.pp=4"):
-        load_config("configs/plan-70b.yaml")
+        load_config(f"configs/plan-{name}.yaml")
 
 
 def test_bad_flags_are_one_line(capsys):

@@ -93,7 +93,7 @@ def _parse_ks(text: str | None) -> tuple[int, ...] | None:
 
 
 def run_plan(args) -> int:
-    cfg = load_config(args.config, args.overrides, planning=True)
+    cfg = load_config(args.config, args.overrides)
     shape = ModelShape.from_config(cfg)
     own = config_layout(cfg)
     streams = args.global_streams or cfg.data.num_streams * own.dp

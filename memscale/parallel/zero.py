@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -525,8 +526,52 @@ def build_engine(
         dist_init_required=False,
     )
     if dims.zero_stage == 0:
-        _record_stage0_norm(engine)
+        _record_stage0_norm(engine) if dims.pp == 1 else _clip_pipeline_stage0(engine, groups)
     return ZeroEngine(engine, root, groups, methods)
+
+
+def mark_pipe_replicated(model: nn.Module, names: Iterable[str]) -> None:
+    """Mark this stage's copies of the parameters several pipeline stages hold (`names`: the tied embedding, xl's u
+    and v; `PipelineRuntime.replicated`) `ds_pipe_replicated` on every stage but the first that holds them, so that
+    a global gradient norm counts each once. DeepSpeed's ZeRO-1 norm (stage_1_and_2.py) skips the marked ones, as
+    for its own PipelineModule's tied weights; `_clip_pipeline_stage0` does the same without ZeRO."""
+    for p in names:
+        model.get_parameter(p).ds_pipe_replicated = True
+
+
+def _clip_pipeline_stage0(engine: Any, groups: ParallelGroups) -> None:
+    """ZeRO-0 clipping under pipeline parallelism, written here because DeepSpeed's `clip_grad_norm_` counts a
+    parameter that is not TP-sharded on model-parallel rank 0 only (stage 0's: the other stages' layers would be
+    left out of the norm) and does not skip `ds_pipe_replicated` copies. Here each gradient counts once: TP-sharded
+    ones on every TP rank (its shard), the others on TP rank 0, a replicated one on the stage that owns it; summed
+    over tp x pp. The gradients are already averaged over dp when DeepSpeed clips. A non-finite norm (the same on
+    every rank) drops the gradients, so the torch optimizer DeepSpeed steps next leaves every parameter and its
+    moments as they are: the step is skipped, as the training loop expects of the engine."""
+    import torch.distributed as dist
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+
+    def clip_and_keep_norm() -> None:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        sq = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+        for p in params:
+            if getattr(p, "ds_pipe_replicated", False):
+                continue
+            if groups.tp_rank > 0 and not is_model_parallel_parameter(p):
+                continue
+            sq += p.grad.detach().double().pow(2).sum()
+        dist.all_reduce(sq, group=groups.model_parallel)
+        norm = sq.sqrt().item()
+        engine._global_grad_norm = norm
+        if not math.isfinite(norm):
+            for p in params:
+                p.grad = None
+            return
+        coef = min(1.0, engine.gradient_clipping() / (norm + 1e-6))
+        if coef < 1.0:
+            for p in params:
+                p.grad.mul_(coef)
+
+    engine.clip_fp32_gradients = clip_and_keep_norm
 
 
 def _record_stage0_norm(engine: Any) -> None:

@@ -1,9 +1,21 @@
-"""What the training loop does differently on several processes: tensor parallelism (megatron-core) and data
-parallelism with DeepSpeed ZeRO 0-3, over gloo or NCCL.
+"""What the training loop does differently on several processes: tensor parallelism (megatron-core), data
+parallelism with DeepSpeed ZeRO 0-3 and pipeline parallelism (memscale/train/pipeline.py), over gloo or NCCL.
 
     torchrun --nproc-per-node 2 -m memscale.cli train configs/quickstart.yaml --set parallel.zero_stage=2
     memscale train configs/quickstart.yaml --nproc 2 --set parallel.zero_stage=2          # the same
     memscale train configs/quickstart.yaml --nproc 4 --set parallel.tp=2 --set parallel.zero_stage=1
+    memscale train configs/quickstart.yaml --nproc 4 --set parallel.pp=2 --set parallel.zero_stage=1
+
+Pipeline parallelism (`parallel.pp` > 1): every rank builds the whole plain model from the seed (the weights of
+one process) and keeps its stage (`cut`), which `parallelize` then cuts for TP. The engine runs over the stage, with
+ZeRO-0 or -1 over the data-parallel group (ZeRO-2/3 partition per backward: refused with pp, memscale/parallel/
+dims.py). The clipping norm counts a parameter several stages hold (the tied embedding, xl's and lamemo's u and v)
+once: every copy but the first stage's is marked `ds_pipe_replicated`, which DeepSpeed's ZeRO-1 norm skips, and
+ZeRO-0 clips through memscale/parallel/zero.py `_clip_pipeline_stage0`. Checkpoints: the consolidated weights
+and the memory of all stages go to rank 0 (gathered over TP and dp first, then over the pipeline group; a name
+several stages hold is taken from the first stage for weights, from the last, the writer, for memory); each
+rank's engine writes its own files under `deepspeed/` (DeepSpeed names them by dp and tp x pp rank). Each stage
+draws dropout from its own seed (`train.seed + dp_rank + pp_rank x dp`).
 
 Every rank builds the plain model from the same seed; with `parallel.tp` > 1 `parallelize`
 (memscale/parallel/tensor.py) cuts it into the rank's shard before the optimizer sees it. The ranks of one
@@ -23,8 +35,8 @@ directory, every rank writes its share of the model and optimizer into `deepspee
 files: the ZeRO partitions), rank 0 adds the consolidated weights (`model.safetensors`, for `memscale eval`), the
 memory of all global streams gathered in global row order, every rank's RNG state, the loader position (the same
 on every rank) and the manifest over all of it, then renames it into place. The directory must be on a file
-system every rank sees (as on any cluster). Resume needs the same number of ranks and ZeRO stage; resharding to
-another layout comes with the sharded checkpoints.
+system every rank sees (as on any cluster). Resume needs the same number of ranks, tp, pp and ZeRO stage;
+resharding to another layout comes with the sharded checkpoints.
 """
 
 from __future__ import annotations
@@ -48,7 +60,7 @@ DEEPSPEED_TAG = "state"
 def wanted(cfg: Config) -> bool:
     """True when this process is one of several (torchrun) or the config asks for parallelism or ZeRO."""
     p = cfg.parallel
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.dp > 1 or p.tp > 1 or p.zero_stage != 0
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.dp > 1 or p.tp > 1 or p.pp > 1 or p.zero_stage != 0
 
 
 def head_sharded_state(model) -> set[str]:
@@ -73,11 +85,41 @@ class Distributed:
         self.rank = self.groups.rank
         self.dp, self.dp_rank = self.dims.dp, self.groups.dp_rank
         self.tp, self.tp_rank = self.dims.tp, self.groups.tp_rank
+        self.pp, self.pp_rank = self.dims.pp, self.groups.pp_rank
         self.is_main = self.rank == 0
         self.engine: Any = None
         self.sharded_state: set[str] = set()
+        self.pipeline: Any = None
+        """memscale/train/pipeline.py `StagePipeline` with pp > 1 (`start_pipeline`)."""
 
     # -- the model ---------------------------------------------------------------------------------------------
+    def cut(self, model):
+        """This rank's pipeline stage of the plain `model`: its num_layers / pp consecutive layers, with the
+        embedding on the first stage and the final norm and head on the last, holding `model`'s weights (so the
+        stages start from the weights one process builds from the same seed). `model` itself for pp=1."""
+        if self.pp == 1:
+            return model
+        from memscale.models import MemoryTransformer
+
+        per = self.cfg.model.num_layers // self.pp
+        layers = range(self.pp_rank * per, (self.pp_rank + 1) * per)
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[]):  # the stage's own initial draws are overwritten below
+            stage = MemoryTransformer(self.cfg.model, segment_len=model.segment_len, layers=layers).to(device)
+        whole = model.state_dict()
+        stage.load_state_dict({n: whole[n] for n in stage.state_dict()}, strict=True)
+        return stage
+
+    def start_pipeline(self, stage):
+        """The pipeline over this rank's (TP-sharded) `stage`; marks the stage's copies of parameters an earlier
+        stage owns, so that DeepSpeed's gradient norm counts them once. Before `wrap`."""
+        from memscale.parallel.zero import mark_pipe_replicated
+        from memscale.train.pipeline import StagePipeline
+
+        self.pipeline = StagePipeline(self.cfg, stage, group=self.groups.pp, pp=self.pp, pp_rank=self.pp_rank)
+        mark_pipe_replicated(stage, self.pipeline.not_owned())
+        return self.pipeline
+
     def shard(self, model):
         """This rank's tensor-parallel shard of the plain `model` (in place; unchanged for tp=1)."""
         self.sharded_state = head_sharded_state(model) if self.tp > 1 else set()
@@ -88,19 +130,23 @@ class Distributed:
         return parallelize(model, groups=self.groups)
 
     def seed(self, seed: int) -> None:
-        """The training streams: `seed + dp_rank` by default (equal within a TP group), the TP tracker per TP rank."""
+        """The training streams: `seed + dp_rank` by default (equal within a TP group), the TP tracker per TP rank;
+        pipeline stages after the first add `pp_rank x dp`, so every stage of every replica draws its own dropout
+        masks (a stage's masks cannot equal one process's anyway: it draws only for its layers)."""
+        seed = seed + self.dp_rank + self.pp_rank * self.dp
         if self.tp == 1:
-            torch.manual_seed(seed + self.dp_rank)
+            torch.manual_seed(seed)
             return
         from memscale.parallel.random import model_parallel_seed
 
-        model_parallel_seed(seed + self.dp_rank, tp_rank=self.tp_rank)
+        model_parallel_seed(seed, tp_rank=self.tp_rank)
 
     def wrap(self, model, optimizer, *, batch_size: int, segment_len: int):
         """The engine over `model`; returns the object the loop calls like the model (`.step`, `.init_state`)."""
         from memscale.parallel.zero import build_engine
 
-        tokens = torch.zeros(batch_size, segment_len, dtype=torch.long, device=model.embed.weight.device)
+        device = next(model.parameters()).device
+        tokens = torch.zeros(batch_size, segment_len, dtype=torch.long, device=device)
 
         def probe(m):  # one step from the initial memory: what ZeRO-3 must see to gather every parameter
             return m.step(tokens, m.init_state(batch_size), targets_BT=tokens, reset_B=None)
@@ -129,11 +175,18 @@ class Distributed:
         dist.all_reduce(t, group=self.groups.dp)
         return t.tolist()
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any rank of the world."""
-        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.item() > 0
+    STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def agree_stop(self, received: str | None) -> str | None:
+        """The stop signal the ranks act on, the same on every rank: the one any rank received (SIGUSR1 over
+        SIGTERM when both arrived), or None. A signal reaches the ranks at slightly different moments; they must
+        stop after the same step, and say the same thing."""
+        code = (
+            self.STOP_SIGNALS.index(received) + 1 if received in self.STOP_SIGNALS else (1 if received else 0)
+        )
+        t = torch.tensor([code], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return self.STOP_SIGNALS[t.item() - 1] if t.item() else None
 
     def barrier(self) -> None:
         dist.barrier()
@@ -159,10 +212,27 @@ class Distributed:
             if k in self.sharded_state:
                 v = self._gather(v, self.groups.tp, self.tp, dim=-1)
             out[k] = self._gather(v, self.groups.dp, self.dp)
+        return self._from_stages(out, prefer_last=True)
+
+    def _from_stages(self, part: dict[str, torch.Tensor], *, prefer_last: bool) -> dict[str, torch.Tensor]:
+        """The union of every pipeline stage's `part` (on pipeline rank 0; the others get theirs back). A name
+        held by several stages (the bookkeeping every stage keeps, a global memory its readers hold) is taken from
+        the last stage that holds it with `prefer_last` (the writer of a global memory), else from the first."""
+        if self.pp == 1:
+            return part
+        parts: list[Any] | None = [None] * self.pp if self.pp_rank == 0 else None
+        dist.gather_object(part, parts, dst=self.groups.pp_ranks[0], group=self.groups.pp)
+        if parts is None:
+            return part
+        out: dict[str, torch.Tensor] = {}
+        for p in reversed(parts) if prefer_last else parts:
+            for k, v in p.items():
+                out.setdefault(k, v)
         return out
 
     def local_memory(self, tensors: dict[str, torch.Tensor], *, device) -> MemoryState:
-        """This rank's part of memory saved by `gather_memory`."""
+        """This rank's part of memory saved by `gather_memory` (with pp > 1, of all stages: cut it with
+        `StagePipeline.own_part`)."""
         out = {}
         for k, v in tensors.items():
             v = v.chunk(self.dp, 0)[self.dp_rank]
@@ -188,7 +258,8 @@ class Distributed:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def consolidated_weights(self, model) -> dict[str, torch.Tensor]:
-        """The full weights (ZeRO-3: gathered from the partitions; a collective on every rank)."""
+        """The full weights (ZeRO-3: gathered from the partitions; TP shards joined; pipeline stages sent to
+        pipeline rank 0; a collective on every rank)."""
 
         def tensors() -> dict[
             str, torch.Tensor
@@ -206,11 +277,13 @@ class Distributed:
                 weights = tensors()
         else:
             weights = tensors()
-        if self.tp == 1:
-            return weights
-        from memscale.parallel.tensor import gather_tensor_parallel
+        if self.tp > 1:
+            from memscale.parallel.tensor import gather_tensor_parallel
 
-        return gather_tensor_parallel(model, weights, self.groups.tp)
+            weights = gather_tensor_parallel(model, weights, self.groups.tp)
+        # The stages' weights under the plain model's names (a tied head is in both the first and the last stage's,
+        # equal: the first's is taken).
+        return self._from_stages(weights, prefer_last=False)
 
     def save(self, root: Path, *, step: int, state: MemoryState, make_state, keep: int) -> Path | None:
         """Every rank writes its share; rank 0 completes the checkpoint with `make_state(memory, rng, weights)`

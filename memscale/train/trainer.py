@@ -1,6 +1,10 @@
-"""The training loop: one loop for every memory kind (and, later, every parallel layout).
+"""The training loop: one loop for every memory kind and every parallel layout.
 
     build model -> stream segments -> BPTT window -> clip -> AdamW step -> log -> checkpoint -> validate
+
+On several processes (memscale/train/distributed.py) the model is this rank's TP shard and pipeline stage, the
+window runs through `run_window` (pp=1) or the pipeline runtime (pp > 1, memscale/train/pipeline.py), and the
+DeepSpeed engine reduces, clips and steps; one process runs `run_window` and torch's AdamW as it always did.
 
 Run it with `memscale train configs/quickstart.yaml --set train.max_steps=20`.
 
@@ -125,9 +129,12 @@ class _Silent:
 
 
 def _layout(extra: dict) -> str:
-    """The process layout a multi-process checkpoint records, in words."""
+    """The process layout a multi-process checkpoint records, in words (pp named when > 1: checkpoints from before
+    pipeline parallelism record none)."""
+    pp = extra.get("pp", 1)
     return (
-        f"{extra.get('world_size', 1)} processes (tp={extra.get('tp', 1)}, ZeRO-{extra.get('zero_stage', 0)})"
+        f"{extra.get('world_size', 1)} processes (tp={extra.get('tp', 1)}"
+        f"{f', pp={pp}' if pp > 1 else ''}, ZeRO-{extra.get('zero_stage', 0)})"
     )
 
 
@@ -162,8 +169,15 @@ class Trainer:
         self.model = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len).to(self.device)
         self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.num_params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
-        if self.dist is not None:  # the same plain model on every rank, cut into this rank's TP shard
+        self.pipeline = None
+        # Several processes: the same plain model on every rank, cut into this rank's stage and TP shard.
+        if self.dist is not None:
+            if self.dist.pp > 1:
+                self.model = self.dist.cut(self.model)
+                self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)
             self.model = self.dist.shard(self.model)
+            if self.dist.pp > 1:
+                self.pipeline = self.dist.start_pipeline(self.model)
         self.optimizer = build_optimizer(self.model, cfg.train)
         # What the loop calls like the model: the model itself, or the engine's view of it (memscale/parallel/zero.py).
         self.net = self.model
@@ -227,6 +241,7 @@ class Trainer:
                 {
                     "world_size": self.dist.dims.world_size,
                     "tp": self.dist.tp,
+                    "pp": self.dist.pp,
                     "zero_stage": self.dist.dims.zero_stage,
                 }
             )
@@ -246,6 +261,8 @@ class Trainer:
         else:
             self.dist.load(path, ts.rng)
             self.state = self.dist.local_memory(ts.memory, device=self.device)
+            if self.pipeline is not None:
+                self.state = self.pipeline.own_part(self.state)
         self.train_loader.load_state_dict(ts.loader)
         self.step = ts.step
         self.resumed_from = path
@@ -273,6 +290,7 @@ class Trainer:
                 extra={
                     "world_size": self.dist.dims.world_size,
                     "tp": self.dist.tp,
+                    "pp": self.dist.pp,
                     "dp": self.dist.dp,
                     "zero_stage": self.dist.dims.zero_stage,
                 },
@@ -288,14 +306,20 @@ class Trainer:
         resumed continues exactly as one that ran it."""
         cfg = self.cfg
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            ev = evaluate_lm(
-                self.net,
-                build_loader(cfg, "val", infinite=False, **self.slice),
-                num_segments=cfg.train.eval_segments,
-                num_streams=cfg.data.num_streams,
-                device=self.device,
-                unigram_logp=uni,
-            )
+            loader = build_loader(cfg, "val", infinite=False, **self.slice)
+            if self.pipeline is not None:  # forward only through the stages
+                ev = self.pipeline.evaluate(
+                    loader, num_segments=cfg.train.eval_segments, device=self.device, unigram_logp=uni
+                )
+            else:
+                ev = evaluate_lm(
+                    self.net,
+                    loader,
+                    num_segments=cfg.train.eval_segments,
+                    num_streams=cfg.data.num_streams,
+                    device=self.device,
+                    unigram_logp=uni,
+                )
         self.model.train()
         if self.dist is not None:  # token-weighted over the ranks' slices
             uni = math.log(ev.unigram_ppl) * ev.num_tokens if ev.unigram_ppl is not None else 0.0
@@ -337,7 +361,9 @@ class Trainer:
         layout = ""
         if self.dist:
             tp = f", tp={self.dist.tp}" if self.dist.tp > 1 else ""
-            layout = f" x {ranks} ranks{tp}, ZeRO-{self.dist.dims.zero_stage}"
+            groups = cfg.parallel.stream_groups
+            pp = f", pp={self.dist.pp} ({groups} stream groups)" if self.dist.pp > 1 else ""
+            layout = f" x {ranks} ranks{tp}{pp}, ZeRO-{self.dist.dims.zero_stage}"
         say(
             f"memscale: {cfg.model.memory.kind} | {self.num_params / 1e6:.2f}M params | "
             f"{tokens_per_step} tokens/step ({t.bptt_segments} segments x {cfg.data.num_streams} streams x "
@@ -367,18 +393,25 @@ class Trainer:
                         self.optimizer.step()
                 else:  # the engine reduces, clips and steps, and skips a non-finite update itself
                     scale = self.dist.loss_scale(sum(b.num_targets for b in batches))
-                    result = run_window(
-                        self.net,
-                        batches,
-                        self.state,
-                        memory_grad=t.memory_grad,
-                        loss_scale=scale,
-                        backward=self.dist.engine.backward,
-                    )
+                    if self.pipeline is not None:  # through the stages (memscale/train/pipeline.py)
+                        result, state = self.pipeline.train_step(
+                            batches, self.state, loss_scale=scale, backward=self.dist.engine.backward
+                        )
+                    else:
+                        result = run_window(
+                            self.net,
+                            batches,
+                            self.state,
+                            memory_grad=t.memory_grad,
+                            loss_scale=scale,
+                            backward=self.dist.engine.backward,
+                        )
+                        state = result.state
                     grad_norm = self.dist.step()
                     loss_sum, num_targets = self.dist.sum(result.loss_sum, result.num_targets)
                     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
-                state = result.state
+                if self.dist is None:
+                    state = result.state
                 if finite:
                     streak = 0
                     window_loss += loss_sum
@@ -388,7 +421,9 @@ class Trainer:
                     # memory went non-finite restart from the initial memory.
                     skipped, streak = skipped + 1, streak + 1
                     bad_B = _non_finite_rows(state)
-                    if bad_B is not None and bool(bad_B.any()):
+                    if self.pipeline is not None:
+                        state = self.pipeline.restart_rows(state, bad_B)
+                    elif bad_B is not None and bool(bad_B.any()):
                         state = state.where(bad_B, self.net.init_state(len(bad_B), device=self.device))
                     logger.scalars(self.step + 1, {"train/skipped_steps": skipped})
                     say(
@@ -448,7 +483,7 @@ class Trainer:
                 if (
                     self.dist is not None
                 ):  # every rank stops after the same step, or the checkpoint would hang
-                    stop = (stop or "a stop signal to another rank") if self.dist.any(bool(stop)) else None
+                    stop = self.dist.agree_stop(stop)
                 # A checkpoint is written before the validation that may fail; never during a streak of skipped
                 # steps, whose weights produced a non-finite loss.
                 if streak == 0 and (final or stop or (t.save_every and self.step % t.save_every == 0)):

@@ -28,7 +28,8 @@ only the stage input and the memory state at its start, and recomputes the segme
 
 One stage per rank: no virtual (interleaved) stages, and no split of the backward into input and weight gradients
 (torch's I / W); both could be added as actions without changing the checks' structure. runtime.py executes these
-lists on real stages over p2p (`PipelineRuntime`); nothing here is wired into the trainer yet.
+lists on real stages over p2p (`PipelineRuntime`); memscale/train/pipeline.py runs them in `memscale train`
+(`parallel.pp` > 1).
 
     >>> from memscale.parallel.pipeline.schedule import ScheduleSpec, generate, format_order
     >>> from memscale.parallel.pipeline.simulate import CostModel, simulate

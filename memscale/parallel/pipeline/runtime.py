@@ -115,6 +115,13 @@ class PipelineResult:
         return self.loss_sum / max(self.num_targets, 1)
 
 
+def forward_schedule(schedule: Schedule) -> Schedule:
+    """`schedule` without its backward computations and the transfers that feed or follow them (activation
+    gradients, memory gradients): what a forward-only pass (validation) runs."""
+    dropped = {A.B, A.SEND_B, A.RECV_B, A.SEND_MG, A.RECV_MG}
+    return {s: [a for a in actions if a.type not in dropped] for s, actions in schedule.items()}
+
+
 def stage_state(state: MemoryState, stage: MemoryTransformer, spec: ScheduleSpec) -> MemoryState:
     """The part of a whole model's `state` that pipeline stage `stage` holds: its own (per-layer state and the
     bookkeeping every stage keeps a copy of) and, if it reads a global memory (`spec.readers()`), that memory."""
@@ -189,9 +196,29 @@ class PipelineRuntime:
         stage's parameters; `backward` is called as `torch.autograd.backward(roots, grad_tensors)` is (a
         data-parallel engine's).
         """
+        return self._run(
+            schedule, batches, states, loss_scale=loss_scale, backward=backward, forward_only=False
+        )
+
+    def forward(
+        self, schedule: Schedule, batches: list[list[Batch]], states: list[MemoryState] | None = None
+    ) -> PipelineResult:
+        """The forwards of `schedule` alone, without gradient (validation): the F actions and their activation and
+        memory transfers, in the schedule's order; the loss and the memory after the step as `run` gives them.
+
+        `schedule` is a whole training schedule (checked by the simulator as `run` does); dropping its backwards
+        and their transfers keeps every rank's forwards in an order the forward dependencies allow, and takes
+        away only waits, so the rest cannot deadlock. Call with the stage in eval mode for dropout off."""
+        with torch.no_grad():
+            return self._run(schedule, batches, states, loss_scale=1.0, backward=None, forward_only=True)
+
+    def _run(self, schedule, batches, states, *, loss_scale, backward, forward_only) -> PipelineResult:
         spec = self.spec
         self._check(schedule, batches, states)
         simulate(schedule, spec, CostModel.uniform(self.P))  # ScheduleError before anything is sent
+        self.forward_only = forward_only
+        if forward_only:
+            schedule = forward_schedule(schedule)
         self.batches = [[b.to(self.device) for b in group] for group in batches]
         given = states if states is not None else [MemoryState() for _ in batches]
         self.held = [MemoryState(dict(s.items())) for s in given]
@@ -205,7 +232,7 @@ class PipelineRuntime:
         self.mailbox: dict[MsgKey, list[Tensor]] = {}
         self.works: list = []  # outstanding sends, with the tensors they read
         self._layout(schedule)
-        before = self._replicated_grads()
+        before = self._replicated_grads() if not forward_only else {}
         self._exchange_initial_memory()
 
         actions = schedule[self.s]
@@ -225,8 +252,9 @@ class PipelineRuntime:
                 i = j
         for w, _ in self.works:
             w.wait()
-        self._initial_memory_gradients()
-        self._sum_replicated(before)
+        if not forward_only:
+            self._initial_memory_gradients()
+            self._sum_replicated(before)
         total = self._loss_everywhere()
         out = [MemoryState({n: t.detach() for n, t in h.items()}) for h in self.held]
         num_targets = sum(b.num_targets for g in batches for b in g)
@@ -331,7 +359,9 @@ class PipelineRuntime:
         rec = _Record()
         x_in = self.mailbox.pop((A.RECV_F, g, t, self.s - 1))[0] if not self.first else None
         state = MemoryState(dict(self.held[g].items()))
-        if self.spec.memory_grad == "replay":
+        if self.forward_only:
+            out, new, loss = self._run_segment(g, t, x_in, state, rec=None)
+        elif self.spec.memory_grad == "replay":
             rec.x_in, rec.state_in = x_in, state
             rec.rng = rng_snapshot(self.device)
             with torch.no_grad():
@@ -348,7 +378,8 @@ class PipelineRuntime:
         if self.last and self.spec.topology == "global":
             for r in self.spec.memory_route():
                 self.outbox[(A.SEND_M, g, t, r)] = [new[n].detach() for n in self._global_names(r)]
-        self.records[(g, t)] = rec
+        if not self.forward_only:
+            self.records[(g, t)] = rec
 
     def _run_segment(self, g: int, t: int, x_in: Tensor | None, state: MemoryState, *, rec: _Record | None):
         """The stage's part of `MemoryTransformer.step` for (g, t); with `rec`, the graph is kept and the inputs
@@ -578,4 +609,4 @@ class PipelineRuntime:
         return loss.item()
 
 
-__all__ = ["PipelineResult", "PipelineRuntime", "stage_state"]
+__all__ = ["PipelineResult", "PipelineRuntime", "forward_schedule", "stage_state"]
