@@ -20,13 +20,14 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-MemoryKindName = Literal["none", "rmt", "xl", "memformer", "lamemo", "infinity"]
+MemoryKindName = Literal["none", "rmt", "xl", "memformer", "lamemo", "infinity", "armt"]
 MemoryGrad = Literal["auto", "detached", "truncated", "replay"]
 DataSource = Literal["corpus", "copy", "reverse", "assoc", "recall"]
 
-# Kinds whose memory carries gradient from one segment to the next (global topology, DESIGN.md §2). The per-layer
-# kinds (xl, lamemo, infinity) detach their memory by construction, as in their papers.
-GRAD_CARRYING_KINDS = ("rmt", "memformer")
+# Kinds whose memory carries gradient from one segment to the next (rmt and memformer: global topology, DESIGN.md
+# §2; armt: per layer). The other per-layer kinds (xl, lamemo, infinity) detach their memory by construction, as
+# in their papers.
+GRAD_CARRYING_KINDS = ("rmt", "memformer", "armt")
 GLOBAL_MEMORY_KINDS = ("rmt", "memformer")
 """Kinds whose memory is one global state written by the last layer (topology "global", memscale/models/memory/)."""
 # How each kind is trained in its paper, what `train.memory_grad=auto` (the default) picks: BPTT over the window for
@@ -46,9 +47,9 @@ class ConfigError(ValueError):
 @dataclass
 class MemoryConfig:
     kind: MemoryKindName = "none"
-    """Memory mechanism: none (control), rmt, xl, memformer, lamemo, infinity."""
+    """Memory mechanism: none (control), rmt, xl, memformer, lamemo, infinity, armt."""
     num_tokens: int = 16
-    """rmt: memory tokens K; memformer: memory slots K."""
+    """rmt / armt: memory tokens K; memformer: memory slots K."""
     mem_len: int = 0
     """xl / lamemo: cached positions per layer; 0 means `data.segment_len`."""
     clamp_len: int = -1
@@ -217,7 +218,7 @@ class Config:
         if t.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip={t.grad_clip} must be > 0, e.g. 1.0")
         _positive(t.max_bad_steps, "train.max_bad_steps", "stop after N >= 1 skipped steps in a row, e.g. 10")
-        if mem.kind in ("rmt", "memformer"):
+        if mem.kind in ("rmt", "memformer", "armt"):
             _positive(mem.num_tokens, "model.memory.num_tokens", f"{mem.kind} needs at least one memory slot")
         if mem.kind == "infinity":
             _positive(mem.num_basis, "model.memory.num_basis", "use N >= 1 basis functions, e.g. 128")

@@ -51,7 +51,7 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["rmt", "memformer"])
+@pytest.mark.parametrize("kind", ["rmt", "memformer", "armt"])
 def test_replay_equals_full_bptt_with_dropout(kind):
     """MRBP recomputes each segment with its saved RNG state: gradients equal plain BPTT.
 
@@ -128,7 +128,7 @@ def _peak_saved_bytes(mode, n, kind="rmt"):
     return meter.peak
 
 
-@pytest.mark.parametrize("kind", ["rmt", "memformer"])
+@pytest.mark.parametrize("kind", ["rmt", "memformer", "armt"])
 def test_replay_saved_bytes_do_not_grow_with_segments(kind):
     replay = [_peak_saved_bytes("replay", n, kind) for n in (2, 8)]
     truncated = [_peak_saved_bytes("truncated", n, kind) for n in (2, 8)]

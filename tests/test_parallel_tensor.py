@@ -53,6 +53,7 @@ CASES = {
         ["model.memory.kind=infinity", "model.memory.num_basis=16", "model.memory.num_samples=16"],
         "truncated",
     ),
+    "armt": (["model.memory.kind=armt"], "truncated"),
 }
 DROPOUT_KINDS = ("rmt", "memformer", "lamemo")
 
@@ -174,7 +175,7 @@ def test_what_is_sharded(tp_vs_one):
 
 # -- pipeline stages, each cut for TP -------------------------------------------------------------------------------
 
-STAGE_KINDS = ("rmt", "memformer", "lamemo")
+STAGE_KINDS = ("rmt", "memformer", "lamemo", "armt")
 
 
 def _stages_worker(kinds):

@@ -22,6 +22,8 @@ CASES = [
     ("rmt", "truncated"),
     ("rmt", "detached"),
     ("memformer", "replay"),
+    ("armt", "replay"),
+    ("armt", "truncated"),
     ("xl", "detached"),
     ("lamemo", "detached"),
     # Sticky memories draw sample positions from the RNG per row: two ranks of 2 rows draw other numbers than one

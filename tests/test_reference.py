@@ -17,7 +17,7 @@ from memscale.models.layers import reference_attention, reference_sdpa, sdpa
 from memscale.train.bptt import run_window
 from tests.helpers import random_batches, tiny_model
 
-KINDS = ["none", "rmt", "xl", "memformer", "lamemo", "infinity"]
+KINDS = ["none", "rmt", "xl", "memformer", "lamemo", "infinity", "armt"]
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 
 

@@ -25,7 +25,7 @@ from memscale.models.memory.xl import RelativeLayer
 from memscale.train.bptt import run_window
 from tests.helpers import TINY, random_batches, tiny_model
 
-KINDS = ["none", "rmt", "xl", "memformer", "lamemo", "infinity"]
+KINDS = ["none", "rmt", "xl", "memformer", "lamemo", "infinity", "armt"]
 EXTRA = ["model.memory.mem_len=8", "model.memory.num_basis=16", "model.memory.num_samples=32"]
 
 

@@ -246,7 +246,7 @@ def _parallelize_memory(model, group) -> None:
             part.mu = ReplicatedInParallelRegion(part.mu, group)
             part.sigma = ReplicatedInParallelRegion(part.sigma, group)
             part.tp_group = group
-    elif name not in ("none", "rmt"):
+    elif name not in ("none", "rmt", "armt"):  # armt: its memory projections are replicated
         raise NotImplementedError(f"tensor parallelism of memory kind {name!r}")
 
 

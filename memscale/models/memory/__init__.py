@@ -14,6 +14,7 @@ REGISTRY: dict[str, str] = {
     "memformer": "memscale.models.memory.memformer:MemformerMemory",
     "lamemo": "memscale.models.memory.lamemo:LookAheadMemory",
     "infinity": "memscale.models.memory.infinity:InfinityMemory",
+    "armt": "memscale.models.memory.armt:AssociativeMemory",
 }
 
 

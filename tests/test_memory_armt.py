@@ -1,0 +1,205 @@
+"""ARMT: properties that only a faithful implementation has.
+
+The associative memory is checked on its own functions (the delta rule stores and replaces values exactly for
+orthogonal feature-mapped keys), then in the tiny model (d_model 32, 2 layers, 2 heads, vocab 50, segments of 8
+tokens): stages, reset, replay and gradient through the memory. W_V starts at zero as in the official code, which
+keeps A at zero until training has moved it; the model tests draw it N(0, 0.02) so that A carries something.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memscale.config import config_from_dict
+from memscale.models import MemoryTransformer
+from memscale.models.memory.armt import (
+    EPS,
+    AssociativeLayer,
+    associative_read,
+    delta_write,
+    dpfp,
+    feature_map,
+)
+from memscale.train.bptt import run_window
+from tests.helpers import TINY, random_batches, tiny_model
+
+
+def _keys(E: int) -> torch.Tensor:
+    """Three keys of width E, each on a pair of adjacent coordinates of one sign (so that the pair's product
+    survives DPFP), the pairs far enough apart (> nu) that their DPFP features (products of a coordinate with its
+    1..3 predecessors in [relu(k), relu(-k)]) share no coordinate: orthogonal feature vectors."""
+    k = torch.zeros(3, E)
+    k[0, 0:2] = torch.tensor([1.0, 2.0])
+    k[1, 5:7] = torch.tensor([1.5, 1.0])
+    k[2, 11:13] = torch.tensor([-2.0, -0.5])
+    return k
+
+
+def test_dpfp_is_the_products_of_shifted_relu_pairs():
+    u = torch.randn(4, 5, dtype=torch.float64)
+    r = torch.cat([u.clamp_min(0), (-u).clamp_min(0)], dim=-1)
+    want = torch.cat([r * r.roll(j, dims=-1) for j in (1, 2, 3)], dim=-1)
+    torch.testing.assert_close(dpfp(u), want, atol=0, rtol=0)
+    assert dpfp(u).shape == (4, 2 * 3 * 5)
+
+
+def test_delta_rule_stores_and_replaces_values_exactly_for_orthogonal_keys():
+    E, D = 16, 6
+    phi_KF = feature_map(_keys(E))
+    gram = phi_KF @ phi_KF.T
+    torch.testing.assert_close(gram, torch.eye(3), atol=1e-7, rtol=0)  # orthonormal features
+    g = torch.Generator().manual_seed(0)
+    v_KD = torch.randn(3, D, generator=g)
+    A, z = torch.zeros(1, phi_KF.shape[1], D), torch.zeros(1, phi_KF.shape[1])
+    ones = torch.ones(1, 3, 1)
+
+    # An empty memory reads zero; after one write of three (key, value) pairs each key reads its own value.
+    assert torch.equal(associative_read(A, z, phi_KF[None]), torch.zeros(1, 3, D))
+    A, z = delta_write(A, z, phi_KF[None], v_KD[None], ones)
+    torch.testing.assert_close(associative_read(A, z, phi_KF[None])[0], v_KD / (1 + EPS), atol=1e-6, rtol=0)
+    torch.testing.assert_close(z[0], phi_KF.sum(0), atol=1e-7, rtol=0)  # gamma = 1 on an empty memory
+
+    # Writing key 0 again replaces its value (the delta rule), leaves keys 1, 2 alone, and adds nothing to z
+    # (gamma = 0 for a key already counted).
+    new_D = torch.randn(D, generator=g)
+    A2, z2 = delta_write(A, z, phi_KF[None, :1], new_D[None, None], ones[:, :1])
+    read = associative_read(A2, z2, phi_KF[None])[0]
+    torch.testing.assert_close(read[0], new_D, atol=1e-4, rtol=0)
+    assert (read[0] - (v_KD[0] + new_D)).abs().max() > 0.1  # not the sum a plain additive write would give
+    torch.testing.assert_close(read[1:], v_KD[1:] / (1 + EPS), atol=1e-6, rtol=0)
+    torch.testing.assert_close(z2, z, atol=0, rtol=0)
+
+    # A gate beta moves the stored value that fraction of the way: v_old + beta (v_new - v_old).
+    A3, z3 = delta_write(A, z, phi_KF[None, :1], new_D[None, None], torch.full((1, 1, 1), 0.25))
+    want = v_KD[0] + 0.25 * (new_D - v_KD[0])
+    torch.testing.assert_close(associative_read(A3, z3, phi_KF[None, :1])[0, 0], want, atol=1e-4, rtol=0)
+
+
+def test_layer_write_goes_through_its_projections():
+    """The layer's key, value and gate projections feed the delta rule: with identity key/query maps, W_V = I and
+    a saturated gate, the memory tokens' own vectors come back when read with themselves as queries."""
+    E = D = 16
+    layer = AssociativeLayer(D, E, num_tokens=3)
+    with torch.no_grad():
+        for lin in (layer.query, layer.key, layer.value):
+            lin.weight.copy_(torch.eye(D))
+        layer.beta.weight.zero_()
+        layer.beta.bias.fill_(50.0)  # sigmoid(50) = 1 in float32
+    m = _keys(E)[None]
+    A, z = layer.write(m, torch.zeros(1, 6 * E, D), torch.zeros(1, 6 * E))
+    torch.testing.assert_close(layer.read(m, A, z), m / (1 + EPS), atol=1e-6, rtol=0)
+
+
+def _model(*extra: str, seed: int = 0) -> MemoryTransformer:
+    model = tiny_model("armt", *extra, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for block in model.blocks.values():
+            w = block.memory.value.weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.02)
+    return model
+
+
+def test_stages_chain_to_the_whole_model_and_reset_zeroes_the_reset_rows():
+    cfg = config_from_dict({}, [*TINY, "model.memory.kind=armt", "model.memory.num_tokens=4"])
+    full = _model().eval()
+    stages = []
+    for layers in (range(0, 1), range(1, 2)):
+        stage = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len, layers=layers).eval()
+        sd = full.state_dict()
+        stage.load_state_dict({n: sd[n] for n in stage.state_dict()}, strict=True)
+        stages.append(stage)
+    first, last = stages
+    assert set(first.init_state(2)) == {"A.0", "z.0"} and set(last.init_state(2)) == {"A.1", "z.1"}
+    assert hasattr(first.memory, "mem_KD") and not hasattr(last.memory, "mem_KD")
+
+    state = full.init_state(2)
+    batches = random_batches(3)
+    with torch.no_grad():
+        for t, b in enumerate(batches):
+            reset = torch.tensor([t == 2, False])
+            ref = full.step(b.tokens_BT, state, reset_B=reset)
+            s = full.memory.reset(state, reset)
+            if t == 2:  # row 0 starts a new document: its A and z are zero again, row 1 keeps its memory
+                for name in s:
+                    assert torch.equal(s[name][0], torch.zeros_like(s[name][0])), name
+                    assert torch.equal(s[name][1], state[name][1]), name
+            x, new = first.embed_segment(b.tokens_BT, s)
+            for stage in stages:
+                x, layer_new = stage.run_blocks(x, s, num_tokens=8)
+                new.update(layer_new)
+            h, _ = last.finish(x, s, num_tokens=8)
+            assert torch.equal(h, ref.hidden_BTD)
+            for name in ref.state:
+                assert torch.equal(new[name], ref.state[name]), name
+            state = ref.state
+    assert all(state[f"A.{layer}"].abs().max() > 0 for layer in (0, 1))  # the memory was written
+
+    # A reset row of a whole model behaves as a fresh model on that row.
+    tokens = batches[0].tokens_BT
+    with torch.no_grad():
+        fresh = full.step(tokens, full.init_state(2))
+        after = full.step(tokens, state, reset_B=torch.tensor([True, True]))
+    torch.testing.assert_close(after.hidden_BTD, fresh.hidden_BTD, atol=0, rtol=0)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_replay_equals_truncated_bptt():
+    """Memory replay recomputes each segment and backpropagates the incoming gradient of A and z: the same loss,
+    state and gradients as plain BPTT over the window (1e-6 absolute: only the summation order differs)."""
+    batches = random_batches(4, reset_at={2: [1]})
+    out = {}
+    for mode in ("truncated", "replay"):
+        model = _model("model.dropout=0.1", seed=3).train()
+        torch.manual_seed(7)
+        r = run_window(model, batches, model.init_state(2), memory_grad=mode)
+        out[mode] = (r, _grads(model))
+    (rt, gt), (rr, gr) = out["truncated"], out["replay"]
+    assert rt.loss_sum == pytest.approx(rr.loss_sum, rel=1e-6)
+    assert gt.keys() == gr.keys() and {"blocks.0.memory.value.weight", "memory.mem_KD"} <= gt.keys()
+    for name in gt:
+        torch.testing.assert_close(gr[name], gt[name], atol=1e-6, rtol=0, msg=name)
+    for name in rt.state:
+        torch.testing.assert_close(rr.state[name], rt.state[name], atol=1e-6, rtol=0)
+
+
+def _embedding_grads(memory_grad: str) -> list[float]:
+    model = _model(seed=1)
+    captured = []
+
+    def hook(_module, _inp, out):
+        out.retain_grad()
+        captured.append(out)
+
+    handle = model.embed.register_forward_hook(hook)
+    # The loss sits on the last segment only: gradient in an earlier segment arrived through A and z.
+    run_window(model, random_batches(3, targets_on={2}), model.init_state(2), memory_grad=memory_grad)
+    handle.remove()
+    return [0.0 if e.grad is None else e.grad.abs().sum().item() for e in captured]
+
+
+def test_gradient_reaches_earlier_segments_through_the_memory():
+    truncated = _embedding_grads("truncated")
+    assert all(g > 0 for g in truncated), truncated
+    detached = _embedding_grads("detached")
+    assert detached[2] > 0 and detached[0] == 0 and detached[1] == 0, detached
+
+
+def test_value_map_learns_only_through_a_later_read():
+    """W_V starts at zero (official): within one segment its write is read by nobody, so it gets gradient only
+    when the memory carries gradient to the next segment."""
+    grads = {}
+    for mode in ("detached", "truncated"):
+        model = tiny_model("armt", seed=2)
+        assert all(
+            torch.equal(b.memory.value.weight, torch.zeros_like(b.memory.value.weight))
+            for b in model.blocks.values()
+        )
+        run_window(model, random_batches(2), model.init_state(2), memory_grad=mode)
+        grads[mode] = model.blocks["0"].memory.value.weight.grad
+    assert grads["detached"] is None or grads["detached"].abs().max() == 0
+    assert grads["truncated"].abs().max() > 0
