@@ -57,8 +57,8 @@ EXTRA = {
     # Sticky sampling draws positions from the generator, like dropout: off for the comparison with one process.
     "infinity": ["model.memory.num_basis=16", "model.memory.num_samples=16", "model.memory.sticky=false"],
 }
-KINDS = ["none", "rmt", "xl", "memformer", "lamemo", "infinity"]
-GRAD_CARRYING = ("rmt", "memformer")  # memscale.config.GRAD_CARRYING_KINDS, asserted in the worker
+KINDS = ["none", "rmt", "xl", "memformer", "lamemo", "infinity", "armt"]
+GRAD_CARRYING = ("rmt", "memformer", "armt")  # memscale.config.GRAD_CARRYING_KINDS, asserted in the worker
 CASES = [
     (kind, mode)
     for kind in KINDS
