@@ -164,3 +164,42 @@ def test_tp2_trains_like_one_process_and_resumes_exactly(data_dir, tmp_path):
         r.returncode != 0
         and "was written by 2 processes (tp=2, ZeRO-1), this run is 2 processes (tp=1" in r.stderr
     )
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_dp2_non_finite_step_is_skipped(data_dir, tmp_path, stage):
+    """A window whose loss and gradients are NaN on both ranks: the update is skipped (ZeRO-0 has no overflow check
+    in fp32 and would write NaN into every weight; memscale drops the gradients instead), and the run trains on to
+    a finite checkpoint."""
+    import math
+    import subprocess
+
+    from memscale.parallel.launch import torchrun_command
+    from tests.test_nothing_lost import REPO
+
+    out = tmp_path / "run"
+    cfg = _config_file(
+        tmp_path,
+        data_dir,
+        out,
+        "train.max_steps=5",
+        "train.log_every=1",
+        "train.eval_every=0",
+        f"parallel.zero_stage={stage}",
+        "train.memory_grad=truncated",
+    )
+    r = subprocess.run(
+        torchrun_command(2, ["train", str(cfg)], module="tests.dp_fault_entry"),
+        env={**ENV, "OMP_NUM_THREADS": "1"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("optimizer step skipped") == 1, r.stdout
+    assert "done: 5 steps" in r.stdout
+    ts = ckpt.load(ckpt.latest(out / "checkpoints"))
+    assert ts.step == 5
+    ckpt.check_finite(ts)
+    assert all(math.isfinite(x) for x in _losses(out)[3:])

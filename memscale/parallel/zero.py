@@ -580,7 +580,14 @@ def _record_stage0_norm(engine: Any) -> None:
     from deepspeed.runtime.utils import clip_grad_norm_
 
     def clip_and_keep_norm() -> None:
-        norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(), mpu=engine.mpu)
-        engine._global_grad_norm = float(norm)
+        norm = float(clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(), mpu=engine.mpu))
+        engine._global_grad_norm = norm
+        if not math.isfinite(norm):
+            # Stage 0 has no overflow check in fp32, and a NaN coefficient does not clip (NaN < 1 is false): the
+            # update would write NaN into every weight. Without gradients torch's AdamW leaves a parameter and its
+            # moments untouched, so the step is skipped; the norm (the same on every rank, after the all-reduce)
+            # tells the loop.
+            for p in engine.module.parameters():
+                p.grad = None
 
     engine.clip_fp32_gradients = clip_and_keep_norm
