@@ -166,11 +166,11 @@ def test_tp2_trains_like_one_process_and_resumes_exactly(data_dir, tmp_path):
     )
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_dp2_non_finite_step_is_skipped(data_dir, tmp_path, stage):
-    """A window whose loss and gradients are NaN on both ranks: the update is skipped (ZeRO-0 has no overflow check
-    in fp32 and would write NaN into every weight; memscale drops the gradients instead), and the run trains on to
-    a finite checkpoint."""
+    """A window whose loss and gradients are NaN on both ranks: the update is skipped under every ZeRO stage
+    (ZeRO-0 has no overflow check in fp32 and would write NaN into every weight; memscale drops the gradients
+    instead), and the run trains on to a finite checkpoint."""
     import math
     import subprocess
 
