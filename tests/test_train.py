@@ -188,7 +188,7 @@ def test_eval_cli_reads_checkpoint(data_dir, tmp_path):
     assert bad.returncode == 2 and "no checkpoint there" in bad.stderr
 
 
-@pytest.mark.parametrize("kind", ["none", "rmt", "xl", "memformer", "lamemo", "infinity"])
+@pytest.mark.parametrize("kind", ["none", "rmt", "xl", "memformer", "lamemo", "infinity", "armt"])
 def test_quickstart_config_trains_every_kind_with_one_switch(data_dir, tmp_path, kind):
     """`memscale train configs/quickstart.yaml --set model.memory.kind=K`: no other key needs changing (the
     quick start asks for memory_grad=truncated, which a kind without gradient through memory runs as detached)."""
