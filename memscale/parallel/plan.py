@@ -308,18 +308,19 @@ def _layer_of(name: str) -> tuple[str, bool]:
 
 
 def _stages(cfg: Config, pp: int) -> tuple[StageShape, ...]:
-    """Each stage's model built on the meta device: the exact cut (embedding on the first, head on the last, a tied
-    head's copy on a last stage of its own)."""
+    """Each stage's model built on the meta device: the exact cut that training makes (memscale/parallel/pipeline/
+    balance.py `stage_layers`: layers balanced by cost, or parallel.pp_layers; embedding on the first, head on the
+    last, a tied head's copy on a last stage of its own)."""
     import torch
 
     from memscale.models.transformer import MemoryTransformer
+    from memscale.parallel.pipeline.balance import stage_layers, stage_ranges
 
-    L, T = cfg.model.num_layers, cfg.data.segment_len
-    n = L // pp
+    T = cfg.data.segment_len
     out = []
-    for s in range(pp):
+    for layers in stage_ranges(stage_layers(cfg, pp)):
         with torch.device("meta"):
-            stage = MemoryTransformer(cfg.model, segment_len=T, layers=range(s * n, (s + 1) * n))
+            stage = MemoryTransformer(cfg.model, segment_len=T, layers=layers)
         blocks = sum(p.numel() for p in stage.blocks.parameters())
         head = stage.head.weight.numel() if stage.head is not None else 0
         state = stage.init_state(1)
@@ -328,7 +329,7 @@ def _stages(cfg: Config, pp: int) -> tuple[StageShape, ...]:
                 params=stage.num_params(),
                 block_params=blocks,
                 head_params=head,
-                num_layers=n,
+                num_layers=len(layers),
                 state_numel=sum(t.numel() for t in state.tensors.values()),
             )
         )
