@@ -99,3 +99,23 @@ def test_config_errors_are_one_line(extra, message):
 def test_pp_need_not_divide_layers():
     cfg = _cfg("model.num_layers=3", "parallel.pp=2")
     assert sum(stage_layers(cfg)) == 3 and min(stage_layers(cfg)) >= 1
+
+
+def test_bench_runs_the_balanced_split_and_the_even_one_where_they_differ():
+    from memscale.bench.pipeline import CASES, _config, _splits
+
+    kind, P, G, grad, k = CASES[0]
+    cfg = _config(kind, grad, k, [])
+    assert _splits(cfg, 2, "both") == [("balanced", "3,1"), ("even", "2,2")]
+    assert _splits(cfg, 4, "both") == [("balanced", "1,1,1,1")]  # one layer each: nothing to compare
+    assert _splits(cfg, 2, "even") == [("even", "2,2")]
+    assert _splits(cfg, 2, "balanced") == [("balanced", "3,1")]
+
+
+def test_planner_cuts_stages_like_training():
+    from memscale.parallel.plan import ModelShape
+
+    cfg = _cfg("model.d_model=256", "model.num_layers=4", "model.num_heads=4", "model.vocab_size=4096")
+    shape = ModelShape.from_config(cfg)
+    assert [s.num_layers for s in shape.stages(2)] == stage_layers(cfg, 2) == [3, 1]
+    assert shape.stages(2)[0].head_params == 0 and shape.stages(2)[1].head_params == 4096 * 256
