@@ -323,7 +323,13 @@ def main(args) -> int:
     runs = []  # (kind, P, G, grad, k, [(split name, pp_layers)])
     for kind, P, G, grad, k in CASES:
         cfg = _config(kind, grad, k, overrides)  # a bad key stops here, before any process starts
-        runs.append((kind, P, G, grad, k, _splits(cfg, P, mode)))
+        splits = _splits(cfg, P, mode)
+        if not splits:
+            print(
+                f"  {kind} P={P}: skipped, {cfg.model.num_layers} layers do not split evenly over {P} stages"
+            )
+            continue
+        runs.append((kind, P, G, grad, k, splits))
     S = args.segments
     print(
         f"bench pipeline: d_model 256, 4 layers, {S} segments of 128 tokens per group per step, 2 streams per group, "
