@@ -312,8 +312,13 @@ def _launch(code: str, spec: dict, nproc: int) -> None:
         cmd += [str(script), json.dumps(spec)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
+        # torchrun's summary fills the tail; the ranks' own error is earlier: keep the whole output.
+        fd, log = tempfile.mkstemp(prefix="memscale-bench-pipeline-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(r.stdout + r.stderr)
         raise RuntimeError(
-            f"{spec['kind']} P={nproc} failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-2000:]}"
+            f"{spec['kind']} P={nproc} failed (exit {r.returncode}; whole output in {log}):\n"
+            f"{(r.stdout + r.stderr)[-2000:]}"
         )
 
 
