@@ -376,10 +376,12 @@ class Trainer:
             groups = cfg.parallel.stream_groups
             pp = f", pp={self.dist.pp} ({groups} stream groups)" if self.dist.pp > 1 else ""
             layout = f" x {ranks} ranks{tp}{pp}, ZeRO-{self.dist.dims.zero_stage}"
+        stages = f" | layers per stage {self._pp_layers()}" if self.dist and self.dist.pp > 1 else ""
         say(
             f"memscale: {cfg.model.memory.kind} | {self.num_params / 1e6:.2f}M params | "
             f"{tokens_per_step} tokens/step ({t.bptt_segments} segments x {cfg.data.num_streams} streams x "
-            f"{cfg.data.segment_len}{layout}) | memory_grad={t.memory_grad} | matmul peak {peak.best / 1e9:.0f} GFLOP/s"
+            f"{cfg.data.segment_len}{layout}){stages} | memory_grad={t.memory_grad} | "
+            f"matmul peak {peak.best / 1e9:.0f} GFLOP/s"
         )
         uni = unigram_logp(cfg.data) if t.eval_every else None
         train_iter = iter(self.train_loader)
