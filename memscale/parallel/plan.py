@@ -49,7 +49,10 @@ Memory of a rank (the fullest stage is reported):
 Placement (Megatron's rank order tp-dp-pp): tp inside a node; the dp ring runs over NVLink when tp x dp fits in a
 node, else over the inter-node network; pipeline neighbours are in one node only when the whole job is.
 
-The search (`search`) enumerates tp | heads and vocab (tp <= gpus per node), pp | layers, dp = gpus / (tp pp), G |
+Stages hold the layers training gives them (memscale/parallel/pipeline/balance.py `stage_layers`: balanced by
+cost, the head's included, or the config's parallel.pp_layers at its own pp), so per-stage costs and memory follow
+the real cut. The search (`search`) enumerates tp | heads and vocab (tp <= gpus per node), pp | layers (training
+accepts any pp <= layers; the search keeps to divisors to bound its size), dp = gpus / (tp pp), G |
 B (global kinds: G >= pp; G <= max(2 pp, 1) beyond pp = 1 to bound the simulation), k from the given set, ZeRO 0-3
 (2 and 3 only with pp = 1) and activation checkpointing none / selective / full; every candidate passes
 ParallelDims.validate. Candidates are ranked with a cached simulation of uniform stages (the slowest stage's
