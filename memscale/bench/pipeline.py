@@ -305,7 +305,11 @@ def _launch(code: str, spec: dict, nproc: int, *, results: list[Path] = ()) -> N
     """Run a worker; `results`: the files it writes before tearing down. A rank that aborts in teardown after
     every result is written (seen on this shared 2-core machine: "terminate called without an active exception"
     at exit) is reported, not fatal; any earlier failure is."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The worker script lives in a temp dir, so `import memscale` there would find the installed package, not
+    # this one (another checkout's code would run): put this package's root first on the path.
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     if nproc == 1:
         cmd = [sys.executable, "-c", code, json.dumps(spec)]
     else:
