@@ -472,6 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     pip.add_argument("--segments", type=_positive_int, default=4, help="segments per stream group per step")
     pip.add_argument("--steps", type=_positive_int, default=4, help="timed steps per case")
     pip.add_argument("--warmup", type=_positive_int, default=1, help="untimed steps first")
+    pip.add_argument(
+        "--pp-layers",
+        choices=("both", "balanced", "even"),
+        default="both",
+        help="layers per stage: balanced by cost (parallel.pp_layers empty), even (num_layers / P each), or both "
+        "side by side (even only where it differs)",
+    )
     pip.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     pip.add_argument("--out", default="bench/results", help="directory for the JSON result")
     pp = bench_sub.add_parser("ppl", help="validation perplexity per memory kind on the real corpus")

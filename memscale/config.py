@@ -154,8 +154,12 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree (megatron-core layers; memscale/parallel/)."""
     pp: int = 1
-    """Pipeline-parallel degree: each of pp ranks holds num_layers / pp consecutive layers (memscale/parallel/
-    pipeline/); composes with tp and with dp under zero_stage 0 or 1."""
+    """Pipeline-parallel degree: each of pp ranks holds a contiguous slice of the layers (`pp_layers`;
+    memscale/parallel/pipeline/); composes with tp and with dp under zero_stage 0 or 1. At most num_layers."""
+    pp_layers: str = ""
+    """Layers per pipeline stage, first to last, e.g. "3,1": pp counts >= 1 that sum to model.num_layers. Empty
+    (the default) balances the stages' compute (memscale/parallel/pipeline/balance.py: the last stage also runs the
+    head and the loss over the vocabulary, so it gets fewer layers when the vocabulary is large)."""
     dp: int = 0
     """Data-parallel degree; 0 (the default) means the world size / (tp x pp). The world size is the number of processes that
     torchrun (or `memscale train --nproc N`) starts; tp x pp x dp must equal it."""
@@ -244,8 +248,11 @@ class Config:
             raise ConfigError(f"parallel.dp={p.dp} must be >= 1, or 0 for 'the world size / (tp x pp)'")
         if m.num_heads % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} must divide model.num_heads={m.num_heads}")
-        if m.num_layers % p.pp:
-            raise ConfigError(f"parallel.pp={p.pp} must divide model.num_layers={m.num_layers}")
+        if p.pp > m.num_layers:
+            raise ConfigError(
+                f"parallel.pp={p.pp} > model.num_layers={m.num_layers}: every stage needs a layer; lower pp"
+            )
+        parse_pp_layers(p.pp_layers, pp=p.pp, num_layers=m.num_layers)
         if p.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
         _check_stream_groups(self)
@@ -278,6 +285,27 @@ def _check_stream_groups(cfg: Config) -> None:
             f"data.num_streams={streams} is not divisible by parallel.stream_groups={G}: every stream group "
             "needs the same number of streams; change one of them"
         )
+
+
+def parse_pp_layers(text: str, *, pp: int, num_layers: int) -> list[int] | None:
+    """`parallel.pp_layers` as a list of pp layer counts (None when empty: balanced automatically), checked."""
+    text = str(text).strip()
+    if not text:
+        return None
+    key = f"parallel.pp_layers={text!r}"
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{key} must be comma-separated layer counts per stage, e.g. '3,1'") from None
+    if len(counts) != pp:
+        raise ConfigError(f"{key} has {len(counts)} stages but parallel.pp={pp}: give one count per stage")
+    if min(counts) < 1:
+        raise ConfigError(f"{key}: every stage needs at least one layer")
+    if sum(counts) != num_layers:
+        raise ConfigError(
+            f"{key} sums to {sum(counts)} but model.num_layers={num_layers}: the counts must add up to it"
+        )
+    return counts
 
 
 def _check_finite(node: Any, prefix: str) -> None:

@@ -24,7 +24,8 @@ memformer replay; gradients gathered over TP: 7.8e-7 at most); dp=2 x pp=2 under
 replay, xl detached: dp-mean gradients 4.9e-7, AdamW updates 1.9e-7 where |g| > 1e-5, 6.6e-4 everywhere: see the
 worker); P = 4 stages of one layer and G = 4 groups (middle stages, memformer's memory to three readers and its
 gradient from three: rmt truncated, memformer replay and detached, xl; 6.0e-7 at most). A P = 1 pipeline (the whole
-model as the only stage) runs in the fast test.
+model as the only stage) and uneven stages of 3 and 1 layers (xl detached, rmt truncated: the split a large
+vocabulary gets, memscale/parallel/pipeline/balance.py) run in the fast test.
 
 Dropout. The pipeline draws dropout masks on each stage from its own generator, so they cannot equal the whole
 model's (one generator, one batch of 4 rows); the PP vs PP=1 comparisons run without dropout. With dropout on, the
@@ -65,6 +66,7 @@ CASES = [
     for mode in (("detached", "truncated", "replay") if kind in GRAD_CARRYING else ("detached",))
 ]
 FRESH = [("rmt", "replay"), ("memformer", "truncated"), ("xl", "detached")]  # started from no state
+UNEVEN = [("xl", "detached"), ("rmt", "truncated")]  # stages of 3 and 1 layers (parallel.pp_layers=3,1)
 RESETS = {1: [1], 2: [0, 3]}  # segment -> rows that start a document (mid-window, and a window start)
 
 
@@ -74,13 +76,15 @@ def _cfg(kind, *extra):
     return config_from_dict({}, [*TINY, f"model.memory.kind={kind}", *EXTRA.get(kind, []), *extra])
 
 
-def _models(cfg, rank, stages=2):
+def _models(cfg, rank, stages=2, split=None):
+    """The whole model and rank's stage of it: `split` layers per stage (e.g. (3, 1)), or num_layers / stages."""
     from memscale.models import MemoryTransformer
+    from memscale.parallel.pipeline.balance import stage_ranges
 
     torch.manual_seed(0)
     whole = MemoryTransformer(cfg.model, segment_len=8)
-    per = cfg.model.num_layers // stages
-    stage = MemoryTransformer(cfg.model, segment_len=8, layers=range(rank * per, (rank + 1) * per))
+    counts = list(split or [cfg.model.num_layers // stages] * stages)
+    stage = MemoryTransformer(cfg.model, segment_len=8, layers=stage_ranges(counts)[rank])
     sd = whole.state_dict()
     stage.load_state_dict({n: sd[n] for n in stage.state_dict()}, strict=True)
     return whole, stage
@@ -149,14 +153,15 @@ def _rel(a, b):
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def _compare(kind, memory_grad, rank, *, groups=None, fresh=False, stages=2, num_groups=G):
+def _compare(kind, memory_grad, rank, *, groups=None, fresh=False, stages=2, num_groups=G, split=None):
     """PP=`stages` (rank = stage) against run_window on the whole model; with `groups`, each stage is also cut for
     tensor parallelism and its gradients are gathered over the TP group before the comparison. `fresh`: the step
-    starts from the initial memory, which the pipeline builds itself (no state given)."""
+    starts from the initial memory, which the pipeline builds itself (no state given). `split`: layers per stage
+    (uneven, e.g. (3, 1)), else even."""
     from tests.helpers import random_batches
 
     cfg = _cfg(kind)
-    whole, stage = _models(cfg, rank, stages)
+    whole, stage = _models(cfg, rank, stages, split)
     if groups is not None:
         from memscale.parallel.tensor import parallelize
 
@@ -326,6 +331,7 @@ def _worker():
     try:
         errors = {f"{k}/{m}": _compare(k, m, rank) for k, m in CASES}
         errors.update({f"{k}/{m}/fresh": _compare(k, m, rank, fresh=True) for k, m in FRESH})
+        errors.update({f"{k}/{m}/3,1": _compare(k, m, rank, split=(3, 1)) for k, m in UNEVEN})
         dropout = {k: _dropout_replay(k, rank) for k in GRAD_CARRYING}
         refused = _refuses_a_broken_schedule(rank)
         one = _one_stage(rank)
@@ -337,7 +343,11 @@ def _worker():
 def test_pipeline_of_two_stages_equals_one_process():
     results = run_distributed(_worker, 2, timeout=300)
     for rank, (errors, dropout, refused, one) in enumerate(results):
-        assert set(errors) == {f"{k}/{m}" for k, m in CASES} | {f"{k}/{m}/fresh" for k, m in FRESH}
+        assert set(errors) == (
+            {f"{k}/{m}" for k, m in CASES}
+            | {f"{k}/{m}/fresh" for k, m in FRESH}
+            | {f"{k}/{m}/3,1" for k, m in UNEVEN}
+        )
         print(
             f"rank {rank}: worst relative errors",
             {k: {n: f"{v:.1e}" for n, v in e.items()} for k, (e, _) in errors.items()},
@@ -351,6 +361,8 @@ def test_pipeline_of_two_stages_equals_one_process():
     assert held["memformer/replay"] == [["mem"], ["mem"]]
     assert held["memformer/truncated/fresh"] == [["mem"], ["mem"]]
     assert held["xl/detached"] == [["mem.0", "mem.1", "valid"], ["mem.2", "mem.3", "valid"]]
+    assert held["xl/detached/3,1"] == [["mem.0", "mem.1", "mem.2", "valid"], ["mem.3", "valid"]]
+    assert held["rmt/truncated/3,1"] == [["mem"], ["mem"]]
     assert held["none/detached"] == [[], []]
 
 

@@ -1,8 +1,8 @@
 """`memscale train --nproc 2 --set parallel.pp=2`: pipeline-parallel training in real processes (torchrun, gloo), end
 to end on the bundled corpus, against one process training the same streams.
 
-Each rank builds the whole model from the seed and keeps one stage of 2 of the 4 layers (memscale/train/
-distributed.py `cut`); the window's 2 segments of 4 streams go through the schedule in G stream groups of rows
+Each rank builds the whole model from the seed and keeps one stage of the 4 layers (memscale/train/
+distributed.py `cut`: balanced by cost by default, 2 + 2 and 3 + 1 given by `parallel.pp_layers` for xl); the window's 2 segments of 4 streams go through the schedule in G stream groups of rows
 (rmt: G = 2 = pp, its memory returns from the last stage; xl: G = 1, its memory stays per stage), the loss is
 normalised by the window's targets, the gradient of the tied embedding (and of xl's u and v) is summed over the
 stages and counted once in the clipping norm. fp32 on CPU: the pipeline computes the same operations on the same
@@ -45,7 +45,9 @@ def _val_losses(out) -> list[float]:
     return [e.value for e in _events(out).Scalars("val/loss")]
 
 
-def _compare(tmp_path, data_dir, mode, *pp_only):
+def _compare(tmp_path, data_dir, mode, *pp_only, split=None):
+    """pp=2 against one process; `split`: the layers per stage the run must record, when given explicitly
+    (`parallel.pp_layers`), else the cost-balanced split of its config."""
     one = tmp_path / "one"
     Trainer(
         _cfg(data_dir, one, *STEPS, "train.threads=1", "model.num_layers=4", "data.num_streams=4", *mode),
@@ -83,8 +85,16 @@ def _compare(tmp_path, data_dir, mode, *pp_only):
         f"pp=2 vs one process: losses {loss_err:.1e} rel, val {val_err:.1e} rel, weights {worst:.1e} abs "
         f"({outliers} entries above 1e-5)"
     )
-    assert b.extra["pp"] == 2
+    assert b.extra["pp"] == 2 and b.extra["pp_layers"] == (split or _split_of(two / "config.yaml"))
     return two
+
+
+def _split_of(config_path) -> str:
+    """The layers per stage `memscale train` cuts for this config, as "3,1"."""
+    from memscale.config import load_config
+    from memscale.parallel.pipeline.balance import stage_layers
+
+    return ",".join(map(str, stage_layers(load_config(config_path))))
 
 
 def test_pp2_rmt_equals_one_process_and_resumes_exactly(data_dir, tmp_path):
@@ -104,17 +114,36 @@ def test_pp2_rmt_equals_one_process_and_resumes_exactly(data_dir, tmp_path):
     r = _dp_run(tmp_path, data_dir, resumed, *drop, resume=True)
     assert "at step 3" in r.stdout
     _assert_same_weights(full / "checkpoints" / "step-000006", resumed / "checkpoints" / "step-000006")
-    # Another layout is refused in one line, naming both.
+    # Another layout is refused in one line, naming both; so is another split of the layers.
+    split = _split_of(tmp_path / "resumed.yaml")
+    other = "3,1" if split == "2,2" else "2,2"
     r = _run(
         "train", str(tmp_path / "resumed.yaml"), "--resume", "--nproc", "2", "--set", "parallel.pp=1", env=ENV
     )
-    assert r.returncode != 0 and "was written by 2 processes (tp=1, pp=2, ZeRO-0), this run is" in r.stderr
+    assert (
+        r.returncode != 0
+        and f"was written by 2 processes (tp=1, pp=2 with layers {split}, ZeRO-0), this" in r.stderr
+    )
+    over = ("--set", f"parallel.pp_layers={other}")
+    r = _run("train", str(tmp_path / "resumed.yaml"), "--resume", "--nproc", "2", *over, env=ENV)
+    assert (
+        r.returncode != 0 and f"this run is 2 processes (tp=1, pp=2 with layers {other}, ZeRO-0)" in r.stderr
+    ), r.stderr
 
 
-def test_pp2_xl_equals_one_process(data_dir, tmp_path):
+@pytest.mark.parametrize("split", ["2,2", "3,1"])
+def test_pp2_xl_equals_one_process(data_dir, tmp_path, split):
     """xl, detached: per-layer memory on each stage, its u and v held by both stages, one stream group; the stages
-    recompute their blocks in backward (activation checkpointing) against none on one process."""
-    _compare(tmp_path, data_dir, XL, "train.activation_checkpointing=full")
+    recompute their blocks in backward (activation checkpointing) against none on one process. Layers cut evenly
+    and unevenly (`parallel.pp_layers`)."""
+    _compare(
+        tmp_path,
+        data_dir,
+        XL,
+        "train.activation_checkpointing=full",
+        f"parallel.pp_layers={split}",
+        split=split,
+    )
 
 
 @pytest.mark.slow
@@ -134,7 +163,11 @@ def test_pp2_memformer_replay_equals_one_process(data_dir, tmp_path):
             ("parallel.pp=2", "model.num_layers=4", "data.num_streams=3"),
             "data.num_streams=3 is not divisible by parallel.stream_groups=2",
         ),
-        (("parallel.pp=2", "model.num_layers=3"), "parallel.pp=2 must divide model.num_layers=3"),
+        (("parallel.pp=4", "model.num_layers=3"), "parallel.pp=4 > model.num_layers=3"),
+        (
+            ("parallel.pp=2", "model.num_layers=4", "parallel.pp_layers=3,2"),
+            "parallel.pp_layers='3,2' sums to 5 but model.num_layers=4",
+        ),
         (
             ("parallel.pp=2", "model.num_layers=4", "parallel.zero_stage=2"),
             "parallel.zero_stage=2 cannot combine with parallel.pp=2",

@@ -2,6 +2,11 @@
 
     memscale bench pipeline                 # xl (per layer) and rmt (global) at P = 2 and 4, one thread per rank
     memscale bench pipeline --steps 3 --set model.d_model=128
+    memscale bench pipeline --pp-layers even   # num_layers / P layers per stage only
+
+Stages are cut as training cuts them (memscale/parallel/pipeline/balance.py `stage_layers`): by default each case
+runs the cost-balanced split (the last stage also runs the head and the loss over the vocabulary, so it holds
+fewer layers) and, where it differs, the even split beside it; `--pp-layers` picks one.
 
 Each case runs the real `PipelineRuntime` (memscale/parallel/pipeline/runtime.py) in P processes (torchrun, gloo,
 one thread each) on random tokens: G stream groups of `data.num_streams` streams, S segments per group per step,
@@ -70,6 +75,29 @@ def _config(kind: str, memory_grad: str, k: int, overrides: list[str]):
     )
 
 
+def _stage_counts(cfg, P: int, pp_layers: str) -> list[int]:
+    """Layers per stage at P stages: `pp_layers` ("3,1"), or "" for the split training makes by default. (The case
+    configs keep parallel.pp = 1: their data.num_streams is per group here, not split over groups.)"""
+    from memscale.config import parse_pp_layers
+    from memscale.parallel.pipeline.balance import stage_layers
+
+    return parse_pp_layers(pp_layers, pp=P, num_layers=cfg.model.num_layers) or stage_layers(cfg, P)
+
+
+def _splits(cfg, P: int, mode: str) -> list[tuple[str, str]]:
+    """(name, layers per stage as "3,1") of the splits to run at P stages: balanced, even, or both where they
+    differ."""
+    L = cfg.model.num_layers
+    even = ",".join([str(L // P)] * P) if L % P == 0 else ""
+    balanced = ",".join(map(str, _stage_counts(cfg, P, "")))
+    out = []
+    if mode in ("both", "balanced"):
+        out.append(("balanced", balanced))
+    if mode in ("both", "even") and even and not (mode == "both" and even == balanced):
+        out.append(("even", even))
+    return out
+
+
 def _batches(cfg, num_groups: int, num_segments: int, seed: int = 0):
     """`num_groups` groups of `data.num_streams` streams, `num_segments` segments each: random tokens, targets on
     every position, no resets after the first segment."""
@@ -124,6 +152,7 @@ def pipeline_worker(spec: dict) -> None:
     import torch.distributed as dist
 
     from memscale.models import MemoryTransformer
+    from memscale.parallel.pipeline.balance import stage_ranges
     from memscale.parallel.pipeline.runtime import PipelineRuntime
     from memscale.parallel.pipeline.schedule import generate, spec_for_kind
     from memscale.parallel.pipeline.simulate import CostModel, simulate
@@ -132,11 +161,9 @@ def pipeline_worker(spec: dict) -> None:
     dist.init_process_group("gloo")
     rank, P = dist.get_rank(), dist.get_world_size()
     cfg = _config(spec["kind"], spec["memory_grad"], spec["k"], spec["overrides"])
-    L = cfg.model.num_layers
     torch.manual_seed(0)
-    stage = MemoryTransformer(
-        cfg.model, segment_len=cfg.data.segment_len, layers=range(rank * L // P, (rank + 1) * L // P)
-    )
+    layers = stage_ranges(_stage_counts(cfg, P, spec["pp_layers"]))[rank]
+    stage = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len, layers=layers)
     sspec = spec_for_kind(
         spec["kind"],
         num_stages=P,
@@ -274,8 +301,15 @@ def one_process_worker(spec: dict) -> None:
     Path(spec["out"], "one.json").write_text(json.dumps({"step_seconds": sorted(steps)[len(steps) // 2]}))
 
 
-def _launch(code: str, spec: dict, nproc: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _launch(code: str, spec: dict, nproc: int, *, results: list[Path] = ()) -> None:
+    """Run a worker; `results`: the files it writes before tearing down. A rank that aborts in teardown after
+    every result is written (seen on this shared 2-core machine: "terminate called without an active exception"
+    at exit) is reported, not fatal; any earlier failure is."""
+    # The worker script lives in a temp dir, so `import memscale` there would find the installed package, not
+    # this one (another checkout's code would run): put this package's root first on the path.
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     if nproc == 1:
         cmd = [sys.executable, "-c", code, json.dumps(spec)]
     else:
@@ -284,16 +318,34 @@ def _launch(code: str, spec: dict, nproc: int) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
         cmd += [str(script), json.dumps(spec)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0 and results and all(p.exists() for p in results):
+        first = (r.stdout + r.stderr).strip().splitlines()[0]
+        print(f"  note: {spec['kind']} P={nproc} exited {r.returncode} after writing its results ({first})")
+        return
     if r.returncode != 0:
+        # torchrun's summary fills the tail; the ranks' own error is earlier: keep the whole output.
+        fd, log = tempfile.mkstemp(prefix="memscale-bench-pipeline-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(r.stdout + r.stderr)
         raise RuntimeError(
-            f"{spec['kind']} P={nproc} failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-2000:]}"
+            f"{spec['kind']} P={nproc} failed (exit {r.returncode}; whole output in {log}):\n"
+            f"{(r.stdout + r.stderr)[-2000:]}"
         )
 
 
 def main(args) -> int:
     overrides = list(args.overrides)
-    for kind, _, _, grad, k in CASES:
-        _config(kind, grad, k, overrides)  # a bad key stops here, before any process starts
+    mode = getattr(args, "pp_layers", "both")
+    runs = []  # (kind, P, G, grad, k, [(split name, pp_layers)])
+    for kind, P, G, grad, k in CASES:
+        cfg = _config(kind, grad, k, overrides)  # a bad key stops here, before any process starts
+        splits = _splits(cfg, P, mode)
+        if not splits:
+            print(
+                f"  {kind} P={P}: skipped, {cfg.model.num_layers} layers do not split evenly over {P} stages"
+            )
+            continue
+        runs.append((kind, P, G, grad, k, splits))
     S = args.segments
     print(
         f"bench pipeline: d_model 256, 4 layers, {S} segments of 128 tokens per group per step, 2 streams per group, "
@@ -302,52 +354,67 @@ def main(args) -> int:
     )
     rows = []
     with tempfile.TemporaryDirectory(prefix="memscale-bench-pipeline-") as tmp:
-        for kind, P, G, grad, k in CASES:
-            out = Path(tmp) / f"{kind}-P{P}"
-            out.mkdir()
+        for kind, P, G, grad, k, splits in runs:
+            code = "import json, sys\nfrom memscale.bench.pipeline import {}\n{}(json.loads(sys.argv[1]))"
             spec = {
                 "kind": kind, "G": G, "S": S, "k": k, "memory_grad": grad, "overrides": overrides,
-                "steps": args.steps, "warmup": args.warmup, "out": str(out),
+                "steps": args.steps, "warmup": args.warmup, "pp_layers": "",
             }  # fmt: skip
-            code = "import json, sys\nfrom memscale.bench.pipeline import {}\n{}(json.loads(sys.argv[1]))"
-            _launch(code.format("pipeline_worker", "pipeline_worker"), spec, P)
-            _launch(code.format("one_process_worker", "one_process_worker"), spec, 1)
-            ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(P)]
-            one = json.loads((out / "one.json").read_text())
-            tokens = G * S * 2 * 128
-            m = G * S
-            pp_step = max(r["step_seconds"] for r in ranks)
-            rows.append(
-                {
-                    "kind": kind,
-                    "P": P,
-                    "G": G,
-                    "segments_per_group": S,
-                    "memory_grad": grad,
-                    "k": k,
-                    "measured_idle_per_stage": [r["measured_idle"] for r in ranks],
-                    "predicted_idle_per_stage": [r["predicted_idle"] for r in ranks],
-                    "independent_bubble": (P - 1) / (m + P - 1),
-                    "pipeline_tokens_per_s": tokens / pp_step,
-                    "one_process_tokens_per_s": tokens / one["step_seconds"],
-                    "speedup": one["step_seconds"] / pp_step,
-                    "ranks": ranks,
-                }  # fmt: skip
-            )
-            print(f"  {kind} P={P}: done", flush=True)
+            one_dir = Path(tmp) / f"{kind}-P{P}-one"
+            one_dir.mkdir()
+            _launch(code.format("one_process_worker", "one_process_worker"), {**spec, "out": str(one_dir)}, 1)
+            one = json.loads((one_dir / "one.json").read_text())
+            for name, layers in splits:
+                out = Path(tmp) / f"{kind}-P{P}-{name}"
+                out.mkdir()
+                run_spec = {**spec, "pp_layers": layers, "out": str(out)}
+                results = [out / f"rank{r}.json" for r in range(P)]
+                _launch(code.format("pipeline_worker", "pipeline_worker"), run_spec, P, results=results)
+                ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(P)]
+                rows.append(_row(kind, P, G, grad, k, S, name, layers, ranks, one))
+                print(f"  {kind} P={P} layers {layers} ({name}): done", flush=True)
     print()
-    print(f"{'case':<22} {'idle measured / predicted per stage':<44} {'1F1B':>5} {'x 1 proc':>9}")
+    print(
+        f"{'case':<22} {'layers':<12} {'idle measured / predicted per stage':<40} {'1F1B':>5} {'x 1 proc':>9}"
+    )
     for r in rows:
         pairs = " ".join(
             f"{a:.2f}/{b:.2f}"
             for a, b in zip(r["measured_idle_per_stage"], r["predicted_idle_per_stage"], strict=True)
         )
         case = f"{r['kind']} P={r['P']} G={r['G']} {r['memory_grad']}"
-        print(f"{case:<22} {pairs:<44} {r['independent_bubble']:>5.2f} {r['speedup']:>8.2f}x")
-    print("idle: 1 - computing time / action-loop time per rank; 1F1B: (P - 1) / (m + P - 1), m = G x S")
+        split = f"{r['pp_layers']} {r['split'][:3]}"
+        print(f"{case:<22} {split:<12} {pairs:<40} {r['independent_bubble']:>5.2f} {r['speedup']:>8.2f}x")
+    print(
+        "layers: per stage, bal(anced by cost) or even; idle: 1 - computing time / action-loop time per rank; "
+        "1F1B: (P - 1) / (m + P - 1), m = G x S"
+    )
     result = {
         "benchmark": "pipeline", "date": now(), "machine": machine_info(), "overrides": overrides,
-        "steps": args.steps, "warmup": args.warmup, "rows": rows,
+        "steps": args.steps, "warmup": args.warmup, "pp_layers": mode, "rows": rows,
     }  # fmt: skip
     write_result(result, args.out, "pipeline")
     return 0
+
+
+def _row(kind, P, G, grad, k, S, split, layers, ranks, one) -> dict:
+    tokens = G * S * 2 * 128
+    m = G * S
+    pp_step = max(r["step_seconds"] for r in ranks)
+    return {
+        "kind": kind,
+        "P": P,
+        "G": G,
+        "segments_per_group": S,
+        "memory_grad": grad,
+        "k": k,
+        "split": split,
+        "pp_layers": layers,
+        "measured_idle_per_stage": [r["measured_idle"] for r in ranks],
+        "predicted_idle_per_stage": [r["predicted_idle"] for r in ranks],
+        "independent_bubble": (P - 1) / (m + P - 1),
+        "pipeline_tokens_per_s": tokens / pp_step,
+        "one_process_tokens_per_s": tokens / one["step_seconds"],
+        "speedup": one["step_seconds"] / pp_step,
+        "ranks": ranks,
+    }  # fmt: skip

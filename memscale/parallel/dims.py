@@ -88,9 +88,9 @@ class ParallelDims:
                 f"parallel.tp={self.tp} must divide model.vocab_size={vocab_size} (vocab-parallel embedding and "
                 f"loss split it evenly): pad the vocabulary to {padded} or change tp"
             )
-        if num_layers is not None and num_layers % self.pp:
+        if num_layers is not None and self.pp > num_layers:
             raise ConfigError(
-                f"parallel.pp={self.pp} must divide model.num_layers={num_layers}: change pp or the layer count"
+                f"parallel.pp={self.pp} > model.num_layers={num_layers}: every stage needs a layer; lower pp"
             )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")

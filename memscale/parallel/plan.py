@@ -49,7 +49,10 @@ Memory of a rank (the fullest stage is reported):
 Placement (Megatron's rank order tp-dp-pp): tp inside a node; the dp ring runs over NVLink when tp x dp fits in a
 node, else over the inter-node network; pipeline neighbours are in one node only when the whole job is.
 
-The search (`search`) enumerates tp | heads and vocab (tp <= gpus per node), pp | layers, dp = gpus / (tp pp), G |
+Stages hold the layers training gives them (memscale/parallel/pipeline/balance.py `stage_layers`: balanced by
+cost, the head's included, or the config's parallel.pp_layers at its own pp), so per-stage costs and memory follow
+the real cut. The search (`search`) enumerates tp | heads and vocab (tp <= gpus per node), pp | layers (training
+accepts any pp <= layers; the search keeps to divisors to bound its size), dp = gpus / (tp pp), G |
 B (global kinds: G >= pp; G <= max(2 pp, 1) beyond pp = 1 to bound the simulation), k from the given set, ZeRO 0-3
 (2 and 3 only with pp = 1) and activation checkpointing none / selective / full; every candidate passes
 ParallelDims.validate. Candidates are ranked with a cached simulation of uniform stages (the slowest stage's
@@ -308,18 +311,19 @@ def _layer_of(name: str) -> tuple[str, bool]:
 
 
 def _stages(cfg: Config, pp: int) -> tuple[StageShape, ...]:
-    """Each stage's model built on the meta device: the exact cut (embedding on the first, head on the last, a tied
-    head's copy on a last stage of its own)."""
+    """Each stage's model built on the meta device: the exact cut that training makes (memscale/parallel/pipeline/
+    balance.py `stage_layers`: layers balanced by cost, or parallel.pp_layers; embedding on the first, head on the
+    last, a tied head's copy on a last stage of its own)."""
     import torch
 
     from memscale.models.transformer import MemoryTransformer
+    from memscale.parallel.pipeline.balance import stage_layers, stage_ranges
 
-    L, T = cfg.model.num_layers, cfg.data.segment_len
-    n = L // pp
+    T = cfg.data.segment_len
     out = []
-    for s in range(pp):
+    for layers in stage_ranges(stage_layers(cfg, pp)):
         with torch.device("meta"):
-            stage = MemoryTransformer(cfg.model, segment_len=T, layers=range(s * n, (s + 1) * n))
+            stage = MemoryTransformer(cfg.model, segment_len=T, layers=layers)
         blocks = sum(p.numel() for p in stage.blocks.parameters())
         head = stage.head.weight.numel() if stage.head is not None else 0
         state = stage.init_state(1)
@@ -328,7 +332,7 @@ def _stages(cfg: Config, pp: int) -> tuple[StageShape, ...]:
                 params=stage.num_params(),
                 block_params=blocks,
                 head_params=head,
-                num_layers=n,
+                num_layers=len(layers),
                 state_numel=sum(t.numel() for t in state.tensors.values()),
             )
         )

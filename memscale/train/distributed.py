@@ -94,15 +94,16 @@ class Distributed:
 
     # -- the model ---------------------------------------------------------------------------------------------
     def cut(self, model):
-        """This rank's pipeline stage of the plain `model`: its num_layers / pp consecutive layers, with the
-        embedding on the first stage and the final norm and head on the last, holding `model`'s weights (so the
-        stages start from the weights one process builds from the same seed). `model` itself for pp=1."""
+        """This rank's pipeline stage of the plain `model`: its consecutive layers (parallel.pp_layers, or balanced
+        by compute: memscale/parallel/pipeline/balance.py), with the embedding on the first stage and the final
+        norm and head on the last, holding `model`'s weights (so the stages start from the weights one process
+        builds from the same seed). `model` itself for pp=1."""
         if self.pp == 1:
             return model
         from memscale.models import MemoryTransformer
+        from memscale.parallel.pipeline.balance import stage_layers, stage_ranges
 
-        per = self.cfg.model.num_layers // self.pp
-        layers = range(self.pp_rank * per, (self.pp_rank + 1) * per)
+        layers = stage_ranges(stage_layers(self.cfg))[self.pp_rank]
         device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[]):  # the stage's own initial draws are overwritten below
             stage = MemoryTransformer(self.cfg.model, segment_len=model.segment_len, layers=layers).to(device)

@@ -128,13 +128,15 @@ class _Silent:
     def close(self) -> None: ...
 
 
-def _layout(extra: dict) -> str:
+def _layout(extra: dict, *, num_layers: int) -> str:
     """The process layout a multi-process checkpoint records, in words (pp named when > 1: checkpoints from before
-    pipeline parallelism record none)."""
+    pipeline parallelism record none; its layers per stage too: checkpoints from before uneven splits record none,
+    and cut num_layers / pp each)."""
     pp = extra.get("pp", 1)
+    split = extra.get("pp_layers") or ",".join([str(num_layers // pp)] * pp)
     return (
         f"{extra.get('world_size', 1)} processes (tp={extra.get('tp', 1)}"
-        f"{f', pp={pp}' if pp > 1 else ''}, ZeRO-{extra.get('zero_stage', 0)})"
+        f"{f', pp={pp} with layers {split}' if pp > 1 else ''}, ZeRO-{extra.get('zero_stage', 0)})"
     )
 
 
@@ -230,20 +232,29 @@ class Trainer:
             config=to_dict(self.cfg),
         )
 
+    def _pp_layers(self) -> str:
+        """This run's layers per pipeline stage, e.g. "3,1" (what a resume must cut the same way)."""
+        from memscale.parallel.pipeline.balance import stage_layers
+
+        return ",".join(map(str, stage_layers(self.cfg))) if self.dist.pp > 1 else ""
+
     def _restore(self, path: Path, ts: ckpt.TrainState) -> None:
         if model_architecture(ts.config.get("model", {})) != model_architecture(self.cfg.model):
             raise ConfigError(
                 f"--resume: the model config differs from the one saved in {path}: resume with the same model.* keys"
             )
-        saved = _layout(ts.extra) if ts.extra else None
+        L = self.cfg.model.num_layers
+        saved = _layout(ts.extra, num_layers=L) if ts.extra else None
         here = (
             _layout(
                 {
                     "world_size": self.dist.dims.world_size,
                     "tp": self.dist.tp,
                     "pp": self.dist.pp,
+                    "pp_layers": self._pp_layers(),
                     "zero_stage": self.dist.dims.zero_stage,
-                }
+                },
+                num_layers=L,
             )
             if self.dist
             else None
@@ -291,6 +302,7 @@ class Trainer:
                     "world_size": self.dist.dims.world_size,
                     "tp": self.dist.tp,
                     "pp": self.dist.pp,
+                    "pp_layers": self._pp_layers(),
                     "dp": self.dist.dp,
                     "zero_stage": self.dist.dims.zero_stage,
                 },
@@ -364,10 +376,12 @@ class Trainer:
             groups = cfg.parallel.stream_groups
             pp = f", pp={self.dist.pp} ({groups} stream groups)" if self.dist.pp > 1 else ""
             layout = f" x {ranks} ranks{tp}{pp}, ZeRO-{self.dist.dims.zero_stage}"
+        stages = f" | layers per stage {self._pp_layers()}" if self.dist and self.dist.pp > 1 else ""
         say(
             f"memscale: {cfg.model.memory.kind} | {self.num_params / 1e6:.2f}M params | "
             f"{tokens_per_step} tokens/step ({t.bptt_segments} segments x {cfg.data.num_streams} streams x "
-            f"{cfg.data.segment_len}{layout}) | memory_grad={t.memory_grad} | matmul peak {peak.best / 1e9:.0f} GFLOP/s"
+            f"{cfg.data.segment_len}{layout}){stages} | memory_grad={t.memory_grad} | "
+            f"matmul peak {peak.best / 1e9:.0f} GFLOP/s"
         )
         uni = unigram_logp(cfg.data) if t.eval_every else None
         train_iter = iter(self.train_loader)
