@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
-import tempfile
 from pathlib import Path
+
+from memscale.utils.files import write_text_atomic
 
 
 def machine_info() -> dict:
@@ -30,15 +30,6 @@ def write_result(result: dict, out_dir: str | Path, name: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}-{datetime.date.today().isoformat()}.json"
     # Atomically: an earlier result of the same day is replaced whole or not at all.
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(result, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(result, indent=1))
     print(f"wrote {path}")
     return path

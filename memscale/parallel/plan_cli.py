@@ -9,10 +9,7 @@ The cost model is memscale/parallel/plan.py; nothing is launched and no data is 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
 from memscale.config import ConfigError, load_config
 from memscale.parallel.plan import (
@@ -25,6 +22,7 @@ from memscale.parallel.plan import (
     search,
     with_groups,
 )
+from memscale.utils.files import write_text_atomic
 
 GB = 1e9
 
@@ -65,19 +63,8 @@ def _table(rows: list[Estimate]) -> list[str]:
 
 
 def _write_json(path: str, data: dict) -> None:
-    """Atomically: a temp file in the same directory, then rename (an existing file is never half-written)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically: an existing file is never half-written."""
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def _parse_ks(text: str | None) -> tuple[int, ...] | None:

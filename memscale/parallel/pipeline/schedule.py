@@ -46,13 +46,13 @@ import io
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
 from memscale.config import MemoryGrad
+from memscale.utils.files import write_text_atomic
 
 # memscale.models.memory.base.Topology, repeated here so that schedules are built without importing torch.
 Topology = Literal["none", "per_layer", "global"]
@@ -290,18 +290,7 @@ def dump_csv(schedule: Schedule, path: str | os.PathLike) -> None:
     writer = csv.writer(buf)
     for rank in range(len(schedule)):
         writer.writerow([str(a) for a in schedule[rank]])
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".schedule-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, buf.getvalue())
 
 
 def load_csv(path: str | os.PathLike) -> Schedule:
