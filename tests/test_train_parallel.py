@@ -166,30 +166,17 @@ def test_tp2_trains_like_one_process_and_resumes_exactly(data_dir, tmp_path):
     )
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_dp2_non_finite_step_is_skipped(data_dir, tmp_path, stage):
-    """A window whose loss and gradients are NaN on both ranks: the update is skipped under every ZeRO stage
-    (ZeRO-0 has no overflow check in fp32 and would write NaN into every weight; memscale drops the gradients
-    instead), and the run trains on to a finite checkpoint."""
+def _train_with_fault(cfg, out, fault_module: str):
+    """`memscale train CFG` on 2 ranks whose third window is made NaN by `fault_module` (tests/*_fault_entry.py):
+    one step is skipped and the run ends at step 5 with a finite checkpoint. The run's output."""
     import math
     import subprocess
 
     from memscale.parallel.launch import torchrun_command
     from tests.test_nothing_lost import REPO
 
-    out = tmp_path / "run"
-    cfg = _config_file(
-        tmp_path,
-        data_dir,
-        out,
-        "train.max_steps=5",
-        "train.log_every=1",
-        "train.eval_every=0",
-        f"parallel.zero_stage={stage}",
-        "train.memory_grad=truncated",
-    )
     r = subprocess.run(
-        torchrun_command(2, ["train", str(cfg)], module="tests.dp_fault_entry"),
+        torchrun_command(2, ["train", str(cfg)], module=fault_module),
         env={**ENV, "OMP_NUM_THREADS": "1"},
         cwd=REPO,
         capture_output=True,
@@ -201,5 +188,25 @@ def test_dp2_non_finite_step_is_skipped(data_dir, tmp_path, stage):
     assert "done: 5 steps" in r.stdout
     ts = ckpt.load(ckpt.latest(out / "checkpoints"))
     assert ts.step == 5
-    ckpt.check_finite(ts)
+    ckpt.check_finite(ts)  # weights and the memory of every stream
     assert all(math.isfinite(x) for x in _losses(out)[3:])
+    return r
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_dp2_non_finite_step_is_skipped(data_dir, tmp_path, stage):
+    """A window whose loss and gradients are NaN on both ranks: the update is skipped under every ZeRO stage
+    (ZeRO-0 has no overflow check in fp32 and would write NaN into every weight; memscale drops the gradients
+    instead), and the run trains on to a finite checkpoint."""
+    out = tmp_path / "run"
+    cfg = _config_file(
+        tmp_path,
+        data_dir,
+        out,
+        "train.max_steps=5",
+        "train.log_every=1",
+        "train.eval_every=0",
+        f"parallel.zero_stage={stage}",
+        "train.memory_grad=truncated",
+    )
+    _train_with_fault(cfg, out, "tests.dp_fault_entry")

@@ -22,7 +22,6 @@ and resumed ends bitwise equal to one that was not stopped.
 
 from __future__ import annotations
 
-import math
 import shutil
 
 import pytest
@@ -32,7 +31,7 @@ from memscale.checkpoint import simple as ckpt
 from memscale.train.trainer import Trainer
 from tests.test_nothing_lost import _assert_same_weights, _config_file, _run
 from tests.test_train import _cfg, _events
-from tests.test_train_parallel import ENV, STEPS, _dp_run, _losses
+from tests.test_train_parallel import ENV, STEPS, _dp_run, _losses, _train_with_fault
 
 PP = ("parallel.pp=2", "model.num_layers=4", "data.num_streams=4")
 RMT = ("model.memory.kind=rmt", "train.memory_grad=truncated")
@@ -225,28 +224,9 @@ def test_pp2_non_finite_step_is_skipped_and_its_streams_restart(data_dir, tmp_pa
     """A window whose loss and gradients are NaN and that leaves stream 1's memory NaN on every stage: the update is
     skipped on every stage (no parameter or moment moves), stream 1 restarts from the initial memory on every
     stage (the stages agree on the rows), and the run trains on to a finite checkpoint."""
-    import subprocess
-
-    from memscale.parallel.launch import torchrun_command
-    from tests.test_nothing_lost import REPO
-
     out = tmp_path / "run"
     cfg = _config_file(
         tmp_path, data_dir, out, *PP, *RMT, "train.max_steps=5", "train.log_every=1", "train.eval_every=0"
     )
-    r = subprocess.run(
-        torchrun_command(2, ["train", str(cfg)], module="tests.pipeline_fault_entry"),
-        env={**ENV, "OMP_NUM_THREADS": "1"},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("optimizer step skipped") == 1, r.stdout
+    r = _train_with_fault(cfg, out, "tests.pipeline_fault_entry")
     assert "step 3: loss nan, grad norm nan: not finite, optimizer step skipped (1 in a row" in r.stdout
-    assert "done: 5 steps" in r.stdout
-    ts = ckpt.load(ckpt.latest(out / "checkpoints"))
-    assert ts.step == 5
-    ckpt.check_finite(ts)  # weights and the memory of every stream
-    assert all(math.isfinite(x) for x in _losses(out)[3:])
