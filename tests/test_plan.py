@@ -160,8 +160,8 @@ def test_cli_prints_the_quickstart_layout_without_a_data_dir(capsys, tmp_path):
 
 
 def test_plan_configs_pass_validation():
-    for name in ("1b", "7b", "70b"):
-        load_config(f"configs/plan-{name}.yaml")
+    sizes = [load_config(f"configs/plan-{name}.yaml").model.d_model for name in ("1b", "7b", "70b")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3  # three distinct shapes, growing
 
 
 def test_bad_flags_are_one_line(capsys):

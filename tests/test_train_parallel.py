@@ -209,4 +209,5 @@ def test_dp2_non_finite_step_is_skipped(data_dir, tmp_path, stage):
         f"parallel.zero_stage={stage}",
         "train.memory_grad=truncated",
     )
-    _train_with_fault(cfg, out, "tests.dp_fault_entry")
+    r = _train_with_fault(cfg, out, "tests.dp_fault_entry")
+    assert f"ZeRO-{stage})" in r.stdout  # the layout line: the stage asked for ran

@@ -135,7 +135,7 @@ def test_pp2_xl_equals_one_process(data_dir, tmp_path, split):
     """xl, detached: per-layer memory on each stage, its u and v held by both stages, one stream group; the stages
     recompute their blocks in backward (activation checkpointing) against none on one process. Layers cut evenly
     and unevenly (`parallel.pp_layers`)."""
-    _compare(
+    two = _compare(
         tmp_path,
         data_dir,
         XL,
@@ -143,12 +143,14 @@ def test_pp2_xl_equals_one_process(data_dir, tmp_path, split):
         f"parallel.pp_layers={split}",
         split=split,
     )
+    assert _split_of(two / "config.yaml") == split  # the run was cut as asked
 
 
 @pytest.mark.slow
 def test_pp2_memformer_replay_equals_one_process(data_dir, tmp_path):
     """memformer under replay: its slots read by every stage, their initial memory and gradient sent across."""
-    _compare(tmp_path, data_dir, MEMFORMER)
+    two = _compare(tmp_path, data_dir, MEMFORMER)
+    assert (two / "checkpoints" / "step-000006").is_dir()
 
 
 @pytest.mark.parametrize(
