@@ -47,6 +47,16 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _stage_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or any(c < 2 for c in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give pipeline sizes of at least 2, comma-separated, e.g. 2,4")
+    return counts
+
+
 def _positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -478,6 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="both",
         help="layers per stage: balanced by cost (parallel.pp_layers empty), even (num_layers / P each), or both "
         "side by side (even only where it differs)",
+    )
+    pip.add_argument(
+        "--stages",
+        type=_stage_counts,
+        default=(2, 4),
+        metavar="P,...",
+        help="pipeline sizes to run, comma-separated (default 2,4)",
     )
     pip.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     pip.add_argument("--out", default="bench/results", help="directory for the JSON result")

@@ -121,3 +121,13 @@ def test_planner_cuts_stages_like_training():
     shape = ModelShape.from_config(cfg)
     assert [s.num_layers for s in shape.stages(2)] == stage_layers(cfg, 2) == [3, 1]
     assert shape.stages(2)[0].head_params == 0 and shape.stages(2)[1].head_params == 4096 * 256
+
+
+def test_bench_refuses_pipeline_sizes_it_has_no_case_for(capsys):
+    import argparse
+
+    from memscale.bench.pipeline import main
+
+    args = argparse.Namespace(overrides=[], pp_layers="both", stages=(8,), segments=1, steps=1, warmup=1, out="x")
+    assert main(args) == 2
+    assert "--stages 8" in capsys.readouterr().out

@@ -339,7 +339,14 @@ def main(args) -> int:
     overrides = list(args.overrides)
     mode = getattr(args, "pp_layers", "both")
     runs = []  # (kind, P, G, grad, k, [(split name, pp_layers)])
+    stages = getattr(args, "stages", (2, 4))
+    unknown = sorted(set(stages) - {case[1] for case in CASES})
+    if unknown:
+        print(f"memscale bench pipeline: --stages {unknown[0]}: the bench runs P = 2 and 4; pass --stages 2,4 or one of them")
+        return 2
     for kind, P, G, grad, k in CASES:
+        if P not in stages:
+            continue
         cfg = _config(kind, grad, k, overrides)  # a bad key stops here, before any process starts
         splits = _splits(cfg, P, mode)
         if not splits:
