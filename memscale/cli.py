@@ -53,7 +53,9 @@ def _stage_counts(text: str) -> tuple[int, ...]:
     except ValueError:
         counts = ()
     if not counts or any(c < 2 for c in counts):
-        raise argparse.ArgumentTypeError(f"{text!r}: give pipeline sizes of at least 2, comma-separated, e.g. 2,4")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give pipeline sizes of at least 2, comma-separated, e.g. 2,4"
+        )
     return counts
 
 

@@ -128,6 +128,8 @@ def test_bench_refuses_pipeline_sizes_it_has_no_case_for(capsys):
 
     from memscale.bench.pipeline import main
 
-    args = argparse.Namespace(overrides=[], pp_layers="both", stages=(8,), segments=1, steps=1, warmup=1, out="x")
+    args = argparse.Namespace(
+        overrides=[], pp_layers="both", stages=(8,), segments=1, steps=1, warmup=1, out="x"
+    )
     assert main(args) == 2
     assert "--stages 8" in capsys.readouterr().out

@@ -342,7 +342,9 @@ def main(args) -> int:
     stages = getattr(args, "stages", (2, 4))
     unknown = sorted(set(stages) - {case[1] for case in CASES})
     if unknown:
-        print(f"memscale bench pipeline: --stages {unknown[0]}: the bench runs P = 2 and 4; pass --stages 2,4 or one of them")
+        print(
+            f"memscale bench pipeline: --stages {unknown[0]}: the bench runs P = 2 and 4; pass --stages 2,4 or one of them"
+        )
         return 2
     for kind, P, G, grad, k in CASES:
         if P not in stages:
