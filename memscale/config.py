@@ -58,6 +58,9 @@ class MemoryConfig:
     """xl / lamemo: every token attends to exactly mem_len keys (Transformer-XL's --same_length; off by default)."""
     write_temperature: float = 0.5
     """memformer: softmax temperature of the slot-attention write (< 1 sharpens, as in the paper)."""
+    write_own_value: Literal["raw", "projected"] = "projected"
+    """memformer: what a slot contributes to its own write: `raw`, the slot m_i itself (the paper's
+    softmax(A / tau) [m_i; V_x]), or `projected`, m_i W_V like the tokens' values."""
     num_basis: int = 128
     """infinity: number N of Gaussian radial basis functions of the long-term memory."""
     ridge_lambda: float = 0.5

@@ -55,14 +55,15 @@ def tokens(batch: int, seed: int) -> torch.Tensor:
 # Memformer
 
 
-def test_memformer_write_is_slot_attention_over_own_slot_and_tokens():
+@pytest.mark.parametrize("own_value", ["raw", "projected"])
+def test_memformer_write_is_slot_attention_over_own_slot_and_tokens(own_value):
     torch.manual_seed(0)
     kind = MemformerMemory(
         d_model=32,
         num_layers=2,
         num_heads=2,
         segment_len=SEG,
-        cfg=MemoryConfig(kind="memformer", num_tokens=4),
+        cfg=MemoryConfig(kind="memformer", num_tokens=4, write_own_value=own_value),
     )
     mem_BMD, h_BTD = torch.randn(2, 4, 32), torch.randn(2, SEG, 32)
     written = kind.write(mem_BMD, h_BTD)
@@ -75,6 +76,8 @@ def test_memformer_write_is_slot_attention_over_own_slot_and_tokens():
         # The key/value rows are laid out per head: [H, 2, K].
         k, v = w.kv(torch.cat([mem_BMD[:, i : i + 1], h_BTD], dim=1)).view(2, SEG + 1, H, 2, K).unbind(3)
         k, v = (t.transpose(1, 2) for t in (k, v))
+        if own_value == "raw":  # the paper's [m_i; V_x]: the slot's own value is the slot itself
+            v = torch.cat([mem_BMD[:, i : i + 1].view(2, 1, H, K).transpose(1, 2), v[:, :, 1:]], dim=2)
         p = torch.softmax(q @ k.transpose(-1, -2) / (math.sqrt(K) * tau), dim=-1)
         ref = (p @ v).transpose(1, 2).reshape(2, 32)
         torch.testing.assert_close(written[:, i], ref, rtol=1e-5, atol=1e-6)
@@ -87,6 +90,22 @@ def test_memformer_write_is_slot_attention_over_own_slot_and_tokens():
     torch.testing.assert_close(written_bumped[:, others], written[:, others], rtol=0, atol=1e-6)
     assert not torch.allclose(written_bumped[:, 2], written[:, 2])
     assert kind.write.temperature < 1  # the default sharpens, as the paper asks
+
+
+def test_memformer_raw_own_value_keeps_the_slot_where_projected_maps_it():
+    """Zero key/value maps make every slot attend uniformly to itself and the T tokens, whose values are then 0:
+    the raw writer keeps m_i / (T + 1), the projected one writes m_i W_V = 0."""
+    mem_BMD, h_BTD = torch.randn(2, 4, 32), torch.randn(2, SEG, 32)
+    written = {}
+    for own_value in ("raw", "projected"):
+        cfg = MemoryConfig(kind="memformer", num_tokens=4, write_own_value=own_value)
+        kind = MemformerMemory(d_model=32, num_layers=2, num_heads=2, segment_len=SEG, cfg=cfg)
+        with torch.no_grad():
+            kind.write.kv.weight.zero_()
+            kind.write.kv.bias.zero_()
+        written[own_value] = kind.write(mem_BMD, h_BTD)
+    torch.testing.assert_close(written["raw"], mem_BMD / (SEG + 1), rtol=1e-6, atol=1e-7)
+    assert written["projected"].abs().max() == 0
 
 
 def test_memformer_biased_memory_normalisation():

@@ -47,6 +47,11 @@ CASES = {
     "rmt-replay": (["model.memory.kind=rmt"], "replay"),
     "memformer": (["model.memory.kind=memformer"], "truncated"),
     "memformer-replay": (["model.memory.kind=memformer"], "replay"),
+    "memformer-projected": (
+        ["model.memory.kind=memformer", "model.memory.write_own_value=projected"],
+        "truncated",
+    ),
+    "memformer-raw": (["model.memory.kind=memformer", "model.memory.write_own_value=raw"], "truncated"),
     "xl": (["model.memory.kind=xl"], "truncated"),
     "lamemo": (["model.memory.kind=lamemo", "model.memory.mem_len=12"], "truncated"),
     "infinity": (

@@ -90,10 +90,11 @@ class MemoryRead(LayerMemory):
 class MemoryWrite(nn.Module):
     """Slot attention of the writer: m_i' = softmax(q_i [k_i; K_x]^T / (sqrt(K) tau)) [v_i; V_x]."""
 
-    def __init__(self, d_model: int, num_heads: int, *, temperature: float):
+    def __init__(self, d_model: int, num_heads: int, *, temperature: float, own_value: str = "projected"):
         super().__init__()
         self.head_dim = d_model // num_heads
         self.temperature = temperature
+        self.own_value = own_value
         self.q = nn.Linear(d_model, d_model)
         self.kv = kv_projection(d_model, self.head_dim)
         self._masks: dict[tuple[int, int, torch.device], Tensor] = {}
@@ -114,6 +115,9 @@ class MemoryWrite(nn.Module):
         q_BHMK = split_heads(self.q(mem_BMD), K)
         # One projection of [slots; tokens]: the paper applies the same W_K, W_V to both.
         k_BHSK, v_BHSK = per_head_kv(self.kv, torch.cat([mem_BMD, h_BTD], dim=1), K)
+        if self.own_value == "raw":
+            # The paper's [m_i; V_x]: slot i's own value is the slot itself, cut into the local heads.
+            v_BHSK = torch.cat([split_heads(self._local_heads(mem_BMD), K), v_BHSK[:, :, M:]], dim=2)
         scale = 1.0 / (math.sqrt(K) * self.temperature)
         o_BHMK = sdpa(q_BHMK, k_BHSK, v_BHSK, attn_mask=self.mask(M, T, mem_BMD.device), scale=scale)
         if self.tp_group is not None:
@@ -123,6 +127,20 @@ class MemoryWrite(nn.Module):
 
             return gather_from_tensor_model_parallel_region(merge_heads(o_BHMK), group=self.tp_group)
         return merge_heads(o_BHMK)
+
+    def _local_heads(self, mem_BMD: Tensor) -> Tensor:
+        """The columns of the slots that belong to this rank's heads (all of them without tensor parallelism)."""
+        if self.tp_group is None:
+            return mem_BMD
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        # Each rank reads its own heads' columns of the replicated slots; the copy region sums the ranks'
+        # gradients in backward, as a column-parallel projection of the slots does.
+        width = self.q.output_size_per_partition
+        rank = torch.distributed.get_rank(self.tp_group)
+        return copy_to_tensor_model_parallel_region(mem_BMD, group=self.tp_group)[
+            ..., rank * width : (rank + 1) * width
+        ]
 
 
 class MemformerMemory(MemoryKind):
@@ -140,7 +158,9 @@ class MemformerMemory(MemoryKind):
         self.num_slots = self.cfg.num_tokens
         self._layer_parts = [MemoryRead(D, H) for _ in self.layers]
         if self.last:
-            self.write = MemoryWrite(D, H, temperature=self.cfg.write_temperature)
+            self.write = MemoryWrite(
+                D, H, temperature=self.cfg.write_temperature, own_value=self.cfg.write_own_value
+            )
             self.bias_MD = nn.Parameter(torch.empty(self.num_slots, D))
         self.reset_parameters(self._layer_parts)
 
