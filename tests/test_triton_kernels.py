@@ -125,6 +125,28 @@ def test_gaussian_read_matches_reference_forward_and_backward():
         torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-5, msg=name)
 
 
+def test_gaussian_read_bf16_computes_in_float32():
+    """bf16 inputs: the kernels form and sum every product in float32, so against the float32 reference on the
+    same bf16-rounded inputs the context and gradients differ only by their final conversion to bf16, at most one
+    unit in the last place (2^-7 relative; Triton's interpreter truncates where the GPU rounds to nearest): within
+    2^-7 of each one's largest entry."""
+    mu, sigma_sq, mu_N, sigma_N, values = (t.detach().bfloat16() for t in _read_inputs())
+    leaves = [t.requires_grad_() for t in (mu, sigma_sq, values)]
+    out = gaussian_read(mu, sigma_sq, mu_N, sigma_N, values, backend="triton", blocks=(16, 16))
+    assert out.dtype == torch.bfloat16
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).bfloat16().to(DEVICE)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref = reference_gaussian_read(ref_leaves[0], ref_leaves[1], mu_N.float(), sigma_N.float(), ref_leaves[2])
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float())
+    for name, got, want in zip(
+        ("out", "mu", "sigma_sq", "values"), (out, *grads), (ref, *ref_grads), strict=True
+    ):
+        assert got.dtype == torch.bfloat16, name
+        scale = want.abs().max()
+        torch.testing.assert_close(got.float() / scale, want / scale, rtol=0, atol=2**-7, msg=name)
+
+
 def test_gaussian_read_refuses_a_learned_basis():
     mu, sigma_sq, mu_N, sigma_N, values = _read_inputs(T=4, N=4, K=4)
     with pytest.raises(ValueError, match="fixed buffers"):

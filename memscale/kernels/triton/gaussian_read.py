@@ -18,6 +18,12 @@ The first two run over blocks of queries (one program owns a block of t and loop
 basis functions (one program owns a block of n and loops over t), so no program writes where another does and no
 atomics are needed (the split of flash-attention's backward into a dq pass and a dk/dv pass).
 
+Every product is formed and summed in float32 with exact fp32 dots (`input_precision="ieee"`, not TF32), whatever
+the input dtype, and only the results are rounded to the input dtype: the dots are T x N x K per head, small
+beside the layer's other matmuls, so tensor-core speed does not matter here. It also keeps the kernels
+checkable on CPU: Triton 3.9's interpreter computes a bf16 x bf16 dot wrongly (measured: garbage), an fp32 one
+right.
+
 Legend: G = B x H rows of queries, T queries per row, N basis functions, K head width.
 """
 
@@ -42,7 +48,7 @@ def _weights(mu, s, c, w, n_mask):
 @triton.jit
 def _gaussian_read_fwd(
     mu_ptr, s_ptr, c_ptr, w_ptr, v_ptr, out_ptr, T, N, K,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -60,7 +66,7 @@ def _gaussian_read_fwd(
         vals = tl.load(
             v_ptr + g * N * K + n[:, None] * K + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0
         )
-        acc += tl.dot(r.to(vals.dtype), vals, input_precision=PRECISION)
+        acc += tl.dot(r, vals.to(tl.float32), input_precision="ieee")
     tl.store(out_ptr + g * T * K + t[:, None] * K + k[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=t_mask[:, None] & k_mask[None, :])  # fmt: skip
 
@@ -68,7 +74,7 @@ def _gaussian_read_fwd(
 @triton.jit
 def _gaussian_read_bwd_queries(
     mu_ptr, s_ptr, c_ptr, w_ptr, v_ptr, dout_ptr, dmu_ptr, ds_ptr, T, N, K,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -78,7 +84,7 @@ def _gaussian_read_bwd_queries(
     s = tl.load(s_ptr + g * T + t, mask=t_mask, other=1.0).to(tl.float32)
     dout = tl.load(
         dout_ptr + g * T * K + t[:, None] * K + k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0
-    )
+    ).to(tl.float32)
     dmu = tl.zeros((BLOCK_T,), tl.float32)
     ds = tl.zeros((BLOCK_T,), tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -90,7 +96,9 @@ def _gaussian_read_bwd_queries(
         vals = tl.load(
             v_ptr + g * N * K + n[:, None] * K + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0
         )
-        dr_r = tl.dot(dout, tl.trans(vals), input_precision=PRECISION) * r  # dr_tn r_tn, zero on masked n
+        dr_r = (
+            tl.dot(dout, tl.trans(vals.to(tl.float32)), input_precision="ieee") * r
+        )  # dr_tn r_tn, zero on masked n
         inv_v = 1.0 / v
         dmu += tl.sum(-dr_r * d * inv_v, axis=1)
         ds += tl.sum(dr_r * (0.5 * d * d * inv_v - 0.5) * inv_v, axis=1)
@@ -101,7 +109,7 @@ def _gaussian_read_bwd_queries(
 @triton.jit
 def _gaussian_read_bwd_values(
     mu_ptr, s_ptr, c_ptr, w_ptr, dout_ptr, dv_ptr, T, N, K,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,8 +129,8 @@ def _gaussian_read_bwd_values(
             dout_ptr + g * T * K + t[:, None] * K + k[None, :],
             mask=t_mask[:, None] & k_mask[None, :],
             other=0.0,
-        )
-        acc += tl.dot(tl.trans(r).to(dout.dtype), dout, input_precision=PRECISION)
+        ).to(tl.float32)
+        acc += tl.dot(tl.trans(r), dout, input_precision="ieee")
     tl.store(dv_ptr + g * N * K + n[:, None] * K + k[None, :], acc.to(dv_ptr.dtype.element_ty),
              mask=n_mask[:, None] & k_mask[None, :])  # fmt: skip
 
@@ -136,12 +144,6 @@ def _blocks(T: int, N: int, K: int, blocks: tuple[int, int] | None) -> tuple[int
     return bt, bn, max(16, triton.next_power_of_2(K))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # float32 operands: exact fp32 products ("ieee"), not TF32, so the kernel matches the float32 reference; bf16
-    # and fp16 operands take the tensor-core path whatever this says.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def gaussian_read_fwd(mu_GT, s_GT, c_N, w_N, v_GNK, *, blocks=None) -> Tensor:
     G, T = mu_GT.shape
     N, K = v_GNK.shape[1:]
@@ -149,7 +151,7 @@ def gaussian_read_fwd(mu_GT, s_GT, c_N, w_N, v_GNK, *, blocks=None) -> Tensor:
     out_GTK = torch.empty(G, T, K, dtype=v_GNK.dtype, device=v_GNK.device)
     _gaussian_read_fwd[(G, triton.cdiv(T, BT))](
         mu_GT, s_GT, c_N, w_N, v_GNK, out_GTK, T, N, K,
-        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, PRECISION=_precision(v_GNK.dtype),
+        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK,
     )  # fmt: skip
     return out_GTK
 
@@ -161,13 +163,12 @@ def gaussian_read_bwd(
     N, K = v_GNK.shape[1:]
     BT, BN, BK = _blocks(T, N, K, blocks)
     dmu_GT, ds_GT, dv_GNK = torch.empty_like(mu_GT), torch.empty_like(s_GT), torch.empty_like(v_GNK)
-    prec = _precision(v_GNK.dtype)
     _gaussian_read_bwd_queries[(G, triton.cdiv(T, BT))](
         mu_GT, s_GT, c_N, w_N, v_GNK, dout_GTK, dmu_GT, ds_GT, T, N, K,
-        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, PRECISION=prec,
+        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK,
     )  # fmt: skip
     _gaussian_read_bwd_values[(G, triton.cdiv(N, BN))](
         mu_GT, s_GT, c_N, w_N, dout_GTK, dv_GNK, T, N, K,
-        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK, PRECISION=prec,
+        BLOCK_T=BT, BLOCK_N=BN, BLOCK_K=BK,
     )  # fmt: skip
     return dmu_GT, ds_GT, dv_GNK
