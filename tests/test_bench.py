@@ -103,7 +103,7 @@ def test_bench_kernels_cpu(tmp_path):
     """On CPU the torch paths are timed against eager and the Triton rows say "needs cuda" (the interpreter is
     not timed); the loss and read shapes are tiny but the loss spans several chunks (64 rows, chunks of 16)."""
     args = "kernels --device cpu --tokens 64 --streams 2 --d-model 32 --heads 2 --vocab 300 --chunk 16"
-    out = _run(*args.split(), "--num-basis", "40", "--rounds", "1", "--out", str(tmp_path))
+    out = _run(*args.split(), "--num-basis", "40", "--slots", "4", "--rounds", "1", "--out", str(tmp_path))
     assert "needs cuda" in out
     (path,) = tmp_path.glob("kernels-*.json")
     rows = {(r["kernel"], r["impl"]): r for r in json.loads(path.read_text())["rows"]}
@@ -113,6 +113,8 @@ def test_bench_kernels_cpu(tmp_path):
         ("linear cross-entropy", "triton chunked"),
         ("gaussian read", "eager"),
         ("gaussian read", "triton"),
+        ("memformer slot write", "eager"),
+        ("memformer slot write", "triton"),
     }
     timed = [r for r in rows.values() if "triton" not in r["impl"]]
     assert all(r["fwd_bwd_ms"] > 0 and r["vs_eager"] > 0 for r in timed)

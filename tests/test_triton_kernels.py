@@ -21,6 +21,7 @@ from memscale.config import ConfigError, config_from_dict  # noqa: E402
 from memscale.data.batch import IGNORE_INDEX  # noqa: E402
 from memscale.kernels.cross_entropy import fused_linear_cross_entropy, reference_linear_cross_entropy  # noqa: E402
 from memscale.kernels.gaussian_read import gaussian_read, reference_gaussian_read  # noqa: E402
+from memscale.kernels.slot_attention import reference_slot_attention, slot_attention  # noqa: E402
 from memscale.models.memory.infinity import basis_parameters  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -153,31 +154,86 @@ def test_gaussian_read_refuses_a_learned_basis():
         gaussian_read(mu, sigma_sq, mu_N.requires_grad_(), sigma_N, values, backend="triton")
 
 
+# -- Memformer slot write ---------------------------------------------------------------------------------------
+
+
+def _slot_inputs(B=2, H=2, M=20, T=37, K=20, seed=6, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, M, K, generator=g)
+    k = torch.randn(B, H, M + T, K, generator=g)
+    v = torch.randn(B, H, M + T, K, generator=g)
+    mask = torch.cat([torch.eye(M, dtype=torch.bool), torch.ones(M, T, dtype=torch.bool)], dim=1)
+    # The writer's scale at temperature 0.5: sharp rows, where an online softmax without its max would overflow.
+    scale = 1.0 / (K**0.5 * 0.5)
+    leaves = [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)]
+    return leaves, mask.to(DEVICE), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_attention_matches_reference_forward_and_backward(dtype):
+    """M = 20 slots in blocks of 16 (two, the last of 4), T = 37 tokens in blocks of 16 (three, the last of 5), K =
+    20 padded to 32: the output and the gradients of q, k (own and token keys) and v against the model's masked
+    SDPA. fp32: within 1e-5 of each one's largest entry (summation order only). bf16: the kernels compute in
+    float32, so against the float32 reference on the same bf16 inputs they differ by the final rounding to bf16,
+    within 2^-7 of the largest entry (one unit in the last place; the interpreter truncates)."""
+    (q, k, v), mask, scale = _slot_inputs(dtype=dtype)
+    assert _blocks(20, 16) == 2 and _blocks(37, 16) == 3
+    out = slot_attention(q, k, v, mask_MS=mask, scale=scale, backend="triton", blocks=(16, 16))
+    assert out.dtype == dtype
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = reference_slot_attention(*ref_leaves, mask_MS=mask, scale=scale)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float())
+    atol = 1e-5 if dtype == torch.float32 else 2**-7
+    for name, got, want in zip(("out", "q", "k", "v"), (out, *grads), (ref, *ref_grads), strict=True):
+        assert got.dtype == dtype, name
+        scale_ = want.abs().max()
+        torch.testing.assert_close(got.float() / scale_, want / scale_, rtol=0, atol=atol, msg=name)
+    # The own keys and values (rows < M) get gradient, and the other slots' keys do not leak into a slot's row.
+    assert grads[1][:, :, :20].abs().max() > 0 and grads[2][:, :, :20].abs().max() > 0
+
+
+def test_slot_attention_refuses_another_mask():
+    (q, k, v), mask, scale = _slot_inputs(M=4, T=3, K=4)
+    with pytest.raises(ValueError, match="expected \\(4, 7\\)"):
+        slot_attention(q, k, v, mask_MS=mask[:, :6], scale=scale, backend="triton")
+
+
 # -- the model with the kernels ---------------------------------------------------------------------------------
 
 
-def test_infinity_training_window_triton_matches_torch():
-    """A ∞-former training window (two segments: the second reads the memory the first wrote) through both Triton
-    kernels (the read in every layer, the loss) gives the torch backend's loss within 1e-5 and every gradient within
-    1e-4 of its largest entry (fp32; the read's density gradients come out of sums that cancel to ~1e-7). N = 40 basis functions: with the default tiling that is one masked block of 64."""
+@pytest.mark.parametrize(
+    "kind, read_params",
+    [
+        ("infinity", ("memory.mu", "memory.sigma", "memory.key")),
+        ("memformer", ("memory.write.q", "memory.write.kv")),
+    ],
+)
+def test_training_window_triton_matches_torch(kind, read_params):
+    """A training window of two segments (the second reads the memory the first wrote) in the kind's own mode
+    (∞-former detached, Memformer by memory replay) through the Triton kernels (the loss, and the ∞-former read in
+    every layer or the Memformer write) gives the torch backend's loss within 1e-5 and every gradient within 1e-4
+    of its own largest entry (fp32; the ∞-former's density gradients come out of sums that cancel to ~1e-7 at
+    initialisation, far below the others, and must be right too). N = 40 basis functions, M = 4 slots: one masked
+    block each with the default tiling."""
+    from memscale.config import own_memory_grad
     from memscale.train.bptt import run_window
     from tests.helpers import random_batches, tiny_model
 
     batches = [b.to(DEVICE) for b in random_batches(2, seed=3)]
     results = {}
     for choice in ("torch", "triton"):
-        model = tiny_model("infinity", "model.memory.num_basis=40", "model.memory.num_samples=16", seed=4)
+        model = tiny_model(kind, "model.memory.num_basis=40", "model.memory.num_samples=16", seed=4)
         model.to(DEVICE)
         torch.manual_seed(5)  # sticky-memory sampling draws from the default generator
         with kernels.use_backend(choice):
-            r = run_window(model, batches, model.init_state(2), memory_grad="detached")
+            r = run_window(model, batches, model.init_state(2), memory_grad=own_memory_grad(kind))
         results[choice] = (r.loss_sum, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     (loss_t, grads_t), (loss_r, grads_r) = results["triton"], results["torch"]
     assert abs(loss_t - loss_r) <= 1e-5 * abs(loss_r)
     assert grads_t.keys() == grads_r.keys()
-    # Each gradient relative to its own largest entry: at initialisation those of the density maps (mu, sigma) and
-    # of the read's keys are ~1e-7, far below the others, and must be right too.
-    assert {f"blocks.{i}.memory.{p}.weight" for i in (0, 1) for p in ("mu", "sigma", "key")} <= grads_r.keys()
+    assert all(any(p in n for n in grads_r) for p in read_params)
     for name, want in grads_r.items():
         scale = want.abs().max()
         assert scale > 0, name

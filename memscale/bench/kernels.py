@@ -9,7 +9,9 @@ Rows (memscale/kernels/):
     their log-softmax for backward; `torch chunked` = the chunked fused loss in torch ops; `triton chunked` = the
     same with the Triton loss-and-gradient kernel per chunk;
   - ∞-former Gaussian read, B x H x T queries against N basis functions (4 x 8 x 512, N 128, head width 64):
-    `eager` = the model's torch read (keeps the B x H x T x N weights); `triton` = the fused kernels.
+    `eager` = the model's torch read (keeps the B x H x T x N weights); `triton` = the fused kernels;
+  - Memformer slot write, M slots over [own slot; T tokens] (4 x 8 heads, M 16, T 512, head width 64): `eager` =
+    the model's masked SDPA; `triton` = the fused kernels.
 The implementations of a row are timed in alternation, `--rounds` times each, and the best time is kept (absolute
 times wander on a shared machine; ratios within one run do not). The Triton interpreter is not timed: on CPU the
 Triton rows say "needs cuda". With CUDA, the peak memory allocated during a call is reported too.
@@ -91,6 +93,30 @@ def _gaussian_read_cases(args, device, dtype):
     return {"eager": case("torch"), "triton": case("triton")}
 
 
+def _slot_attention_cases(args, device, dtype):
+    from memscale.kernels.slot_attention import slot_attention
+
+    g = torch.Generator().manual_seed(2)
+    B, H, K = args.streams, args.heads, args.d_model // args.heads
+    M, T = args.slots, args.tokens // args.streams
+    q = torch.randn(B, H, M, K, generator=g).to(device, dtype).requires_grad_()
+    k = torch.randn(B, H, M + T, K, generator=g).to(device, dtype).requires_grad_()
+    v = torch.randn(B, H, M + T, K, generator=g).to(device, dtype).requires_grad_()
+    dout = torch.randn(B, H, M, K, generator=g).to(device, dtype)
+    eye_MM = torch.eye(M, dtype=torch.bool, device=device)
+    mask_MS = torch.cat([eye_MM, torch.ones(M, T, dtype=torch.bool, device=device)], dim=1)
+    scale = 1.0 / (K**0.5 * 0.5)  # the writer's default temperature, 0.5
+
+    def case(backend):
+        def fn():
+            q.grad = k.grad = v.grad = None
+            slot_attention(q, k, v, mask_MS=mask_MS, scale=scale, backend=backend).backward(dout)
+
+        return fn
+
+    return {"eager": case("torch"), "triton": case("triton")}
+
+
 def main(args) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -116,6 +142,11 @@ def main(args) -> int:
         "gaussian read": (
             _gaussian_read_cases(args, device, dtype),
             f"B={args.streams} H={args.heads} T={args.tokens // args.streams} N={args.num_basis} "
+            f"K={args.d_model // args.heads}",
+        ),
+        "memformer slot write": (
+            _slot_attention_cases(args, device, dtype),
+            f"B={args.streams} H={args.heads} M={args.slots} T={args.tokens // args.streams} "
             f"K={args.d_model // args.heads}",
         ),
     }
@@ -157,7 +188,7 @@ def main(args) -> int:
         "date": now(),
         "machine": machine_info() | {"device": str(device), "dtype": args.dtype},
         "settings": {k: getattr(args, k) for k in ("tokens", "streams", "d_model", "heads", "vocab", "chunk")}
-        | {"num_basis": args.num_basis, "rounds": args.rounds},
+        | {"num_basis": args.num_basis, "slots": args.slots, "rounds": args.rounds},
         "rows": rows,
     }
     write_result(result, args.out, "kernels")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memscale.kernels.slot_attention import slot_attention
 from memscale.models.layers import sdpa
 from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState
 
@@ -115,7 +116,7 @@ class MemoryWrite(nn.Module):
         # One projection of [slots; tokens]: the paper applies the same W_K, W_V to both.
         k_BHSK, v_BHSK = per_head_kv(self.kv, torch.cat([mem_BMD, h_BTD], dim=1), K)
         scale = 1.0 / (math.sqrt(K) * self.temperature)
-        o_BHMK = sdpa(q_BHMK, k_BHSK, v_BHSK, attn_mask=self.mask(M, T, mem_BMD.device), scale=scale)
+        o_BHMK = slot_attention(q_BHMK, k_BHSK, v_BHSK, mask_MS=self.mask(M, T, mem_BMD.device), scale=scale)
         if self.tp_group is not None:
             # Split by heads (memscale/parallel/tensor.py): the slots are width-D vectors, so every rank gathers
             # all heads (no output projection to reduce over).
