@@ -58,11 +58,17 @@ def test_training_window_triton_matches_torch(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_window_bf16_close_to_fp32(kind):
     """bf16 weights and activations through the Triton kernels against the fp32 torch run: bf16 keeps 8 bits of
-    mantissa (relative rounding 2^-9 per value), so the mean loss agrees within 2% and the whole gradient, as one
-    vector, points the same way (cosine >= 0.99); a wrong kernel (a sign, a missing term) fails both by far."""
+    mantissa (relative rounding 2^-9 per value), so the mean loss agrees within 2% and every parameter's gradient
+    points the same way (cosine >= 0.99; measured >= 0.999 for every kind under the CPU interpreter); a gradient
+    that is zero in fp32 (a part the window does not reach) is zero in bf16 too."""
     loss_b, grads_b = train_window(kind, backend="triton", dtype=torch.bfloat16)
     loss_f, grads_f = train_window(kind, backend="torch")
     assert abs(loss_b - loss_f) <= 2e-2 * abs(loss_f)
-    flat_b = torch.cat([grads_b[n].flatten() for n in grads_f])
-    flat_f = torch.cat([grads_f[n].flatten() for n in grads_f])
-    assert torch.nn.functional.cosine_similarity(flat_b, flat_f, dim=0) >= 0.99
+    assert grads_b.keys() == grads_f.keys()
+    for name, want in grads_f.items():
+        got = grads_b[name]
+        if not want.any():
+            assert not got.any(), name
+            continue
+        cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+        assert cos >= 0.99, (name, float(cos))
