@@ -8,8 +8,8 @@ Two backends compute the same functions:
 
 `backend(device)` says which one a call on `device` uses: the process-wide choice set by `set_backend` from
 `train.kernels` (auto | torch | triton; the trainer calls it), where auto means triton on CUDA when triton imports
-and torch otherwise. A kernel entry point (`fused_linear_cross_entropy`, `gaussian_read`, `slot_attention`) asks it on every
-call.
+and torch otherwise. Each kernel entry point (`fused_linear_cross_entropy`, `gaussian_read`, `slot_attention`)
+asks it on every call.
 
 What runs through a Triton kernel (each beside its torch reference):
   - the chunked linear cross-entropy's per-chunk softmax, loss, log-normaliser and d(loss)/d(logits) in one

@@ -37,13 +37,13 @@ def _chunk_loss_and_grad_(
 ) -> tuple[Tensor, Tensor | None]:
     """Summed loss of one chunk of float32 logits against `y`, and with `grad` d(loss)/d(logits) (softmax -
     onehot, zero on ignored rows), computed over the logits' own buffer: on return `logits` holds it."""
-    valid = y != IGNORE_INDEX
-    y_safe = torch.where(valid, y, 0)
     if backend == "triton":
         from memscale.kernels.triton.cross_entropy import cross_entropy_loss_grad_
 
         loss_n, _ = cross_entropy_loss_grad_(logits, y, ignore_index=IGNORE_INDEX, write_grad=grad)
         return loss_n.sum(), (logits if grad else None)
+    valid = y != IGNORE_INDEX
+    y_safe = torch.where(valid, y, 0)
     picked = logits.gather(1, y_safe[:, None]).squeeze(1)
     # Softmax in place, keeping its normaliser: lse = max + log(sum(exp(logits - max))). Four passes
     # over the chunk and no temporary, where logsumexp followed by exp(logits - lse) makes six and
