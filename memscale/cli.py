@@ -221,6 +221,10 @@ def _cmd_bench(args) -> int:
         from memscale.bench.parallel import main as parallel_main
 
         return parallel_main(args)
+    if args.bench == "kernels":
+        from memscale.bench.kernels import main as kernels_main
+
+        return kernels_main(args)
     raise AssertionError(args.bench)
 
 
@@ -566,6 +570,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rc.add_argument("--out", default="bench/results", help="directory for the JSON result")
+    kn = bench_sub.add_parser(
+        "kernels", help="each fused kernel (torch and Triton) against its eager reference, forward + backward"
+    )
+    kn.add_argument("--device", default="cpu", help="cpu or cuda[:N]; Triton kernels are timed on cuda only")
+    kn.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    kn.add_argument(
+        "--tokens", type=_positive_int, default=2048, help="tokens of a segment step (streams x T)"
+    )
+    kn.add_argument("--streams", type=_positive_int, default=4, help="batch rows of the Gaussian read")
+    kn.add_argument("--d-model", type=_positive_int, default=512)
+    kn.add_argument("--heads", type=_positive_int, default=8)
+    kn.add_argument("--vocab", type=_positive_int, default=16000)
+    kn.add_argument("--chunk", type=_positive_int, default=1024, help="rows per chunk of the cross-entropy")
+    kn.add_argument("--num-basis", type=_positive_int, default=128, help="basis functions of the read")
+    kn.add_argument("--slots", type=_positive_int, default=16, help="memory slots of the Memformer write")
+    kn.add_argument(
+        "--rounds", type=_positive_int, default=5, help="timed calls per implementation (best kept)"
+    )
+    kn.add_argument("--out", default="bench/results", help="directory for the JSON result")
     pl = bench_sub.add_parser(
         "plan", help="the planner's predicted step time against measured CPU training steps"
     )

@@ -150,6 +150,9 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0
     """torch intra-op threads; 0 leaves torch's default."""
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    """Backend of the fused kernels (memscale/kernels/): torch (any device), triton (Triton kernels, CUDA only),
+    or auto: triton on CUDA when triton imports, torch otherwise."""
 
 
 @dataclass
@@ -244,6 +247,15 @@ class Config:
         if t.dtype == "bfloat16" and t.device == "cpu":
             raise ConfigError(
                 "train.dtype=bfloat16 on train.device=cpu is ~100x slower than float32: use float32 on CPU"
+            )
+        if (
+            t.kernels == "triton"
+            and not t.device.startswith("cuda")
+            and os.environ.get("TRITON_INTERPRET") != "1"
+        ):
+            raise ConfigError(
+                f"train.kernels=triton needs train.device=cuda (got {t.device}): the Triton kernels compile for "
+                "GPUs; use train.kernels=auto or torch (on CPU they run only under TRITON_INTERPRET=1, in tests)"
             )
         for name in ("tp", "pp"):
             _positive(getattr(p, name), f"parallel.{name}", "use a parallel degree >= 1")

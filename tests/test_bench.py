@@ -97,3 +97,25 @@ def test_bench_prepare(tmp_path):
     assert all(r["tokens"] > 0 and r["prepare_mb_per_s"] > 0 and r["peak_pss_mb"] > 0 for r in rows)
     # prepare and sentencepiece encoded the same text into the same number of tokens (checked by the bench).
     assert rows[0]["tokens"] == rows[1]["tokens"]
+
+
+def test_bench_kernels_cpu(tmp_path):
+    """On CPU the torch paths are timed against eager and the Triton rows say "needs cuda" (the interpreter is
+    not timed); the loss and read shapes are tiny but the loss spans several chunks (64 rows, chunks of 16)."""
+    args = "kernels --device cpu --tokens 64 --streams 2 --d-model 32 --heads 2 --vocab 300 --chunk 16"
+    out = _run(*args.split(), "--num-basis", "40", "--slots", "4", "--rounds", "1", "--out", str(tmp_path))
+    assert "needs cuda" in out
+    (path,) = tmp_path.glob("kernels-*.json")
+    rows = {(r["kernel"], r["impl"]): r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {
+        ("linear cross-entropy", "eager"),
+        ("linear cross-entropy", "torch chunked"),
+        ("linear cross-entropy", "triton chunked"),
+        ("gaussian read", "eager"),
+        ("gaussian read", "triton"),
+        ("memformer slot write", "eager"),
+        ("memformer slot write", "triton"),
+    }
+    timed = [r for r in rows.values() if "triton" not in r["impl"]]
+    assert all(r["fwd_bwd_ms"] > 0 and r["vs_eager"] > 0 for r in timed)
+    assert all(r["status"] == "needs cuda" for r in rows.values() if "triton" in r["impl"])

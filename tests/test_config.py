@@ -98,3 +98,20 @@ def test_shipped_configs_load():
     assert quick.model.memory.kind == "rmt" and quick.data.dir == "data/prepared/bundled"
     # The default config is the benchmark shape (README throughput table).
     assert (default.model.d_model, default.model.num_layers, default.data.segment_len) == (512, 8, 512)
+
+
+def test_kernels_backend_key(monkeypatch):
+    """train.kernels: auto by default; triton on a CPU device is refused at load time, naming the key and the
+    fix, unless Triton's CPU interpreter is on (the kernel tests); a value outside auto | torch | triton fails."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert config_from_dict({}, []).train.kernels == "auto"
+    assert config_from_dict({}, ["train.kernels=torch"]).train.kernels == "torch"
+    with pytest.raises(
+        ConfigError, match="train.kernels=triton needs train.device=cuda .*use train.kernels=auto"
+    ):
+        config_from_dict({}, ["train.kernels=triton"])
+    assert config_from_dict({}, ["train.kernels=triton", "train.device=cuda"]).train.kernels == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert config_from_dict({}, ["train.kernels=triton"]).train.kernels == "triton"
+    with pytest.raises(ConfigError, match="train.kernels"):
+        config_from_dict({}, ["train.kernels=cuda"])

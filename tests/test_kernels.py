@@ -32,20 +32,20 @@ def test_fused_linear_cross_entropy_matches_reference(chunk):
 
 @pytest.mark.parametrize("chunk", [3, 4, 10])
 def test_fused_without_grad_is_loss_only(chunk):
-    """Without gradients the loss is summed chunk by chunk (no backward state): with chunks of 3 and 4 rows (the last
-    one partial) and of all 10, it equals the unchunked reference to fp32 rounding. (A chunk larger than the input
-    would compare the reference with itself.)"""
+    """Without gradients the loss is summed chunk by chunk (no backward state): 25 rows in chunks of 3, 4 and 10
+    (9, 7 and 3 chunks, the last one partial each time) equal the unchunked reference to fp32 rounding."""
     g = torch.Generator().manual_seed(1)
-    h, w = torch.randn(10, 8, generator=g), torch.randn(20, 8, generator=g)
-    y = torch.randint(0, 20, (10,), generator=g)
+    N = 25
+    assert -(-N // chunk) > 1 and N % chunk  # several chunks and a partial last one: the chunked path, really
+    h, w = torch.randn(N, 8, generator=g), torch.randn(20, 8, generator=g)
+    y = torch.randint(0, 20, (N,), generator=g)
     y[::4] = IGNORE_INDEX
     out = fused_linear_cross_entropy(h, w, y, chunk=chunk)
     assert not out.requires_grad
     torch.testing.assert_close(out, reference_linear_cross_entropy(h, w, y), rtol=1e-6, atol=1e-5)
-    # And the chunks really are summed: dropping one changes the result.
+    # And every chunk is summed: the first chunk alone is less, by more than rounding.
     first = fused_linear_cross_entropy(h[:chunk], w, y[:chunk], chunk=chunk)
-    if chunk < 10:
-        assert (out - first).abs() > 1e-3
+    assert (out - first).abs() > 1e-3
 
 
 def test_model_fused_loss_matches_plain_head():

@@ -8,7 +8,12 @@ the gradients of h and W are accumulated in the forward pass; backward only scal
 One chunk of logits is alive at a time, and no log-softmax backward is run (the Liger-kernel "fused linear
 cross-entropy" idea, written here for plain PyTorch so it runs on CPU and GPU alike).
 
-Reference: `reference_linear_cross_entropy`. The two agree to fp32 rounding (tests/test_kernels.py).
+Each chunk's softmax, loss and gradient run in torch ops or, with the "triton" backend (`train.kernels`), in one
+Triton kernel that reads the chunk's logits twice (memscale/kernels/triton/cross_entropy.py). The vocab-parallel
+variant below is torch only.
+
+Reference: `reference_linear_cross_entropy`. The paths agree to fp32 rounding (tests/test_kernels.py,
+tests/test_triton_kernels.py).
 """
 
 from __future__ import annotations
@@ -27,9 +32,40 @@ def reference_linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, targets_N: T
     )
 
 
+def _chunk_loss_and_grad_(
+    logits: Tensor, y: Tensor, *, grad: bool, backend: str
+) -> tuple[Tensor, Tensor | None]:
+    """Summed loss of one chunk of float32 logits against `y`, and with `grad` d(loss)/d(logits) (softmax -
+    onehot, zero on ignored rows), computed over the logits' own buffer: on return `logits` holds it."""
+    if backend == "triton":
+        from memscale.kernels.triton.cross_entropy import cross_entropy_loss_grad_
+
+        loss_n, _ = cross_entropy_loss_grad_(logits, y, ignore_index=IGNORE_INDEX, write_grad=grad)
+        return loss_n.sum(), (logits if grad else None)
+    valid = y != IGNORE_INDEX
+    y_safe = torch.where(valid, y, 0)
+    picked = logits.gather(1, y_safe[:, None]).squeeze(1)
+    # Softmax in place, keeping its normaliser: lse = max + log(sum(exp(logits - max))). Four passes
+    # over the chunk and no temporary, where logsumexp followed by exp(logits - lse) makes six and
+    # allocates one (measured: 2.8x faster on a 1024 x 16000 chunk, ~5% of a training step).
+    m = logits.amax(dim=-1, keepdim=True)
+    e = logits.sub_(m).exp_()
+    z = e.sum(dim=-1, keepdim=True)
+    lse = (m + z.log()).squeeze(1)
+    loss = ((lse - picked) * valid).sum()
+    if not grad:
+        return loss, None
+    # d loss / d logits = softmax - onehot, zero on ignored rows; computed in place over the logits.
+    g = e.mul_(z.reciprocal_())
+    g[torch.arange(len(y), device=g.device), y_safe] -= 1.0
+    if not bool(valid.all()):
+        g.mul_(valid[:, None])
+    return loss, g
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, chunk: int, backend: str) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight_VD.dtype
         loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
@@ -39,23 +75,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             h = h_ND[start : start + chunk]
             y = targets_N[start : start + chunk]
             logits = (h @ weight_VD.t()).float()  # the only N_chunk x V tensor
-            valid = y != IGNORE_INDEX
-            y_safe = torch.where(valid, y, 0)
-            picked = logits.gather(1, y_safe[:, None]).squeeze(1)
-            # Softmax in place, keeping its normaliser: lse = max + log(sum(exp(logits - max))). Four passes
-            # over the chunk and no temporary, where logsumexp followed by exp(logits - lse) makes six and
-            # allocates one (measured: 2.8x faster on a 1024 x 16000 chunk, ~5% of a training step).
-            m = logits.amax(dim=-1, keepdim=True)
-            e = logits.sub_(m).exp_()
-            z = e.sum(dim=-1, keepdim=True)
-            lse = (m + z.log()).squeeze(1)
-            loss += ((lse - picked) * valid).sum()
-            if need_h or need_w:
-                # d loss / d logits = softmax - onehot, zero on ignored rows; computed in place over the logits.
-                g = e.mul_(z.reciprocal_())
-                g[torch.arange(len(y), device=g.device), y_safe] -= 1.0
-                if not bool(valid.all()):
-                    g.mul_(valid[:, None])
+            chunk_loss, g = _chunk_loss_and_grad_(logits, y, grad=need_h or need_w, backend=backend)
+            loss += chunk_loss
+            if g is not None:
                 g = g.to(h.dtype)
                 if need_h:
                     grad_h[start : start + chunk] = g @ weight_VD
@@ -69,29 +91,39 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def fused_linear_cross_entropy(
-    h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *, chunk: int = 1024
+    h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *, chunk: int = 1024, backend: str | None = None
 ) -> Tensor:
     """Sum of token cross-entropies of `h @ weight.T` against `targets` (IGNORE_INDEX skipped), chunked and fused.
 
     Gradients are computed during the forward pass when any input requires them, so call this only where a
-    backward follows (training); evaluation that needs logits uses the plain head.
+    backward follows (training); evaluation that needs logits uses the plain head. Each chunk's softmax, loss and
+    gradient run in torch ops or in one Triton kernel (memscale/kernels/triton/cross_entropy.py), as `backend`
+    says (default: `memscale.kernels.backend` of the device, i.e. `train.kernels`).
     """
+    if backend is None:
+        from memscale.kernels import backend as kernels_backend
+
+        backend = kernels_backend(h_ND.device)
     if not (h_ND.requires_grad or weight_VD.requires_grad) or not torch.is_grad_enabled():
         with torch.no_grad():
-            return _chunked_loss_only(h_ND, weight_VD, targets_N, chunk=chunk)
-    return _FusedLinearCrossEntropy.apply(h_ND, weight_VD, targets_N, chunk)
+            return _chunked_loss_only(h_ND, weight_VD, targets_N, chunk=chunk, backend=backend)
+    return _FusedLinearCrossEntropy.apply(h_ND, weight_VD, targets_N, chunk, backend)
 
 
-def _chunked_loss_only(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *, chunk: int) -> Tensor:
+def _chunked_loss_only(
+    h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *, chunk: int, backend: str
+) -> Tensor:
     loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
     for start in range(0, h_ND.shape[0], chunk):
-        loss += reference_linear_cross_entropy(
-            h_ND[start : start + chunk], weight_VD, targets_N[start : start + chunk]
-        )
+        h, y = h_ND[start : start + chunk], targets_N[start : start + chunk]
+        if backend == "triton":
+            loss += _chunk_loss_and_grad_((h @ weight_VD.t()).float(), y, grad=False, backend=backend)[0]
+        else:
+            loss += reference_linear_cross_entropy(h, weight_VD, y)
     return loss
 
 

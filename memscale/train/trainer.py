@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from memscale import kernels
 from memscale.checkpoint import simple as ckpt
 from memscale.config import Config, ConfigError, model_architecture, to_dict
 from memscale.data.sources import build_loader, data_vocab_size, unigram_logp
@@ -167,6 +168,7 @@ class Trainer:
             build_loader(cfg, "val", infinite=False, **self.slice)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        kernels.set_backend(cfg.train.kernels)
         torch.manual_seed(cfg.train.seed)
         self.model = MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len).to(self.device)
         self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memscale.kernels.gaussian_read import gaussian_read
 from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState, layer_state_name
 
 BASIS_WIDTHS = (0.01, 0.05)
@@ -197,8 +198,9 @@ class LongTermAttention(LayerMemory):
         scores_BHTN = q_BHTK @ keys_BHNK.transpose(-1, -2) / math.sqrt(K)
         mu_BHT = torch.sigmoid(self.mu(scores_BHTN)).squeeze(-1)
         sigma_sq_BHT = F.softplus(self.sigma(scores_BHTN)).squeeze(-1).clamp_min(SIGMA_SQ_MIN)
-        r_BHTN = gaussian_expectation(mu_BHT, sigma_sq_BHT, mu_N.to(q_BHTK.dtype), sigma_N.to(q_BHTK.dtype))
-        context_BHTK = r_BHTN @ values_BHNK
+        context_BHTK = gaussian_read(
+            mu_BHT, sigma_sq_BHT, mu_N.to(q_BHTK.dtype), sigma_N.to(q_BHTK.dtype), values_BHNK
+        )
         B, H, T, K = context_BHTK.shape
         return self.out(context_BHTK.transpose(1, 2).reshape(B, T, H * K)), mu_BHT, sigma_sq_BHT
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memscale.kernels.slot_attention import slot_attention
 from memscale.models.layers import sdpa
 from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState
 
@@ -119,7 +120,7 @@ class MemoryWrite(nn.Module):
             # The paper's [m_i; V_x]: slot i's own value is the slot itself, cut into the local heads.
             v_BHSK = torch.cat([split_heads(self._local_heads(mem_BMD), K), v_BHSK[:, :, M:]], dim=2)
         scale = 1.0 / (math.sqrt(K) * self.temperature)
-        o_BHMK = sdpa(q_BHMK, k_BHSK, v_BHSK, attn_mask=self.mask(M, T, mem_BMD.device), scale=scale)
+        o_BHMK = slot_attention(q_BHMK, k_BHSK, v_BHSK, mask_MS=self.mask(M, T, mem_BMD.device), scale=scale)
         if self.tp_group is not None:
             # Split by heads (memscale/parallel/tensor.py): the slots are width-D vectors, so every rank gathers
             # all heads (no output projection to reduce over).

@@ -1,0 +1,195 @@
+"""Each fused kernel against its eager reference, forward + backward, at training shapes, on one device.
+
+    memscale bench kernels                       # CPU: the torch paths; Triton kernels reported "needs cuda"
+    memscale bench kernels --device cuda         # GPU: the torch paths and the Triton kernels side by side
+
+Rows (memscale/kernels/):
+  - linear cross-entropy, N x D hidden states against a V x D projection (default 4 streams x 512 tokens, d 512,
+    V 16000, the README's training shape): `eager` = F.cross_entropy(h @ W.T), which keeps the N x V logits and
+    their log-softmax for backward; `torch chunked` = the chunked fused loss in torch ops; `triton chunked` = the
+    same with the Triton loss-and-gradient kernel per chunk;
+  - ∞-former Gaussian read, B x H x T queries against N basis functions (4 x 8 x 512, N 128, head width 64):
+    `eager` = the model's torch read (keeps the B x H x T x N weights); `triton` = the fused kernels;
+  - Memformer slot write, M slots over [own slot; T tokens] (4 x 8 heads, M 16, T 512, head width 64): `eager` =
+    the model's masked SDPA; `triton` = the fused kernels.
+The implementations of a row are timed in alternation, `--rounds` times each, and the best time is kept (absolute
+times wander on a shared machine; ratios within one run do not). The Triton interpreter is not timed: on CPU the
+Triton rows say "needs cuda". With CUDA, the peak memory allocated during a call is reported too.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from memscale.bench import machine_info, now, write_result
+
+NEEDS_CUDA = "needs cuda"
+
+
+def _timer(fn, device: torch.device):
+    def run() -> tuple[float, float | None]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        else:
+            peak = None
+        return time.perf_counter() - start, peak
+
+    return run
+
+
+def _cross_entropy_cases(args, device, dtype):
+    from memscale.kernels.cross_entropy import fused_linear_cross_entropy, reference_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(args.tokens, args.d_model, generator=g) * 0.5).to(device, dtype).requires_grad_()
+    w = (torch.randn(args.vocab, args.d_model, generator=g) * 0.02).to(device, dtype).requires_grad_()
+    y = torch.randint(0, args.vocab, (args.tokens,), generator=g).to(device)
+
+    def case(loss_fn):
+        def fn():
+            h.grad = w.grad = None
+            loss_fn().backward()
+
+        return fn
+
+    return {
+        "eager": case(lambda: reference_linear_cross_entropy(h, w, y)),
+        "torch chunked": case(lambda: fused_linear_cross_entropy(h, w, y, chunk=args.chunk, backend="torch")),
+        "triton chunked": case(
+            lambda: fused_linear_cross_entropy(h, w, y, chunk=args.chunk, backend="triton")
+        ),
+    }
+
+
+def _gaussian_read_cases(args, device, dtype):
+    from memscale.kernels.gaussian_read import gaussian_read
+    from memscale.models.memory.infinity import basis_parameters
+
+    g = torch.Generator().manual_seed(1)
+    B, H, K = args.streams, args.heads, args.d_model // args.heads
+    T, N = args.tokens // args.streams, args.num_basis
+    mu_N, sigma_N = (t.to(device, dtype) for t in basis_parameters(N))
+    mu = torch.sigmoid(torch.randn(B, H, T, generator=g)).to(device, dtype).requires_grad_()
+    sigma_sq = (10 ** (torch.rand(B, H, T, generator=g) * 3 - 4)).to(device, dtype).requires_grad_()
+    values = torch.randn(B, H, N, K, generator=g).to(device, dtype).requires_grad_()
+    dout = torch.randn(B, H, T, K, generator=g).to(device, dtype)
+
+    def case(backend):
+        def fn():
+            mu.grad = sigma_sq.grad = values.grad = None
+            gaussian_read(mu, sigma_sq, mu_N, sigma_N, values, backend=backend).backward(dout)
+
+        return fn
+
+    return {"eager": case("torch"), "triton": case("triton")}
+
+
+def _slot_attention_cases(args, device, dtype):
+    from memscale.kernels.slot_attention import slot_attention
+
+    g = torch.Generator().manual_seed(2)
+    B, H, K = args.streams, args.heads, args.d_model // args.heads
+    M, T = args.slots, args.tokens // args.streams
+    q = torch.randn(B, H, M, K, generator=g).to(device, dtype).requires_grad_()
+    k = torch.randn(B, H, M + T, K, generator=g).to(device, dtype).requires_grad_()
+    v = torch.randn(B, H, M + T, K, generator=g).to(device, dtype).requires_grad_()
+    dout = torch.randn(B, H, M, K, generator=g).to(device, dtype)
+    eye_MM = torch.eye(M, dtype=torch.bool, device=device)
+    mask_MS = torch.cat([eye_MM, torch.ones(M, T, dtype=torch.bool, device=device)], dim=1)
+    scale = 1.0 / (K**0.5 * 0.5)  # the writer's default temperature, 0.5
+
+    def case(backend):
+        def fn():
+            q.grad = k.grad = v.grad = None
+            slot_attention(q, k, v, mask_MS=mask_MS, scale=scale, backend=backend).backward(dout)
+
+        return fn
+
+    return {"eager": case("torch"), "triton": case("triton")}
+
+
+def main(args) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench kernels --device cuda: no CUDA device here; use --device cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        raise SystemExit(
+            "bench kernels --dtype bfloat16 on cpu is ~100x slower than float32: use float32 on CPU"
+        )
+    if args.tokens % args.streams or args.d_model % args.heads:
+        raise SystemExit(
+            f"bench kernels: --streams {args.streams} must divide --tokens {args.tokens} and --heads "
+            f"{args.heads} must divide --d-model {args.d_model}"
+        )
+    from memscale.kernels import triton_importable
+
+    triton_ok = device.type == "cuda" and triton_importable()
+    groups = {
+        "linear cross-entropy": (
+            _cross_entropy_cases(args, device, dtype),
+            f"N={args.tokens} D={args.d_model} V={args.vocab} chunk={args.chunk}",
+        ),
+        "gaussian read": (
+            _gaussian_read_cases(args, device, dtype),
+            f"B={args.streams} H={args.heads} T={args.tokens // args.streams} N={args.num_basis} "
+            f"K={args.d_model // args.heads}",
+        ),
+        "memformer slot write": (
+            _slot_attention_cases(args, device, dtype),
+            f"B={args.streams} H={args.heads} M={args.slots} T={args.tokens // args.streams} "
+            f"K={args.d_model // args.heads}",
+        ),
+    }
+    rows = []
+    for kernel, (cases, shape) in groups.items():
+        runnable = {name: fn for name, fn in cases.items() if triton_ok or "triton" not in name}
+        timers = {name: _timer(fn, device) for name, fn in runnable.items()}
+        for fn in runnable.values():  # warm-up: Triton compiles, allocators settle
+            fn()
+        best: dict[str, float] = {}
+        peak: dict[str, float | None] = {}
+        for _ in range(args.rounds):
+            for name, timer in timers.items():
+                seconds, mb = timer()
+                best[name] = min(best.get(name, seconds), seconds)
+                peak[name] = mb
+        for name in cases:
+            row = {"kernel": kernel, "impl": name, "shape": shape}
+            if name in best:
+                row |= {
+                    "fwd_bwd_ms": 1000 * best[name],
+                    "vs_eager": best["eager"] / best[name],
+                    "peak_mb": peak[name],
+                }
+            else:
+                row["status"] = NEEDS_CUDA if device.type != "cuda" else "triton does not import"
+            rows.append(row)
+    print(f"{'kernel':<22} {'impl':<16} {'fwd+bwd ms':>11} {'x eager':>8} {'peak MB':>8}  shape")
+    for r in rows:
+        if "fwd_bwd_ms" in r:
+            mb = f"{r['peak_mb']:>8.1f}" if r["peak_mb"] is not None else f"{'-':>8}"
+            print(
+                f"{r['kernel']:<22} {r['impl']:<16} {r['fwd_bwd_ms']:>11.2f} {r['vs_eager']:>8.2f} {mb}  {r['shape']}"
+            )
+        else:
+            print(f"{r['kernel']:<22} {r['impl']:<16} {r['status']:>11} {'':>8} {'':>8}  {r['shape']}")
+    result = {
+        "benchmark": "kernels",
+        "date": now(),
+        "machine": machine_info() | {"device": str(device), "dtype": args.dtype},
+        "settings": {k: getattr(args, k) for k in ("tokens", "streams", "d_model", "heads", "vocab", "chunk")}
+        | {"num_basis": args.num_basis, "slots": args.slots, "rounds": args.rounds},
+        "rows": rows,
+    }
+    write_result(result, args.out, "kernels")
+    return 0
