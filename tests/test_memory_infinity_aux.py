@@ -223,3 +223,34 @@ def test_config_rejects_bad_values(override, message):
 
     with pytest.raises(ConfigError, match=message):
         config_from_dict({}, ["model.memory.kind=infinity", *TINY, override])
+
+
+def test_trainer_logs_the_aux_loss_apart_from_the_loss(data_dir, tmp_path):
+    """`train/aux_loss` is the window's KL terms per target; `train/loss` stays the cross-entropy (the same as
+    with kl_lambda = 0 at the first logged step, before the two runs' updates differ)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from memscale.train.trainer import Trainer
+    from tests.conftest import VOCAB as CORPUS_VOCAB
+
+    def train(out, *extra):
+        cfg = config_from_dict(
+            {},
+            ["model.memory.kind=infinity", "model.d_model=32", "model.num_layers=2", "model.num_heads=2",
+             f"model.vocab_size={CORPUS_VOCAB}", "model.memory.num_basis=16", "model.memory.num_samples=32",
+             f"data.dir={data_dir}", "data.segment_len=16", "data.num_streams=2", "train.max_steps=4",
+             "train.bptt_segments=2", "train.eval_every=0", "train.log_every=2", f"train.out_dir={out}", *extra],
+        )  # fmt: skip
+        Trainer(cfg, log=lambda _line: None).train()
+        acc = EventAccumulator(str(out / "tb"))
+        acc.Reload()
+        return acc
+
+    acc = train(tmp_path / "kl", "model.memory.kl_lambda=0.01")
+    aux = acc.Scalars("train/aux_loss")
+    assert [e.step for e in aux] == [2, 4] and all(e.value > 0 for e in aux)
+    plain = train(tmp_path / "plain", "model.memory.kl_lambda=0")
+    assert "train/aux_loss" not in plain.Tags()["scalars"]
+    # Step 1 reads nothing yet (the long-term memory takes in its first block at segment 3, in step 2), so the
+    # two runs take the same first update and log the same cross-entropy over steps 1-2.
+    assert acc.Scalars("train/loss")[0].value == pytest.approx(plain.Scalars("train/loss")[0].value, rel=1e-6)
