@@ -51,11 +51,13 @@ class MemoryConfig:
     num_tokens: int = 16
     """rmt / armt: memory tokens K; memformer: memory slots K."""
     mem_len: int = 0
-    """xl / lamemo: cached positions per layer; 0 means `data.segment_len`."""
+    """xl / lamemo / infinity: cached positions per layer (infinity: its short-term memory, a multiple of
+    `data.segment_len`); 0 means `data.segment_len`."""
     clamp_len: int = -1
-    """xl / lamemo: relative distances beyond this are clamped (-1: no clamp), as in Transformer-XL."""
+    """xl / lamemo / infinity: relative distances beyond this are clamped (-1: no clamp), as in Transformer-XL."""
     same_length: bool = False
-    """xl / lamemo: every token attends to exactly mem_len keys (Transformer-XL's --same_length; off by default)."""
+    """xl / lamemo / infinity: every token attends to exactly mem_len keys (Transformer-XL's --same_length; off by
+    default)."""
     write_temperature: float = 0.5
     """memformer: softmax temperature of the slot-attention write (< 1 sharpens, as in the paper)."""
     write_own_value: Literal["raw", "projected"] = "projected"
@@ -71,6 +73,13 @@ class MemoryConfig:
     """infinity: sample the old signal at positions drawn from the previous attention density (sticky memories)."""
     num_samples: int = 512
     """infinity: how many points of the old signal are resampled when the memory is updated."""
+    gate: bool = True
+    """infinity: the CNN gate on the vectors entering the long-term memory (official `mask_type='cnn'`)."""
+    kl_lambda: float = 1e-6
+    """infinity: weight of the KL regulariser KL(N(mu, sigma^2) || N(mu, sigma_0^2)) of the long-term reads, added
+    to the training loss (official `kl_m`, 1e-6 in sorting/run_sort_inftyformer.sh); 0 turns it off."""
+    sigma_0: float = 0.05
+    """infinity: standard deviation of the KL regulariser's reference density (official `sigma_0`)."""
 
 
 @dataclass
@@ -237,6 +246,17 @@ class Config:
                 raise ConfigError(f"model.memory.tau={mem.tau} must be in (0, 1)")
             if mem.ridge_lambda <= 0:
                 raise ConfigError(f"model.memory.ridge_lambda={mem.ridge_lambda} must be > 0")
+            if mem.kl_lambda < 0:
+                raise ConfigError(
+                    f"model.memory.kl_lambda={mem.kl_lambda} must be >= 0 (0 turns the KL term off)"
+                )
+            if mem.sigma_0 <= 0:
+                raise ConfigError(f"model.memory.sigma_0={mem.sigma_0} must be > 0, e.g. 0.05")
+            if mem.mem_len % d.segment_len:
+                raise ConfigError(
+                    f"model.memory.mem_len={mem.mem_len} must be a multiple of data.segment_len={d.segment_len} "
+                    f"for infinity (or 0 for one segment): the block leaving its short-term memory is one segment"
+                )
         if mem.kind == "memformer" and not 0.0 < mem.write_temperature:
             raise ConfigError(f"model.memory.write_temperature={mem.write_temperature} must be > 0")
         if mem.mem_len < 0:

@@ -23,6 +23,7 @@ from memscale.models.memory.infinity import (
     gaussian_expectation,
     padded_positions,
     ridge_fit_matrix,
+    sticky_mass,
     sticky_positions,
 )
 from memscale.models.memory.memformer import MemformerMemory
@@ -232,7 +233,7 @@ def test_infinity_update_compresses_old_signal_into_tau():
     t_cells = (torch.arange(T, dtype=torch.float64) + 0.5) / T
     old = G_first @ smooth_signal(t_cells).float()  # a memory holding one segment of the smooth signal
     new_x = torch.cos(2 * math.pi * t_cells[:, None] * torch.tensor([1.0, 1.5, 0.5, 2.0])).float()
-    coef = kind.refit(old[None], new_x[None], None, None, torch.tensor([False]))[0]
+    coef = kind.fit(old[None], new_x[None], torch.tensor([False]))[0]
 
     u = torch.linspace(0.1, 0.9, 81)
     recalled = evaluate_basis(tau * u, mu_N, sigma_N) @ coef
@@ -244,8 +245,16 @@ def test_infinity_update_compresses_old_signal_into_tau():
     assert err_new < 0.1  # measured 0.065
 
     # An empty row ignores the old coefficients and fits its first segment alone on [0, 1].
-    first = kind.refit(old[None], new_x[None], None, None, torch.tensor([True]))[0]
+    first = kind.fit(old[None], new_x[None], torch.tensor([True]))[0]
     torch.testing.assert_close(first, G_first @ new_x)
+
+
+def run_segments(model: MemoryTransformer, num: int, *, seed: int = 1, batch: int = 2) -> MemoryState:
+    """The state after `num` segments of random tokens from the initial memory."""
+    state = model.init_state(batch)
+    for s in range(num):
+        state = model.step(tokens(batch, seed + s), state).state
+    return state
 
 
 def test_infinity_sticky_sampling_follows_attention_and_replays():
@@ -256,48 +265,128 @@ def test_infinity_sticky_sampling_follows_attention_and_replays():
     assert t.shape == (2, 64) and (t >= 0.25).all() and (t <= 0.35).all()
     assert (t.diff(dim=-1) >= 0).all()
 
-    # A whole step is a deterministic function of the RNG state (what a replay restores).
+    # A whole step is a deterministic function of the RNG state (what a replay restores). With mem_len = T, the
+    # long-term memory takes in its first block at segment 3 and samples its old signal from segment 4 on.
     model = build_infinity()
-    state = model.step(tokens(2, 1), model.init_state(2)).state
+    state = run_segments(model, 3)
+    assert not state["empty"].any()
+    reads: dict[int, tuple] = {}
+    hooks = [
+        block.memory.register_forward_hook(lambda _m, _i, o, layer=int(i): reads.__setitem__(layer, o[1:]))
+        for i, block in model.blocks.items()
+    ]
     rng = torch.get_rng_state()
-    a = model.step(tokens(2, 2), state).state
+    a = model.step(tokens(2, 9), state).state
+    for h in hooks:
+        h.remove()
     torch.set_rng_state(rng)
-    b = model.step(tokens(2, 2), state).state
-    c = model.step(tokens(2, 2), state).state
+    b = model.step(tokens(2, 9), state).state
+    c = model.step(tokens(2, 9), state).state
     for coef in ("coef.0", "coef.1"):
         torch.testing.assert_close(a[coef], b[coef], rtol=0, atol=0)
         assert not torch.equal(a[coef], c[coef])  # the sticky draw is random
+    # The histogram the next update samples from is that of this segment's reads (all heads and queries).
+    for layer, (mu_BHT, sigma_sq_BHT) in reads.items():
+        want = sticky_mass(mu_BHT.flatten(1), sigma_sq_BHT.sqrt().flatten(1), num_bins=128)
+        torch.testing.assert_close(a[f"mass.{layer}"], want, rtol=0, atol=0)
+        assert not torch.equal(a[f"mass.{layer}"], state[f"mass.{layer}"])
 
 
-def test_infinity_memory_is_read_and_detached():
+def test_infinity_state_shapes():
+    model = build_infinity("model.memory.mem_len=16")
+    state = model.init_state(3)
+    for layer in range(2):
+        assert state[f"mem.{layer}"].shape == (3, 16 + SEG, 32)  # short-term M = 16 plus the leaving block
+        assert state[f"coef.{layer}"].shape == (3, 16, 32) and state[f"coef.{layer}"].dtype == torch.float32
+        assert state[f"mass.{layer}"].shape == (3, 128)
+    assert state["valid"].shape == (3, 16 + SEG) and state["empty"].shape == (3,)
+    with pytest.raises(ValueError, match="mem_len=12 must be a multiple of data.segment_len=8"):
+        build_infinity("model.memory.mem_len=12")
+
+
+def test_infinity_short_term_memory_is_one_long_forward():
+    """With its short-term memory, segment 2 attends over segment 1's cached states with Transformer-XL's relative
+    positions: its logits equal those of the last T positions of one forward over both segments at once (the
+    long-term memory is still empty in both runs, so it reads zero)."""
+    seg_model = build_infinity().eval()
+    cfg = config_from_dict(
+        {},
+        ["model.memory.kind=infinity", *TINY[:-1], f"data.segment_len={2 * SEG}", "model.memory.num_basis=16",
+         "model.memory.num_samples=32"],
+    )  # fmt: skip
+    long_model = MemoryTransformer(cfg.model, segment_len=2 * SEG).eval()
+    long_model.load_state_dict(seg_model.state_dict())
+    x = torch.randint(0, VOCAB, (2, 2 * SEG), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out1 = seg_model.step(x[:, :SEG], seg_model.init_state(2))
+        out2 = seg_model.step(x[:, SEG:], out1.state)
+        whole = long_model.step(x, long_model.init_state(2))
+    # The same ops on the same values: measured bitwise equal; the tolerance allows another summation order.
+    torch.testing.assert_close(out2.logits_BTV, whole.logits_BTV[:, SEG:], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out1.logits_BTV, whole.logits_BTV[:, :SEG], atol=2e-5, rtol=1e-5)
+    # And the first token of segment 2 depends on the first token of segment 1 through it.
+    y = x.clone()
+    y[:, 0] = (y[:, 0] + 1) % VOCAB
+    with torch.no_grad():
+        other = seg_model.step(y[:, SEG:], seg_model.step(y[:, :SEG], seg_model.init_state(2)).state)
+    assert (other.logits_BTV[:, 0] - out2.logits_BTV[:, 0]).abs().max() > 1e-4
+
+
+def test_infinity_long_term_memory_takes_the_gated_block_leaving_short_term():
+    """At segment 3 (mem_len = T) segment 1's cached states leave the short-term memory and are fitted, through
+    the CNN gate, alone on [0, 1]; rows before that read an empty long-term memory."""
+    model = build_infinity("model.memory.sticky=false").eval()
+    s1 = run_segments(model, 1)
+    s2 = model.step(tokens(2, 2), s1).state
+    assert s2["empty"].all() and all((s2[f"coef.{layer}"] == 0).all() for layer in range(2))
+    s3 = model.step(tokens(2, 3), s2).state
+    assert not s3["empty"].any()
+    G_first = model.memory.fit_matrices(SEG, torch.device("cpu"))[0]
+    for layer in range(2):
+        h1 = s1[f"mem.{layer}"][:, SEG:]  # segment 1's normed inputs of this layer
+        assert torch.equal(s3[f"mem.{layer}"][:, :SEG], s2[f"mem.{layer}"][:, SEG:])
+        gate = model.blocks[str(layer)].memory.gate
+        with torch.no_grad():
+            gated = h1 * torch.sigmoid(
+                F.conv1d(h1.transpose(1, 2), gate.weight, gate.bias, padding=1)
+            ).transpose(1, 2)
+        torch.testing.assert_close(s3[f"coef.{layer}"], G_first @ gated, atol=1e-5, rtol=1e-5)
+
+
+def test_infinity_memory_is_read_detached_and_the_gate_learns():
     model = build_infinity()
-    state0 = model.init_state(2)
-    assert [state0[f"coef.{layer}"].shape for layer in range(2)] == [(2, 16, 32)] * 2
-    assert state0["empty"].all()
-    out1 = model.step(tokens(2, 1), state0, targets_BT=tokens(2, 1))
-    assert not out1.state["empty"].any()
-    assert all(not t.requires_grad and t.grad_fn is None for _, t in out1.state.items())
-    # An empty memory reads as zero: a first segment's loss does not depend on the long-term attention at all.
-    out1.loss_sum.backward()
+    state = run_segments(model, 2)
+    assert state["empty"].all()
     reads = [block.memory for block in model.blocks.values()]
-    assert all(p.grad is None or (p.grad == 0).all() for read in reads for p in read.parameters())
-    # The second segment reads: its logits depend on the first segment, and the read's parameters learn.
-    seg2 = tokens(2, 3)
-    other = model.step(tokens(2, 2), state0).state
-    out2 = model.step(seg2, out1.state, targets_BT=seg2)
-    assert (out2.logits_BTV - model.step(seg2, other).logits_BTV).abs().max() > 1e-4
-    out2.loss_sum.backward()
-    assert reads[1].key.weight.grad.abs().sum() > 0
+    # An empty memory reads as zero: the loss of a segment before any block left the short-term memory does not
+    # depend on the long-term attention (nor on the gate), and the KL term is zero.
+    seg = tokens(2, 5)
+    out = model.step(seg, run_segments(model, 1), targets_BT=seg)
+    assert out.aux_sum.item() == 0.0
+    (out.loss_sum + out.aux_sum).backward()
+    assert all(p.grad is None or (p.grad == 0).all() for read in reads for n, p in read.named_parameters()
+               if not n.startswith("r_net"))  # fmt: skip
+    model.zero_grad(set_to_none=True)
+    # Segment 3 reads: its logits depend on segment 1, the read and the gate learn, and the state is detached.
+    seg3 = tokens(2, 3)
+    out3 = model.step(seg3, state, targets_BT=seg3)
+    assert all(not t.requires_grad and t.grad_fn is None for _, t in out3.state.items())
+    other = run_segments(model, 2, seed=11)
+    assert (out3.logits_BTV - model.step(seg3, other).logits_BTV).abs().max() > 1e-4
+    out3.loss_sum.backward()
+    for read in reads:
+        assert read.key.weight.grad.abs().sum() > 0 and read.gate.weight.grad.abs().sum() > 0
 
 
 def test_infinity_reset_isolates_rows():
     model = build_infinity("model.memory.sticky=false")
-    state = model.step(tokens(2, 1), model.init_state(2)).state
+    state = run_segments(model, 3)
     reset = model.memory.reset(state, torch.tensor([True, False]))
     assert reset["empty"].tolist() == [True, False]
-    for coef in ("coef.0", "coef.1"):
-        assert (reset[coef][0] == 0).all()
-        torch.testing.assert_close(reset[coef][1], state[coef][1])
+    assert reset["valid"][0].sum() == 0 and reset["valid"][1].all()
+    for name in ("coef.0", "coef.1", "mem.0", "mem.1"):
+        assert (reset[name][0] == 0).all()
+        torch.testing.assert_close(reset[name][1], state[name][1])
     seg2 = tokens(2, 3)
     kept = model.step(seg2, state)
     after = model.step(seg2, state, reset_B=torch.tensor([True, False]))
@@ -305,6 +394,9 @@ def test_infinity_reset_isolates_rows():
     for coef in ("coef.0", "coef.1"):
         torch.testing.assert_close(after.state[coef][1], kept.state[coef][1])
     assert (after.logits_BTV[0] - kept.logits_BTV[0]).abs().max() > 1e-4
+    # The reset row reads like a first segment: the same logits as from the initial memory.
+    fresh = model.step(seg2[:1], model.init_state(1))
+    torch.testing.assert_close(after.logits_BTV[0], fresh.logits_BTV[0], atol=1e-5, rtol=1e-5)
 
 
 def test_infinity_rejects_an_odd_number_of_basis_functions():
@@ -345,7 +437,7 @@ def test_trains_from_config(kind):
 @pytest.mark.parametrize("kind", ["memformer", "infinity"])
 def test_state_round_trips_through_state_dict(kind):
     model = build_memformer() if kind == "memformer" else build_infinity()
-    state = model.step(tokens(2, 1), model.init_state(2)).state
+    state = run_segments(model, 3)  # infinity: its long-term memory holds a block from segment 3 on
     back = MemoryState.from_state_dict(state.state_dict())
     torch.manual_seed(5)
     a = model.step(tokens(2, 2), state).logits_BTV

@@ -327,30 +327,41 @@ def test_lamemo_layer_split_by_heads():
 
 
 def test_infinity_layer_split_by_heads():
-    """The long-term attention's key/value maps split by heads, its output map by rows; the coefficients are
-    replicated, and without sticky sampling every rank refits the same memory."""
+    """The short-term attention (u, v, r_net, q/k/v) and the long-term key/value maps split by heads, the output
+    maps by rows; the cached inputs, the coefficients and the gate are replicated, and without sticky sampling
+    every rank refits the same memory. Each rank's KL term covers its own heads: the terms sum to the whole."""
     from memscale.models.memory.infinity import LongTermAttention
 
     torch.manual_seed(0)
-    model = tiny_model("infinity", "model.num_heads=4", *EXTRA[1:], "model.memory.sticky=false").eval()
+    model = tiny_model(
+        "infinity", "model.num_heads=4", *EXTRA, "model.memory.sticky=false", "model.memory.kl_lambda=0.01"
+    ).eval()
     block = model.blocks["0"]
-    T = 8
+    T, M = 8, 8
     state = model.init_state(2)
+    state.tensors["mem.0"] = torch.randn(2, M + T, 32)
     state.tensors["coef.0"] = torch.randn(2, 16, 32)
+    state.tensors["valid"][:] = True
     state.tensors["empty"][:] = False
     ctx, _ = model.memory.begin(state, num_tokens=T, device=torch.device("cpu"), dtype=torch.float32)
     h = torch.randn(2, T, 32)
+    layer_state = {n: state[f"{n}.0"] for n in ("mem", "coef", "mass")}
     with torch.no_grad():
-        whole, (coef_new,) = block.memory.attention(block.attn, h, ctx, {"coef": state["coef.0"]})
-        total = torch.zeros_like(whole)
+        whole, (*new, aux) = block.memory.attention(block.attn, h, ctx, layer_state)
+        total, aux_total = torch.zeros_like(whole), 0.0
         for r in range(TP):
-            layer = LongTermAttention(32, 4, 16, sticky=False, num_samples=32)
+            layer = LongTermAttention(32, 4, 16, sticky=False, num_samples=32, kl_lambda=0.01)
             layer.load_state_dict(block.memory.state_dict())
+            layer.r_net = _column_shard(block.memory.r_net, r)
             layer.key, layer.value = _column_shard(block.memory.key, r), _column_shard(block.memory.value, r)
             layer.out = _row_shard(block.memory.out, r)
-            part, (coef_r,) = layer.attention(
-                _attention_shard(block.attn, r), h, ctx, {"coef": state["coef.0"]}
+            heads = slice(2 * r, 2 * r + 2)
+            ctx_r = {**ctx, "u": ctx["u"][heads], "v": ctx["v"][heads]}
+            part, (mem_r, coef_r, _, aux_r) = layer.attention(
+                _attention_shard(block.attn, r), h, ctx_r, layer_state
             )
-            total = total + part
-            assert torch.equal(coef_r, coef_new)
+            total, aux_total = total + part, aux_total + aux_r
+            assert torch.equal(coef_r, new[1]) and torch.equal(mem_r, new[0])
     torch.testing.assert_close(total, whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(aux_total, aux, atol=0, rtol=1e-6)
+    assert aux > 0

@@ -176,7 +176,7 @@ def _train_window(
     state = (
         state.detach()
     )  # as run_window: a window's incoming state is a constant (a reset row restarts anyway)
-    losses, drift = [], []
+    losses, auxes, drift = [], [], []
     for i, b in enumerate(window):
         out = model.step(b.tokens_BT, state, targets_BT=b.targets_BT, reset_B=b.reset_B, return_logits=False)
         new = out.state if memory_grad != "detached" else out.state.detach()
@@ -187,13 +187,16 @@ def _train_window(
         if memory_noise and "mem" in state:
             state.tensors["mem"] = state["mem"] + memory_noise * torch.randn_like(state["mem"])
         losses.append(out.loss_sum)
+        if out.aux_sum is not None:
+            auxes.append(out.aux_sum)
     loss = torch.stack(losses).sum()
-    objective = loss / max(total, 1)
+    aux = torch.stack(auxes).sum() if auxes else None
+    objective = (loss if aux is None else loss + aux) / max(total, 1)
     if drift:
         objective = objective + stationarity * torch.stack(drift).mean()
     if objective.requires_grad:
         objective.backward()
-    return WindowResult(loss.item(), total, state.detach())
+    return WindowResult(loss.item(), total, state.detach(), 0.0 if aux is None else aux.item())
 
 
 def _load(run_dir: str, cfg: Config) -> tuple[MemoryTransformer, dict, Path]:

@@ -46,6 +46,9 @@ class SegmentOutput:
     loss_sum: Tensor | None = None
     """Sum of the token cross-entropies over targets != IGNORE_INDEX (divide by `num_targets`)."""
     num_targets: int = 0
+    aux_sum: Tensor | None = None
+    """Sum of the layers' auxiliary losses (`LayerMemory.aux_loss`, ∞-former's KL regulariser) in the units of
+    `loss_sum`: the training objective of the segment is `loss_sum + aux_sum`; None when no layer has one."""
 
 
 class MemoryTransformer(nn.Module):
@@ -142,10 +145,13 @@ class MemoryTransformer(nn.Module):
         return self.memory.enter(self.drop(x), state)
 
     def run_blocks(
-        self, x_BSD: Tensor, state: MemoryState, *, num_tokens: int
+        self, x_BSD: Tensor, state: MemoryState, *, num_tokens: int, aux: list[Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """This model's blocks on hidden states `x_BSD` of a segment of `num_tokens` tokens: the hidden states
-        out, and the new state of its layers (plus the shared bookkeeping the kind updates on every stage)."""
+        out, and the new state of its layers (plus the shared bookkeeping the kind updates on every stage).
+
+        `aux`: a list that receives each layer's auxiliary loss (`LayerMemory.aux_loss`), with its graph; a
+        caller that only runs forward (evaluation) may leave it out and the terms are dropped."""
         ctx, new = self.memory.begin(state, num_tokens=num_tokens, device=x_BSD.device, dtype=x_BSD.dtype)
         detach = not self.memory.carries_grad
         for block in self.blocks.values():
@@ -155,6 +161,11 @@ class MemoryTransformer(nn.Module):
                 x_BSD, *layer_new = recomputed(block, *inputs)
             else:
                 x_BSD, *layer_new = block(*inputs)
+            if len(layer_new) > len(names):  # the layer's auxiliary loss comes after its state
+                (layer_aux,) = layer_new[len(names) :]
+                layer_new = layer_new[: len(names)]
+                if aux is not None:
+                    aux.append(layer_aux)
             # A detached kind's layer state is already detached; under a checkpoint wrapper it would come back
             # attached to the recomputation, so detach again (a view, no copy).
             new.update(zip(names, (t.detach() for t in layer_new) if detach else layer_new, strict=True))
@@ -182,11 +193,14 @@ class MemoryTransformer(nn.Module):
             state = self.memory.reset(state, reset_B)
         T = tokens_BT.shape[1]
         x, new_first = self.embed_segment(tokens_BT, state)
-        x, new_layers = self.run_blocks(x, state, num_tokens=T)
+        aux: list[Tensor] = []
+        x, new_layers = self.run_blocks(x, state, num_tokens=T, aux=aux)
         h_BTD, new_last = self.finish(x, state, num_tokens=T)
         new = {**new_first, **new_layers, **new_last}
         assert new.keys() == set(state), f"new state {sorted(new)} vs {sorted(state)}"
         out = SegmentOutput(state=MemoryState({n: new[n] for n in state}), hidden_BTD=h_BTD)
+        if aux:
+            out.aux_sum = torch.stack(aux).sum()
         loss = token_loss(
             h_BTD, self.head, targets_BT, fused=self.cfg.fused_loss, return_logits=return_logits
         )

@@ -30,7 +30,7 @@ the residual stream, or an input of projections that every rank applies to the w
 | xl | `u`, `v` [H, K]; each layer's `r_net` (column-parallel, rows [H, K]) | state `mem.l` [B, M, D]: the cached layer inputs, projected by the sharded qkv on every rank; `valid` |
 | memformer | each layer's read: `q`, `kv` column-parallel, `out` row-parallel; the writer's `q`, `kv` column-parallel, its heads all-gathered (no output projection to reduce over) | state `mem` [B, M, D] and forgetting bias `b`: slots are width-D vectors normalised over the whole width |
 | lamemo | `u`, `v`, `v_future` [H, K]; `r_net`; state `attn.l` [B, M, H*K] (per-head attention outputs before the output projection) and `lognorm.l` [B, M, H] (per-head softmax normalisers) | state `emb` [B, M, D] (layer-0 inputs), `valid` |
-| infinity | each layer's `key`, `value` (column-parallel, rows [H, K]) and `out` (row-parallel) | state `coef.l` [B, N, D]: basis coefficients of the layer's inputs, a fit of width-D vectors; `mu`, `sigma` (one N -> 1 map shared by all heads: its gradient is summed over the ranks' heads); sticky sampling all-gathers mu and sigma^2 of all heads so that every rank draws the same positions and refits the same coefficients |
+| infinity | as xl: `u`, `v`, `r_net`; each layer's `key`, `value` (column-parallel, rows [H, K]) and `out` (row-parallel) | state `mem.l` [B, M + T, D] (as xl), `coef.l` [B, N, D]: basis coefficients of the layer's inputs, a fit of width-D vectors; the CNN `gate` on those inputs; `mu`, `sigma` (one N -> 1 map shared by all heads: its gradient is summed over the ranks' heads); state `mass.l` [B, 128], the sticky-memory histogram, summed over the ranks' heads so that every rank draws the same positions and refits the same coefficients; the KL term, summed over the ranks' heads (forward all-reduce, identity backward) |
 
 Dropout: on replicated activations (embeddings, residual branches, relative-position sinusoids) from the default
 generator, equal on every TP rank; on attention probabilities of a rank's own heads inside megatron-core's RNG
@@ -227,13 +227,13 @@ def _parallelize_memory(model, group) -> None:
     kind = model.memory
     name = kind.kind
     parts = [block.memory for block in model.blocks.values()]
-    if name in ("xl", "lamemo"):
+    if name in ("xl", "lamemo", "infinity"):  # Transformer-XL's relative attention: u, v and r_net by heads
         for p in ("u_HK", "v_HK", "v_future_HK"):
             if hasattr(kind, p):
                 _shard_parameter(kind, p, group)
         for part in parts:
             part.r_net = column(part.r_net, group)
-    elif name == "memformer":
+    if name == "memformer":
         for read in parts:
             read.q, read.kv, read.out = column(read.q, group), column(read.kv, group), row(read.out, group)
         if kind.last:
@@ -246,7 +246,7 @@ def _parallelize_memory(model, group) -> None:
             part.mu = ReplicatedInParallelRegion(part.mu, group)
             part.sigma = ReplicatedInParallelRegion(part.sigma, group)
             part.tp_group = group
-    elif name not in ("none", "rmt", "armt"):  # armt: its memory projections are replicated
+    elif name not in ("none", "rmt", "armt", "xl", "lamemo"):  # armt: its memory projections are replicated
         raise NotImplementedError(f"tensor parallelism of memory kind {name!r}")
 
 

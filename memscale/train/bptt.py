@@ -15,6 +15,12 @@ how gradient treats the memory carried between them:
 
 The loss of a window is the mean token cross-entropy over all its targets, so the three modes give the same
 gradient for the last segment and differ only in what crosses segment boundaries.
+
+Auxiliary losses. A kind whose layers add a term of their own to the objective (∞-former's KL regulariser,
+`SegmentOutput.aux_sum`, in the units of the token loss sum) has it added to each segment's loss before that
+segment's backward, with the same scale: the objective is (sum of cross-entropies + sum of aux terms) / targets.
+Every mode backpropagates it where it backpropagates the segment's loss (replay: in the recomputed segment), so
+replay still equals truncated. The reported `loss_sum` stays the cross-entropy alone; `aux_sum` is reported apart.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class WindowResult:
     num_targets: int
     state: MemoryState
     """The state after the window's last segment, detached: the next window starts from it."""
+    aux_sum: float = 0.0
+    """Sum of the segments' auxiliary losses (`SegmentOutput.aux_sum`), in the units of `loss_sum`; not in it."""
 
 
 def _rng_snapshot(device: torch.device, *, tracker: bool = False) -> tuple:
@@ -108,31 +116,44 @@ def _step(model: MemoryTransformer, b: Batch, state: MemoryState):
     return model.step(b.tokens_BT, state, targets_BT=b.targets_BT, reset_B=b.reset_B, return_logits=False)
 
 
+def _objective(out) -> torch.Tensor:
+    """The segment's training objective: its token loss sum plus its layers' auxiliary losses, if any."""
+    return out.loss_sum if out.aux_sum is None else out.loss_sum + out.aux_sum
+
+
+def _aux(out) -> float:
+    return 0.0 if out.aux_sum is None else out.aux_sum.item()
+
+
 def _backward(loss: torch.Tensor, backward) -> None:
     if loss.requires_grad:
         backward(loss)
 
 
 def _run_detached(model, batches, state, *, scale, total, backward) -> WindowResult:
-    loss_sum = 0.0
+    loss_sum, aux_sum = 0.0, 0.0
     for b in batches:
         out = _step(model, b, state.detach())
-        _backward(out.loss_sum * scale, backward)
+        _backward(_objective(out) * scale, backward)
         loss_sum += out.loss_sum.item()
+        aux_sum += _aux(out)
         state = out.state
-    return WindowResult(loss_sum, total, state.detach())
+    return WindowResult(loss_sum, total, state.detach(), aux_sum)
 
 
 def _run_truncated(model, batches, state, *, scale, total, backward) -> WindowResult:
     state = state.detach()
-    losses = []
+    losses, auxes = [], []
     for b in batches:
         out = _step(model, b, state)
         losses.append(out.loss_sum)
+        if out.aux_sum is not None:
+            auxes.append(out.aux_sum)
         state = out.state
     loss = torch.stack(losses).sum()
-    _backward(loss * scale, backward)
-    return WindowResult(loss.item(), total, state.detach())
+    aux = torch.stack(auxes).sum() if auxes else None
+    _backward((loss if aux is None else loss + aux) * scale, backward)
+    return WindowResult(loss.item(), total, state.detach(), 0.0 if aux is None else aux.item())
 
 
 def _run_replay(model, batches, state, *, scale, total, backward) -> WindowResult:
@@ -155,7 +176,7 @@ def _run_replay(model, batches, state, *, scale, total, backward) -> WindowResul
 
     for n, bank in states_bank.items():
         bank[0].copy_(state[n])
-    loss_sum = 0.0
+    loss_sum, aux_sum = 0.0, 0.0
     with torch.no_grad():
         for t, b in enumerate(batches):
             rng_bank[t].copy_(torch.get_rng_state())
@@ -165,6 +186,7 @@ def _run_replay(model, batches, state, *, scale, total, backward) -> WindowResul
                 tracker_rng[t] = _tracker_snapshot()
             out = _step(model, b, bank_state(t))
             loss_sum += out.loss_sum.item()
+            aux_sum += _aux(out)
             for n, bank in states_bank.items():
                 bank[t + 1].copy_(out.state[n])
     final_state = MemoryState({n: bank[k].clone() for n, bank in states_bank.items()})
@@ -179,7 +201,7 @@ def _run_replay(model, batches, state, *, scale, total, backward) -> WindowResul
         )
         with _replayed_rng(snap, device):
             out = _step(model, batches[t], s_in)
-        roots, grads = [out.loss_sum * scale], [None]
+        roots, grads = [_objective(out) * scale], [None]
         if grad_out is not None:
             for name, g in grad_out.items():
                 if out.state[name].requires_grad:
@@ -191,4 +213,4 @@ def _run_replay(model, batches, state, *, scale, total, backward) -> WindowResul
                 [g for r, g in zip(roots, grads, strict=True) if r.requires_grad],
             )
         grad_out = {n: x.grad for n, x in s_in.items() if x.grad is not None}
-    return WindowResult(loss_sum, total, final_state)
+    return WindowResult(loss_sum, total, final_state, aux_sum)

@@ -388,7 +388,7 @@ class Trainer:
         uni = unigram_logp(cfg.data) if t.eval_every else None
         train_iter = iter(self.train_loader)
         last = {"loss": math.nan, "val_loss": math.nan, "val_ppl": math.nan, "tok_s": 0.0, "mfu": 0.0}
-        window_loss, window_targets, window_time, window_steps = 0.0, 0, 0.0, 0
+        window_loss, window_targets, window_time, window_steps, window_aux = 0.0, 0, 0.0, 0, 0.0
         skipped, streak = 0, 0
         path = self.resumed_from
         if self.step >= t.max_steps:
@@ -403,7 +403,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     result = run_window(self.net, batches, self.state, memory_grad=t.memory_grad)
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
-                    loss_sum, num_targets = result.loss_sum, result.num_targets
+                    loss_sum, num_targets, aux_sum = result.loss_sum, result.num_targets, result.aux_sum
                     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
                     if finite:
                         self.optimizer.step()
@@ -424,7 +424,9 @@ class Trainer:
                         )
                         state = result.state
                     grad_norm = self.dist.step()
-                    loss_sum, num_targets = self.dist.sum(result.loss_sum, result.num_targets)
+                    loss_sum, num_targets, aux_sum = self.dist.sum(
+                        result.loss_sum, result.num_targets, result.aux_sum
+                    )
                     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
                 if self.dist is None:
                     state = result.state
@@ -432,6 +434,7 @@ class Trainer:
                     streak = 0
                     window_loss += loss_sum
                     window_targets += num_targets
+                    window_aux += aux_sum
                 else:
                     # Skip the update: the weights and the optimizer moments stay as they were, and streams whose
                     # memory went non-finite restart from the initial memory.
@@ -478,6 +481,8 @@ class Trainer:
                             "train/tokens_per_s": tok_s,
                             "train/mfu": mfu,
                             "train/skipped_steps": skipped,
+                            # The kind's own regulariser (infinity's KL term) per target, not in train/loss.
+                            **({"train/aux_loss": window_aux / window_targets} if window_aux else {}),
                             **{f"memory/norm/{k}": v for k, v in self.state.norms().items()},
                         },
                     )
@@ -493,7 +498,7 @@ class Trainer:
                         skipped=skipped,
                     )
                     last.update(loss=loss, tok_s=tok_s, mfu=mfu)
-                    window_loss, window_targets, window_time, window_steps = 0.0, 0, 0.0, 0
+                    window_loss, window_targets, window_time, window_steps, window_aux = 0.0, 0, 0.0, 0, 0.0
                 final = self.step == t.max_steps
                 stop = signals.received
                 if (

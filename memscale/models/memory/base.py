@@ -120,7 +120,7 @@ class LayerMemory(nn.Module):
     attention and the MLP residual branches. `context_names` are the per-segment tensors the layer reads from the
     kind's `begin` (masks, positions, shared parameters such as xl's u and v); `state_names` are the layer's own
     carried tensors, stored as `<name>.<layer>`; both arrive as dicts of explicit tensors, and `attention` returns
-    the layer's new state in the order of `state_names`.
+    the layer's new state in the order of `state_names` (then its auxiliary loss, when `aux_loss`).
     """
 
     context_names: ClassVar[tuple[str, ...]] = ()
@@ -128,6 +128,12 @@ class LayerMemory(nn.Module):
     head_sharded_state: ClassVar[tuple[str, ...]] = ()
     """State names whose last dimension runs over heads (H, or H x K flattened): split with the heads under tensor
     parallelism. The others (cached layer inputs, basis coefficients, memory slots) are replicated."""
+    aux_loss: bool = False
+    """The layer adds a term of its own to the training objective (∞-former's KL regulariser): `attention`
+    returns, after its new state, one more tensor, a scalar in the units of the token loss (a sum over the
+    segment's positions, like `SegmentOutput.loss_sum`), with its graph. `MemoryTransformer.run_blocks` collects
+    it apart from the state; the training loss adds it before backward, per segment, on the stage that holds the
+    layer (memscale/train/bptt.py, memscale/parallel/pipeline/runtime.py)."""
 
     def attention(
         self, attn: nn.Module, h_BSD: Tensor, ctx: dict[str, Tensor], state: dict[str, Tensor]

@@ -1,49 +1,71 @@
 """∞-former (Martins et al., 2022, "∞-former: Infinite Memory Transformer"; code: deep-spin/infinite-former).
 
-Each layer keeps a continuous long-term memory: the signal x(t) = B^T psi(t) on t in [0, 1], where psi are N
-Gaussian radial basis functions and B (N x D) are coefficients fitted by ridge regression to the vectors the
-layer has seen (paper, "Long-term memory"):
+The paper's language model is Transformer-XL with, in every layer, a continuous long-term memory next to its
+short-term memory (the official code that trains from scratch: sorting/mem_transformer.py
+`RelPartialLearnableMultiHeadAttn` with `long_term_attention`, and sorting/long_term_attention.py
+`LongTermAttention`). Per layer and segment:
 
-    B = (F F^T + lambda I)^-1 F X,    F = [psi(t_1), ..., psi(t_P)]  (N x P),  X = [x_1; ...; x_P]  (P x D)
+  - short-term memory: the layer's normed inputs of the last M positions (`model.memory.mem_len`, 0: the segment
+    length), attended together with the segment by Transformer-XL's relative attention, exactly as in
+    memscale/models/memory/xl.py (`relative_attention`: u, v shared by all layers, `r_net` per layer,
+    `clamp_len`, `same_length`); the official layer caches `mem_len + augment_len` positions (`_update_mems`
+    with `augment`) and attends over the last `mem_len` of them;
+  - long-term memory: the signal x(t) = B^T psi(t) on t in [0, 1], psi N Gaussian radial basis functions and B
+    (N x D) coefficients fitted by ridge regression (paper, "Long-term memory"):
 
-Read (continuous attention): per head h and query q, keys K_h = B W_K^h and values V_h = B W_V^h;
-mu = sigmoid(w_mu^T K_h q / sqrt(K)), sigma^2 = softplus(w_sigma^T K_h q / sqrt(K)), and the context is
-V_h^T E_{N(t; mu, sigma^2)}[psi(t)], where the expectation of each Gaussian basis function under the Gaussian
-density is a product of Gaussians integrated in closed form: N(mu; mu_n, sigma^2 + sigma_n^2). The heads go
-through an output projection and the result is added to the layer's causal self-attention output.
+        B = (F F^T + lambda I)^-1 F X,    F = [psi(t_1), ..., psi(t_P)]  (N x P),  X = [x_1; ...; x_P]  (P x D)
 
-Update ("Unbounded memory"), after each segment and without gradient: the old signal is sampled at R points
-and placed, in order, on (0, tau]; the layer's T new input vectors go on (tau, 1]; B is refitted on these
-R + T points. With sticky memories the R sample locations are drawn from the histogram (128 bins) of the mass
-that this segment's read densities put on the old signal, so the regions read most keep the most resolution.
-A row whose memory is empty (start of a document) reads nothing and fits its first segment alone on [0, 1].
+    The vectors it takes in are the T positions that just left the short-term memory (`k = mems[:-mem_len]`,
+    the `augment_len = T` oldest cached rows), so the two memories never overlap. They enter through the CNN gate
+    (`mask_type='cnn'`: `reg_mask = sigmoid(Conv1d(D, D, 3, padding=1)(k)); k = k * reg_mask`, over the T
+    positions), and the memory is updated *at read time*, before the read (`update_inf` inside `forward`): the
+    old signal is sampled at R points placed, in order, on (0, tau], the gated vectors on (tau, 1], and B is
+    refitted on these R + T points (a first block is fitted alone on [0, 1]). The read uses the refitted B inside
+    the segment's graph, which is how the gate learns; what is carried to the next segment is B detached
+    (`self.B_past = B.detach()`).
+  - read (continuous attention): the short-term attention's own queries q (`q = w_head_q`, without u); per head
+    keys K_h = B W_K^h and values V_h = B W_V^h (no bias); mu = sigmoid(w_mu^T K_h q / sqrt(K)),
+    sigma^2 = softplus(w_sigma^T K_h q / sqrt(K)) (w_mu, w_sigma N -> 1 maps shared by the heads, sigma^2 floored
+    at 1e-6), and the context V_h^T E_{N(t; mu, sigma^2)}[psi(t)], with each basis function's expectation in
+    closed form N(mu; mu_n, sigma^2 + sigma_n^2). Heads go through `attn_out` (no bias) and the result is *added
+    to the short-term attention output* (`attn_out += a_long_term`) before the residual.
+  - KL regulariser (`kl_regularizer`, on in every official config): KL(N(mu, sigma^2) || N(mu, sigma_0^2)) =
+    1/2 (sigma^2 / sigma_0^2 - log(sigma^2 / sigma_0^2) - 1) per head and query, summed over the layers and
+    averaged over rows, heads and queries, times `kl_m` (sorting/run_sort_inftyformer.sh: 1e-6, sigma_0 0.05),
+    added to the loss: `loss + kl_m * kl_reg.mean()`. Here it is the layer's auxiliary loss
+    (`LayerMemory.aux_loss`): kl_lambda x sum over the segment's positions of the mean over heads, in the units
+    of the token-loss sum, so that divided by the targets (B x T of them) it is the official term. Rows whose
+    long-term memory is still empty read nothing and add no KL (the official layer skips the long-term
+    attention while `len(k) == 0`).
+  - sticky memories (GPT-2 code, `sticky_memories`): the R old-signal sample locations are drawn from the
+    histogram (128 bins) of the mass that the *previous* read's densities put on the old signal (`attn_past`,
+    saved by the read and used by the next `update_inf`). The histogram is carried in the state; without
+    sticky memories the locations are k / R (k = 1..R).
 
-Which official file each choice follows. memscale's decoder is a pre-norm GPT-2 with absolute positions, so
-the wiring is that of the GPT-2 code (finetune_gpt2/src/transformers/models/gpt2/long_term_attention.py and
-modeling_gpt2.py):
-  - the queries are the self-attention's own queries; K, V and output projections have no bias; w_mu and
-    w_sigma are N -> 1 maps shared by the heads of a layer; sigma^2 is clamped at 1e-4;
-  - N / 2 centres on linspace(0, 1), each with both widths (0.01, 0.05): the widths of the Transformer-XL code
-    that trains from scratch (sorting/long_term_attention.py). The GPT-2 code's widths (0.005, 0.01) go with
-    its N = 512; at memscale's default N = 128 the centres are 1/63 apart and those widths leave gaps;
-  - the fit zero-pads the signal with half its number of points on each side, 1/P apart (`padding=True`; the
-    official update fit shifts these pads by 1/(2T + R) instead of 1/(2P), a typo-sized difference). The
-    padding pins down the basis functions centred at the ends, half of whose support lies outside [0, 1], at
-    the price of pulling the last hundredths at each end towards 0 (measured in the tests);
-  - new vectors at cell centres (j - 1/2) / T in a first fit, at tau + (1 - tau) j / T (j = 1..T) in an
-    update; uniform old samples at k / R (k = 1..R); sticky samples at the left edge of their bin (the
-    official in-bin offset is drawn from a one-category distribution, so it is always 0);
-  - tau, lambda and R are `model.memory.tau`, `ridge_lambda` and `num_samples`.
-Left out: the CNN gate on the memorised vectors and the KL regulariser towards N(mu_0, 0.05^2) of the
-official training configs. The gate would learn only if the fit ran inside the next segment's graph, and the
-KL term needs an auxiliary loss, which the memory protocol does not carry.
+A row whose document ends is reset to empty memories; its short-term memory is masked out until it refills,
+and its long-term memory reads as exactly zero until a first block has left the short-term memory.
 
-The vectors memorised are the layer's normed inputs LN_1(x), the tensor the attention hook receives. The GPT-2
-code memorises the raw residual stream x; the post-norm Transformer-XL code memorises normed vectors, as here.
+Numbers: N / 2 centres on linspace(0, 1), each with both widths (0.01, 0.05) (sorting/long_term_attention.py);
+the fit zero-pads the signal with half its number of points on each side, 1/P apart (`padding=True`; the
+official update fit shifts these pads by 1/(2T + R) instead of 1/(2P), a typo-sized difference); new vectors at
+cell centres (j - 1/2) / T in a first fit, at tau + (1 - tau) j / T (j = 1..T) in an update; uniform old samples
+at k / R; sticky samples at the left edge of their bin. tau, lambda, R, N, M, the gate and the KL term are
+`model.memory.tau`, `ridge_lambda`, `num_samples`, `num_basis`, `mem_len`, `gate`, `kl_lambda` / `sigma_0`.
 
-Legend: B batch, L layers, T segment tokens, N basis functions, D width, H heads, K head width, R resampled
-points of the old signal, P fit points (R + T, or T), A fit points with padding, Z sticky-memory bins,
-Q = H * T read densities of a row.
+What still differs from the official language model:
+  - the shared Block: pre-norm (official post-norm), q/k/v and output projections with biases, GPT-2 MLP; the
+    short-term memory caches the normed layer input, as memscale's xl does (see xl.py);
+  - defaults: N = 128 basis functions (official 512), ridge lambda 0.5 (the GPT-2 code's; the Transformer-XL
+    code's is 1), tau 0.75 (Transformer-XL code; GPT-2 code 0.5), and sticky memories on, which only the GPT-2
+    code has;
+  - the GPT-2 code's KL has its mean term reversed (`if self.mu_0 > 0:` drops the mean term, so its configs'
+    mu_0 = -1 adds (mu + 1)^2 / sigma_0^2); memscale follows the Transformer-XL code and the paper (no mean term);
+  - mem_len must be a multiple of the segment length, so that the block leaving the short-term memory is one
+    whole segment (the official code uses mem_len = augment_len = tgt_len), and every segment has that length.
+
+Legend: B batch, L layers, T segment tokens, M short-term positions, A = M + T cached positions, C = M + T keys,
+N basis functions, D width, H heads, K head width, R resampled points of the old signal, P fit points (R + T, or
+T), Z sticky-memory bins, Q = H * T read densities of a row.
 """
 
 from __future__ import annotations
@@ -56,11 +78,19 @@ from torch import Tensor, nn
 
 from memscale.kernels.gaussian_read import gaussian_read
 from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState, layer_state_name
+from memscale.models.memory.xl import (
+    causal_mask,
+    clamp_distances,
+    relative_attention,
+    relative_positions,
+    slide,
+)
 
 BASIS_WIDTHS = (0.01, 0.05)
 """Standard deviations of the basis functions, all used at every centre (sorting/long_term_attention.py)."""
-SIGMA_SQ_MIN = 1e-4
-"""Floor on the read density's variance (finetune_gpt2/.../long_term_attention.py)."""
+SIGMA_SQ_MIN = 1e-6
+"""Floor on the read density's variance (sorting/long_term_attention.py `torch.clamp(sigma_sq, min=1e-6)`; the
+GPT-2 code's floor is 1e-4)."""
 NUM_STICKY_BINS = 128
 """Histogram bins of the sticky-memory sampling (official: `torch.linspace(0, 1, 129)` edges)."""
 
@@ -116,20 +146,47 @@ def gaussian_expectation(mu: Tensor, sigma_sq: Tensor, mu_N: Tensor, sigma_N: Te
     return torch.exp(-0.5 * diff * diff / var) / torch.sqrt(2 * math.pi * var)
 
 
-def sticky_positions(mu_BQ: Tensor, sigma_BQ: Tensor, *, num_samples: int, num_bins: int) -> Tensor:
-    """R sample locations per row, in increasing order, drawn from the histogram of its read densities.
-
-    Each bin's probability is the total mass that the Q densities N(mu, sigma^2) of a row put in it
-    (official `update_inf` with sticky_memories); the draw uses torch's global generator, so a replay that
-    restores the RNG state draws the same locations.
-    """
+def sticky_mass(mu_BQ: Tensor, sigma_BQ: Tensor, *, num_bins: int) -> Tensor:
+    """The histogram (B x Z, unnormalised) of the mass that the Q densities N(mu, sigma^2) of a row put in each of
+    Z equal bins of [0, 1] (official `update_inf` with sticky_memories: `n.cdf(bins[1:]) - n.cdf(bins[:-1])`
+    summed over the row's queries and heads)."""
     edges_Z1 = torch.linspace(0.0, 1.0, num_bins + 1, dtype=mu_BQ.dtype, device=mu_BQ.device)
     # The outer edges move out by 1e-6 as in the official code, so that mass exactly at 0 or 1 is counted.
     cdf_edges = torch.cat([edges_Z1[:1] - 1e-6, edges_Z1[1:-1], edges_Z1[-1:] + 1e-6])
     cdf_BQZ1 = torch.special.ndtr((cdf_edges - mu_BQ.unsqueeze(-1)) / sigma_BQ.unsqueeze(-1))
-    mass_BZ = cdf_BQZ1.diff(dim=-1).sum(dim=1)
+    return cdf_BQZ1.diff(dim=-1).sum(dim=1)
+
+
+def sample_bins(mass_BZ: Tensor, *, num_samples: int) -> Tensor:
+    """R sample locations per row, in increasing order: bins drawn from the histogram `mass_BZ`, each at its
+    left edge (the official in-bin offset is drawn from a one-category distribution, so it is always 0). The draw
+    uses torch's global generator, so a replay that restores the RNG state draws the same locations."""
+    num_bins = mass_BZ.shape[-1]
+    edges_Z1 = torch.linspace(0.0, 1.0, num_bins + 1, dtype=mass_BZ.dtype, device=mass_BZ.device)
     bins_BR = torch.multinomial(mass_BZ, num_samples, replacement=True)
     return edges_Z1[bins_BR].sort(dim=-1).values
+
+
+def sticky_positions(mu_BQ: Tensor, sigma_BQ: Tensor, *, num_samples: int, num_bins: int) -> Tensor:
+    """R sample locations per row drawn from the histogram of its read densities (`sticky_mass`, `sample_bins`)."""
+    return sample_bins(sticky_mass(mu_BQ, sigma_BQ, num_bins=num_bins), num_samples=num_samples)
+
+
+def gaussian_kl(
+    sigma_sq: Tensor, sigma_0: float, *, mu: Tensor | None = None, mu_0: float | None = None
+) -> Tensor:
+    """KL(N(mu, sigma^2) || N(mu_0, sigma_0^2)) elementwise; without mu_0, the reference has the density's own mean
+    (the paper's regulariser, and the Transformer-XL code's `mu_0 = None` branch):
+
+        KL = 1/2 (sigma^2 / sigma_0^2 - log(sigma^2 / sigma_0^2) - 1 [+ (mu - mu_0)^2 / sigma_0^2])
+
+    (sorting/long_term_attention.py `kl_reg`).
+    """
+    ratio = sigma_sq / sigma_0**2
+    kl = 0.5 * (ratio - torch.log(ratio) - 1)
+    if mu_0 is not None:
+        kl = kl + 0.5 * (mu - mu_0) ** 2 / sigma_0**2
+    return kl
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -141,54 +198,105 @@ def split_heads(x_BSD: Tensor, head_dim: int) -> Tensor:
 
 
 class LongTermAttention(LayerMemory):
-    """One layer's continuous attention over its long-term memory, and the memory's update after the segment.
+    """One layer of the ∞-former: relative attention over [short-term memory; segment] plus the continuous
+    attention over the long-term memory, which takes in (gated) the block that leaves the short-term memory.
 
-    The layer's state `coef` [B, N, D] (float32) holds the basis coefficients; keys and values are its
-    projections, split by heads of the attention's head width. Under tensor parallelism `coef` is replicated and
-    each rank reads with its own heads; sticky sampling draws from the densities of all heads of a row, so a
-    split layer (`tp_group` set by memscale.parallel.tensor.parallelize) all-gathers mu and sigma^2 over the ranks
-    before `refit`, and every rank draws alike from the default generator: the copies of `coef` stay equal.
+    State: `mem` [B, M + T, D] the cached normed inputs (the oldest T rows are the block that enters the long-term
+    memory at this segment, the last M the short-term memory); `coef` [B, N, D] float32 the basis coefficients;
+    `mass` [B, Z] float32 the sticky-memory histogram of the last read. Under tensor parallelism all three are
+    replicated: each rank reads with its own heads, the histogram is summed over the ranks' heads, and every rank
+    draws alike from the default generator, so the copies stay equal; the KL term is summed over the ranks.
     """
 
-    context_names = ("empty", "basis_mu", "basis_sigma", "fit_first", "fit_update", "psi_uniform")
-    state_names = ("coef",)
+    context_names = (
+        "mask", "pos", "u", "v", "empty", "evict",
+        "basis_mu", "basis_sigma", "fit_first", "fit_update", "psi_uniform",
+    )  # fmt: skip
+    state_names = ("mem", "coef", "mass")
 
-    def __init__(self, d_model: int, num_heads: int, num_basis: int, *, sticky: bool, num_samples: int):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_basis: int,
+        *,
+        sticky: bool,
+        num_samples: int,
+        gate: bool = True,
+        kl_lambda: float = 0.0,
+        sigma_0: float = 0.05,
+    ):
         super().__init__()
         self.sticky = sticky
         self.num_samples = num_samples
+        self.num_heads = num_heads
+        """Heads of the whole layer: the KL term averages over them (a tensor-parallel rank holds a share)."""
+        self.kl_lambda = kl_lambda
+        self.sigma_0 = sigma_0
+        self.aux_loss = kl_lambda > 0
+        self.r_net = nn.Linear(d_model, d_model, bias=False)
         self.key = nn.Linear(d_model, d_model, bias=False)
         self.value = nn.Linear(d_model, d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.mu = nn.Linear(num_basis, 1, bias=False)
         self.sigma = nn.Linear(num_basis, 1, bias=False)
+        self.gate = nn.Conv1d(d_model, d_model, 3, padding=1) if gate else None
+        if self.gate is not None:
+            self.gate.param_roles = {"weight": "matrix", "bias": "bias"}
         self.tp_group = None
         """The tensor-parallel group when the heads are split over ranks (set by parallelize)."""
 
     def attention(self, attn, h_BTD, ctx, state):
-        q_BHTK, k_BHTK, v_BHTK = attn.project(h_BTD)
-        out_BTD = attn.merge(attn.attend(q_BHTK, k_BHTK, v_BHTK, is_causal=True))
-        coef_BND = state["coef"]
+        T = h_BTD.shape[1]
+        mem_BAD = state["mem"]
+        out_BTD, q_BHTK = relative_attention(attn, self.r_net, h_BTD, mem_BAD[:, T:], ctx)
+        # The block that leaves the short-term memory now enters the long-term one, through the gate.
+        x_BTD = mem_BAD[:, :T].to(h_BTD.dtype)
+        if self.gate is not None:
+            x_BTD = x_BTD * torch.sigmoid(self.gate(x_BTD.transpose(1, 2))).transpose(1, 2)
+        coef_old_BND, empty_B, evict_B = state["coef"], ctx["empty"], ctx["evict"]
+        coef_BND = fit_memory(
+            coef_old_BND,
+            x_BTD,
+            state["mass"] if self.sticky else None,
+            empty_B,
+            fits=(ctx["fit_first"], ctx["fit_update"], ctx["psi_uniform"]),
+            basis=(ctx["basis_mu"], ctx["basis_sigma"]),
+            num_samples=self.num_samples,
+        )
+        coef_BND = torch.where(evict_B.view(-1, 1, 1), coef_BND, coef_old_BND)
         # An empty memory has zero coefficients and the value and output maps have no bias, so it reads as
         # exactly zero: the official "no long-term attention until there is a memory", without a branch.
         long_BTD, mu_BHT, sigma_sq_BHT = self(
             q_BHTK, coef_BND.to(h_BTD.dtype), ctx["basis_mu"], ctx["basis_sigma"]
         )
-        if self.sticky and self.tp_group is not None:
-            # Every rank refits the same replicated coefficients: the sampling sees the densities of all heads.
-            mu_BHT, sigma_sq_BHT = (gather_heads(t.detach(), self.tp_group) for t in (mu_BHT, sigma_sq_BHT))
-        new_coef_BND = refit(
-            coef_BND,
-            h_BTD,
-            mu_BHT,
-            sigma_sq_BHT,
-            ctx["empty"],
-            fits=(ctx["fit_first"], ctx["fit_update"], ctx["psi_uniform"]),
-            basis=(ctx["basis_mu"], ctx["basis_sigma"]),
-            sticky=self.sticky,
-            num_samples=self.num_samples,
-        )
-        return out_BTD + long_BTD, (new_coef_BND,)
+        mass_BZ = state["mass"]
+        if self.sticky:
+            with torch.no_grad():
+                mass_BZ = sticky_mass(
+                    mu_BHT.float().flatten(1),
+                    sigma_sq_BHT.float().sqrt().flatten(1),
+                    num_bins=NUM_STICKY_BINS,
+                )
+                if self.tp_group is not None:  # the histogram of all heads, the same on every rank
+                    import torch.distributed as dist
+
+                    dist.all_reduce(mass_BZ, group=self.tp_group)
+        new = (slide(mem_BAD, h_BTD.detach(), dim=1).detach(), coef_BND.detach(), mass_BZ)
+        if not self.aux_loss:
+            return out_BTD + long_BTD, new
+        readable_B = ~empty_B | evict_B
+        # In float32 at least: sigma^2 / sigma_0^2 spans orders of magnitude.
+        sigma_sq_BHT = sigma_sq_BHT.to(torch.promote_types(sigma_sq_BHT.dtype, torch.float32))
+        kl_BT = gaussian_kl(sigma_sq_BHT, self.sigma_0).sum(dim=1) / self.num_heads
+        aux = self.kl_lambda * (kl_BT.sum(dim=1) * readable_B).sum()
+        if self.tp_group is not None:
+            # Each rank holds its heads' share: summed forward, identity backward (each rank's gradient is that
+            # of its own heads, as for the token loss, which every rank also holds whole).
+            from megatron.core import tensor_parallel as mtp
+
+            aux = mtp.reduce_from_tensor_model_parallel_region(aux, group=self.tp_group)
+        return out_BTD + long_BTD, (*new, aux)
 
     def forward(self, q_BHTK: Tensor, coef_BND: Tensor, mu_N: Tensor, sigma_N: Tensor):
         """-> output B x T x D, and the densities' mu and sigma^2 (B x H x T)."""
@@ -205,46 +313,32 @@ class LongTermAttention(LayerMemory):
         return self.out(context_BHTK.transpose(1, 2).reshape(B, T, H * K)), mu_BHT, sigma_sq_BHT
 
 
-@torch.no_grad()
-def gather_heads(x_BHT: Tensor, group) -> Tensor:
-    """All heads from the tensor-parallel ranks' shares (dim 1, in rank order: rank r holds heads r H/n ..)."""
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(x_BHT) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x_BHT.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
-
-
-@torch.no_grad()
-def refit(
+def fit_memory(
     coef_BND: Tensor,
     x_BTD: Tensor,
-    mu_BHT: Tensor | None,
-    sigma_sq_BHT: Tensor | None,
+    mass_BZ: Tensor | None,
     empty_B: Tensor,
     *,
     fits: tuple[Tensor, Tensor, Tensor],
     basis: tuple[Tensor, Tensor],
-    sticky: bool,
     num_samples: int,
 ) -> Tensor:
-    """The memory after this segment: old signal resampled onto (0, tau], new vectors on (tau, 1].
+    """The long-term memory after taking in `x_BTD` (`update_inf`): the old signal resampled onto (0, tau], the
+    new vectors on (tau, 1]; rows marked `empty_B` fit `x_BTD` alone on [0, 1].
 
-    mu and sigma^2 are the segment's read densities over the old signal, used by sticky memories only;
-    `fits` are the kind's `fit_matrices`, `basis` its centres and widths.
+    Differentiable in `x_BTD` (the gate learns through the read of the refitted memory), not in the old
+    coefficients, which are a detached state (`B_past`). `mass_BZ`: the sticky-memory histogram (None: uniform
+    samples); `fits` are the kind's `fit_matrices`, `basis` its centres and widths. float32 throughout.
     """
     G_first_NT, G_update_NP, psi_uniform_RN = fits
     x_BTD = x_BTD.float()
-    if sticky:
-        t_BR = sticky_positions(
-            mu_BHT.float().flatten(1),
-            sigma_sq_BHT.float().sqrt().flatten(1),
-            num_samples=num_samples,
-            num_bins=NUM_STICKY_BINS,
-        )
-        old_BRD = evaluate_basis(t_BR, basis[0].float(), basis[1].float()) @ coef_BND
-    else:
-        old_BRD = psi_uniform_RN @ coef_BND
+    coef_BND = coef_BND.detach()
+    with torch.no_grad():
+        if mass_BZ is not None:
+            t_BR = sample_bins(mass_BZ.float(), num_samples=num_samples)
+            old_BRD = evaluate_basis(t_BR, basis[0].float(), basis[1].float()) @ coef_BND
+        else:
+            old_BRD = psi_uniform_RN @ coef_BND
     updated_BND = G_update_NP @ torch.cat([old_BRD, x_BTD], dim=1)
     first_BND = G_first_NT @ x_BTD
     return torch.where(empty_B.view(-1, 1, 1), first_BND, updated_BND)
@@ -254,22 +348,41 @@ class InfinityMemory(MemoryKind):
     kind = "infinity"
     topology = "per_layer"
     carries_grad = False
+    absolute_positions = False
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        N = self.cfg.num_basis
+        cfg = self.cfg
+        N = cfg.num_basis
         if N % len(BASIS_WIDTHS):
             raise ValueError(
                 f"model.memory.num_basis={N} must be a multiple of {len(BASIS_WIDTHS)}: every centre carries "
                 f"one basis function per width {BASIS_WIDTHS}; use e.g. {N + 1}"
             )
+        self.mem_len = cfg.mem_len or self.segment_len
+        if self.mem_len % self.segment_len:
+            raise ValueError(
+                f"model.memory.mem_len={cfg.mem_len} must be a multiple of data.segment_len={self.segment_len} for "
+                "infinity: the block that leaves the short-term memory is one segment; use e.g. "
+                f"{self.segment_len * max(1, self.mem_len // self.segment_len)}"
+            )
         self.num_basis = N
+        D, H = self.d_model, self.num_heads
         self._layer_parts = [
             LongTermAttention(
-                self.d_model, self.num_heads, N, sticky=self.cfg.sticky, num_samples=self.cfg.num_samples
+                D,
+                H,
+                N,
+                sticky=cfg.sticky,
+                num_samples=cfg.num_samples,
+                gate=cfg.gate,
+                kl_lambda=cfg.kl_lambda,
+                sigma_0=cfg.sigma_0,
             )
             for _ in self.layers
         ]
+        self.u_HK = nn.Parameter(torch.empty(H, D // H))  # r_w_bias, shared by all layers (as in xl)
+        self.v_HK = nn.Parameter(torch.empty(H, D // H))  # r_r_bias
         mu_N, sigma_N = basis_parameters(N)
         # Buffers, so that they follow the module across devices; the fits rebuild them in float64.
         self.basis_mu_N: Tensor
@@ -277,18 +390,35 @@ class InfinityMemory(MemoryKind):
         self.register_buffer("basis_mu_N", mu_N.float(), persistent=False)
         self.register_buffer("basis_sigma_N", sigma_N.float(), persistent=False)
         self._fits: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+        self.reset_parameters(self._layer_parts)
+
+    def reset_parameters(self, parts) -> None:
+        # sorting/train.py `weights_init`: Linear weights (r_net among them) and r_w_bias / r_r_bias ~ N(0, 0.02);
+        # the gate's Conv1d is no Linear there and keeps PyTorch's default initialisation.
+        for p in (*(part.r_net.weight for part in parts), self.u_HK, self.v_HK):
+            nn.init.normal_(p, std=0.02)
+        for part in parts:
+            if part.gate is not None:
+                part.gate.reset_parameters()
 
     # -- state -----------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, *, device, dtype) -> MemoryState:
-        # Coefficients stay float32 whatever the model dtype: each update refits the previous fit, and bf16
-        # rounding would compound over a long document.
-        coefs = {
-            layer_state_name("coef", layer): torch.zeros(
-                batch_size, self.num_basis, self.d_model, device=device
+        A, D = self.mem_len + self.segment_len, self.d_model
+        tensors: dict[str, Tensor] = {}
+        for layer in self.layers:
+            tensors[layer_state_name("mem", layer)] = torch.zeros(
+                batch_size, A, D, device=device, dtype=dtype
             )
-            for layer in self.layers
-        }
-        return MemoryState({**coefs, "empty": torch.ones(batch_size, dtype=torch.bool, device=device)})
+            # Coefficients stay float32 whatever the model dtype: each update refits the previous fit, and bf16
+            # rounding would compound over a long document.
+            tensors[layer_state_name("coef", layer)] = torch.zeros(
+                batch_size, self.num_basis, D, device=device
+            )
+            # A flat histogram until a read has happened (only read by an update, which a read precedes).
+            tensors[layer_state_name("mass", layer)] = torch.ones(batch_size, NUM_STICKY_BINS, device=device)
+        tensors["valid"] = torch.zeros(batch_size, A, dtype=torch.bool, device=device)
+        tensors["empty"] = torch.ones(batch_size, dtype=torch.bool, device=device)
+        return MemoryState(tensors)
 
     def fit_matrices(self, T: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(G_first N x T, G_update N x (R + T), psi_uniform R x N), float32, built once per segment length.
@@ -312,33 +442,54 @@ class InfinityMemory(MemoryKind):
             )
         return self._fits[key]
 
+    def fit(
+        self, coef_BND: Tensor, x_BTD: Tensor, empty_B: Tensor, *, mass_BZ: Tensor | None = None
+    ) -> Tensor:
+        """A long-term memory after taking in `x_BTD` (`fit_memory`) with this kind's basis, fit matrices and number
+        of samples; `mass_BZ` a sticky-memory histogram (None: uniform samples)."""
+        return fit_memory(
+            coef_BND,
+            x_BTD,
+            mass_BZ,
+            empty_B,
+            fits=self.fit_matrices(x_BTD.shape[1], x_BTD.device),
+            basis=(self.basis_mu_N, self.basis_sigma_N),
+            num_samples=self.cfg.num_samples,
+        )
+
     # -- hooks -----------------------------------------------------------------------------------------------
     def begin(self, state, *, num_tokens, device, dtype):
-        G_first_NT, G_update_NP, psi_uniform_RN = self.fit_matrices(num_tokens, device)
+        T, M = num_tokens, self.mem_len
+        if T != self.segment_len:
+            raise ValueError(
+                f"infinity runs segments of data.segment_len={self.segment_len} tokens, got {T}: the block that "
+                "leaves its short-term memory each segment is one segment long"
+            )
+        valid_BA = state["valid"]
+        B = valid_BA.shape[0]
+        G_first_NT, G_update_NP, psi_uniform_RN = self.fit_matrices(T, device)
+        dist_C = clamp_distances(torch.arange(M + T - 1, -1, -1, device=device), self.cfg.clamp_len)
+        # With mem_len a multiple of T, the oldest block is either wholly valid or wholly not: its first row says.
+        evict_B = valid_BA[:, 0]
         ctx = {
+            "mask": causal_mask(valid_BA[:, T:], T, same_length=self.cfg.same_length, dtype=dtype),
+            "pos": relative_positions(
+                dist_C, self.d_model, dropout=self.dropout, training=self.training, dtype=dtype
+            ),
+            "u": self.u_HK,
+            "v": self.v_HK,
             "empty": state["empty"],
+            "evict": evict_B,
             "basis_mu": self.basis_mu_N,
             "basis_sigma": self.basis_sigma_N,
             "fit_first": G_first_NT,
             "fit_update": G_update_NP,
             "psi_uniform": psi_uniform_RN,
         }
-        return ctx, {"empty": torch.zeros_like(state["empty"])}
-
-    def refit(self, coef_BND, x_BTD, mu_BHT, sigma_sq_BHT, empty_B) -> Tensor:
-        """One layer's memory update (`refit`) with this kind's basis, fit matrices and sampling settings."""
-        return refit(
-            coef_BND,
-            x_BTD,
-            mu_BHT,
-            sigma_sq_BHT,
-            empty_B,
-            fits=self.fit_matrices(x_BTD.shape[1], x_BTD.device),
-            basis=(self.basis_mu_N, self.basis_sigma_N),
-            sticky=self.cfg.sticky,
-            num_samples=self.cfg.num_samples,
-        )
+        new = {"valid": slide(valid_BA, valid_BA.new_ones(B, T), dim=1), "empty": state["empty"] & ~evict_B}
+        return ctx, new
 
     def mean_attended_len(self, segment_len: int) -> float:
-        # Each query also scores the N basis keys and mixes the N values of its layer's memory.
-        return self.num_basis + (segment_len + 1) / 2
+        # M cached positions plus the causal past (exactly M with same_length), and the N basis keys and values.
+        short = float(self.mem_len) if self.cfg.same_length else self.mem_len + (segment_len + 1) / 2
+        return self.num_basis + short

@@ -115,20 +115,33 @@ class RelativeLayer(LayerMemory):
         self.r_net = nn.Linear(d_model, d_model, bias=False)
 
     def attention(self, attn, h_BTD, ctx, state):
-        M, K = state["mem"].shape[1], attn.head_dim
-        mem_BMD = state["mem"].to(h_BTD.dtype)
-        u_HK, v_HK = ctx["u"], ctx["v"]
-        # Like the official code, q/k/v come from one fused projection of cat(mem, h); memory queries are dropped.
-        q_BHCK, k_BHCK, v_BHCK = attn.project(torch.cat([mem_BMD, h_BTD], dim=1))
-        q_BHTK = q_BHCK[:, :, M:]
-        pos_CD = ctx["pos"]
-        r_CHK = self.r_net(pos_CD).view(pos_CD.shape[0], -1, K)
-        bd_BHTC = rel_shift(torch.einsum("bhtk,chk->bhtc", q_BHTK + v_HK[:, None], r_CHK))
-        # SDPA computes softmax(q'k^T * scale + mask) v; with q' = q + u and BD * scale folded into the additive
-        # mask, that is softmax((AC + BD) * scale) exactly (same 1/sqrt(K) scale as `self.scale`).
-        bias_BHTC = bd_BHTC * K**-0.5 + ctx["mask"]
-        o_BHTK = attn.attend(q_BHTK + u_HK[:, None], k_BHCK, v_BHCK, attn_mask=bias_BHTC)
-        return attn.merge(o_BHTK), (slide(state["mem"], h_BTD.detach(), dim=1).detach(),)
+        out_BTD, _ = relative_attention(attn, self.r_net, h_BTD, state["mem"], ctx)
+        return out_BTD, (slide(state["mem"], h_BTD.detach(), dim=1).detach(),)
+
+
+def relative_attention(
+    attn: nn.Module, r_net: nn.Module, h_BTD: Tensor, mem_BMD: Tensor, ctx: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Relative attention of the segment over [memory; segment] (`RelPartialLearnableMultiHeadAttn.forward`):
+    the output B x T x D (after the output projection) and the segment's queries q B x H x T x K (without u).
+
+    `ctx` holds the additive `mask` (`causal_mask`), the sinusoids `pos` of the M + T distances and the biases
+    `u`, `v`; `r_net` is the layer's position projection W_r.
+    """
+    M, K = mem_BMD.shape[1], attn.head_dim
+    mem_BMD = mem_BMD.to(h_BTD.dtype)
+    u_HK, v_HK = ctx["u"], ctx["v"]
+    # Like the official code, q/k/v come from one fused projection of cat(mem, h); memory queries are dropped.
+    q_BHCK, k_BHCK, v_BHCK = attn.project(torch.cat([mem_BMD, h_BTD], dim=1))
+    q_BHTK = q_BHCK[:, :, M:]
+    pos_CD = ctx["pos"]
+    r_CHK = r_net(pos_CD).view(pos_CD.shape[0], -1, K)
+    bd_BHTC = rel_shift(torch.einsum("bhtk,chk->bhtc", q_BHTK + v_HK[:, None], r_CHK))
+    # SDPA computes softmax(q'k^T * scale + mask) v; with q' = q + u and BD * scale folded into the additive
+    # mask, that is softmax((AC + BD) * scale) exactly (same 1/sqrt(K) scale as `self.scale`).
+    bias_BHTC = bd_BHTC * K**-0.5 + ctx["mask"]
+    o_BHTK = attn.attend(q_BHTK + u_HK[:, None], k_BHCK, v_BHCK, attn_mask=bias_BHTC)
+    return attn.merge(o_BHTK), q_BHTK
 
 
 class TransformerXLMemory(MemoryKind):

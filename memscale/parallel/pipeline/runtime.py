@@ -109,6 +109,9 @@ class PipelineResult:
     num_targets: int
     states: list[MemoryState]
     """Per group, the memory this stage holds after the step's last segment (detached): the next step's input."""
+    aux_sum: float = 0.0
+    """Sum of the layers' auxiliary losses (∞-former's KL term) over all stages, groups and segments, in the units
+    of `loss_sum` and not in it (on every rank)."""
 
     @property
     def loss(self) -> float:
@@ -144,6 +147,8 @@ class _Record:
     """The activation sent on, or the scaled loss on the last stage (graph kept)."""
     new: dict[str, Tensor] = field(default_factory=dict)
     """The memory the segment wrote, with its graph (roots of the memory gradient from the next segment)."""
+    aux: Tensor | None = None
+    """The scaled sum of this stage's layers' auxiliary losses (graph kept): one more root of its backward."""
     leaves: dict[str, Tensor] = field(default_factory=dict)
     """The incoming memory as leaves whose .grad the previous segment's backward takes (BPTT)."""
 
@@ -225,6 +230,7 @@ class PipelineRuntime:
         self._start_own_memory()
         self.scale = loss_scale / max(sum(b.num_targets for g in batches for b in g), 1)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.backward = backward
         self.records: dict[tuple[int, int], _Record] = {}
         self.mem_grads: dict[tuple[int, int], dict[str, Tensor]] = {}
@@ -255,11 +261,11 @@ class PipelineRuntime:
         if not forward_only:
             self._initial_memory_gradients()
             self._sum_replicated(before)
-        total = self._loss_everywhere()
+        total, aux_total = self._loss_everywhere()
         out = [MemoryState({n: t.detach() for n, t in h.items()}) for h in self.held]
         num_targets = sum(b.num_targets for g in batches for b in g)
         self.__dict__.update(batches=None, held=None, records=None, mem_grads=None, outbox=None, mailbox=None)
-        return PipelineResult(total, num_targets, out)
+        return PipelineResult(total, num_targets, out, aux_total)
 
     def _check(self, schedule: Schedule, batches: list[list[Batch]], states: list[MemoryState]) -> None:
         spec = self.spec
@@ -360,15 +366,18 @@ class PipelineRuntime:
         x_in = self.mailbox.pop((A.RECV_F, g, t, self.s - 1))[0] if not self.first else None
         state = MemoryState(dict(self.held[g].items()))
         if self.forward_only:
-            out, new, loss = self._run_segment(g, t, x_in, state, rec=None)
+            out, new, loss, aux = self._run_segment(g, t, x_in, state, rec=None)
         elif self.spec.memory_grad == "replay":
             rec.x_in, rec.state_in = x_in, state
             rec.rng = rng_snapshot(self.device)
             with torch.no_grad():
-                out, new, loss = self._run_segment(g, t, x_in, state, rec=None)
+                out, new, loss, aux = self._run_segment(g, t, x_in, state, rec=None)
         else:
-            out, new, loss = self._run_segment(g, t, x_in, state, rec=rec)
+            out, new, loss, aux = self._run_segment(g, t, x_in, state, rec=rec)
             rec.out, rec.new = (loss * self.scale if self.last else out), new
+            rec.aux = aux * self.scale if aux is not None else None
+        if aux is not None:
+            self.aux_sum += aux.detach().to(torch.float64)
         if self.last:
             self.loss_sum += loss.detach().to(torch.float64)
         else:
@@ -383,7 +392,8 @@ class PipelineRuntime:
 
     def _run_segment(self, g: int, t: int, x_in: Tensor | None, state: MemoryState, *, rec: _Record | None):
         """The stage's part of `MemoryTransformer.step` for (g, t); with `rec`, the graph is kept and the inputs
-        that receive gradient are recorded in it."""
+        that receive gradient are recorded in it. -> (activation out, new state, loss sum on the last stage, the
+        sum of this stage's layers' auxiliary losses or None)."""
         spec, stage = self.spec, self.stage
         b = self.batches[g][t]
         T = b.tokens_BT.shape[1]
@@ -408,7 +418,8 @@ class PipelineRuntime:
             x = x_in.detach().requires_grad_(rec is not None)
             if rec is not None:
                 rec.x_in = x
-        x, new1 = stage.run_blocks(x, state, num_tokens=T)
+        aux: list[Tensor] = []
+        x, new1 = stage.run_blocks(x, state, num_tokens=T, aux=aux)
         new.update(new1)
         loss = None
         if self.last:
@@ -417,7 +428,7 @@ class PipelineRuntime:
             loss = token_loss(
                 h, stage.head, b.targets_BT, fused=stage.cfg.fused_loss, return_logits=False
             ).loss_sum
-        return x, new, loss
+        return x, new, loss, (torch.stack(aux).sum() if aux else None)
 
     def _backward(self, a: Action) -> None:
         spec = self.spec
@@ -426,12 +437,16 @@ class PipelineRuntime:
         if spec.memory_grad == "replay":
             replayed = _Record()
             with replayed_rng(rec.rng, self.device):
-                out, new, loss = self._run_segment(g, t, rec.x_in, rec.state_in, rec=replayed)
+                out, new, loss, aux = self._run_segment(g, t, rec.x_in, rec.state_in, rec=replayed)
             replayed.out, replayed.new = (loss * self.scale if self.last else out), new
+            replayed.aux = aux * self.scale if aux is not None else None
             rec = replayed
         roots, grads = [rec.out], [None]
         if not self.last:
             grads = [self.mailbox.pop((A.RECV_B, g, t, self.s + 1))[0]]
+        if rec.aux is not None:  # this stage's own term of the objective: the gradient of a sum is the sum
+            roots.append(rec.aux)
+            grads.append(None)
         if spec.grad_from_next(t):
             local = self.mem_grads.pop((g, t + 1), {})
             received = {}
@@ -601,12 +616,14 @@ class PipelineRuntime:
                 p.grad = total if b is None else b + total
             offset += m
 
-    def _loss_everywhere(self) -> float:
+    def _loss_everywhere(self) -> tuple[float, float]:
+        """The loss (summed at the last stage) and the auxiliary losses (summed on every stage), on every rank."""
         loss = (
             self.loss_sum.clone() if self.last else torch.zeros((), dtype=torch.float64, device=self.device)
         )
-        dist.all_reduce(loss, group=self.group)
-        return loss.item()
+        both = torch.stack([loss, self.aux_sum])
+        dist.all_reduce(both, group=self.group)
+        return both[0].item(), both[1].item()
 
 
 __all__ = ["PipelineResult", "PipelineRuntime", "forward_schedule", "stage_state"]
