@@ -211,7 +211,8 @@ def test_slot_attention_refuses_another_mask():
     ],
 )
 def test_training_window_triton_matches_torch(kind, read_params):
-    """A training window of two segments (the second reads the memory the first wrote) in the kind's own mode
+    """A training window of three segments (the last reads the memory the first wrote; ∞-former's long-term memory
+    takes a segment once it leaves the short-term cache of one segment) in the kind's own mode
     (∞-former detached, Memformer by memory replay) through the Triton kernels (the loss, and the ∞-former read in
     every layer or the Memformer write) gives the torch backend's loss within 1e-5 and every gradient within 1e-4
     of its own largest entry (fp32; the ∞-former's density gradients come out of sums that cancel to ~1e-7 at
@@ -221,7 +222,7 @@ def test_training_window_triton_matches_torch(kind, read_params):
     from memscale.train.bptt import run_window
     from tests.helpers import random_batches, tiny_model
 
-    batches = [b.to(DEVICE) for b in random_batches(2, seed=3)]
+    batches = [b.to(DEVICE) for b in random_batches(3, seed=3)]
     results = {}
     for choice in ("torch", "triton"):
         model = tiny_model(kind, "model.memory.num_basis=40", "model.memory.num_samples=16", seed=4)
