@@ -20,12 +20,12 @@ gradient for the last segment and differ only in what crosses segment boundaries
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from memscale.config import MemoryGrad
-from memscale.data.batch import Batch
+from memscale.data.batch import IGNORE_INDEX, Batch
 from memscale.models.memory.base import MemoryState
 from memscale.models.transformer import MemoryTransformer
 
@@ -37,6 +37,8 @@ class WindowResult:
     num_targets: int
     state: MemoryState
     """The state after the window's last segment, detached: the next window starts from it."""
+    history: History | None = None
+    """Sliding depth: the segments the next step runs again (pass it to the next call)."""
 
 
 def _rng_snapshot(device: torch.device, *, tracker: bool = False) -> tuple:
@@ -84,10 +86,16 @@ def run_window(
     state: MemoryState,
     *,
     memory_grad: MemoryGrad,
+    depth: int | None = None,
+    history: History | None = None,
     loss_scale: float = 1.0,
     backward=torch.autograd.backward,
 ) -> WindowResult:
     """Forward and backward over `batches`; gradients accumulate into the model's `.grad`.
+
+    `depth` None: the window modes above. `depth` k >= 0 (truncated or replay): the sliding depth, the loss of every
+    segment reaches exactly k segments back, through `history` (the previous call's `WindowResult.history`; None or
+    empty at the start). With a non-empty history, `state` is not read: the memory is recomputed from the history.
 
     `loss_scale` multiplies the loss before backward (e.g. 1 / gradient-accumulation steps). `backward` is called
     as `torch.autograd.backward(roots[, grad_tensors])` is: a data-parallel engine passes its own
@@ -95,6 +103,12 @@ def run_window(
     """
     total = sum(b.num_targets for b in batches)
     scale = loss_scale / max(total, 1)
+    if depth is not None:
+        if depth < 0 or memory_grad not in ("truncated", "replay"):
+            raise ValueError(f"sliding depth {depth} with memory_grad={memory_grad!r}: need depth >= 0 and "
+                             "truncated or replay")
+        return _run_sliding(model, batches, state, history or History(), depth=depth,
+                            replay=memory_grad == "replay", scale=scale, total=total, backward=backward)
     if memory_grad == "detached":
         return _run_detached(model, batches, state, scale=scale, total=total, backward=backward)
     if memory_grad == "truncated":
@@ -192,3 +206,167 @@ def _run_replay(model, batches, state, *, scale, total, backward) -> WindowResul
             )
         grad_out = {n: x.grad for n, x in s_in.items() if x.grad is not None}
     return WindowResult(loss_sum, total, final_state)
+
+
+# -- sliding depth ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentRecord:
+    """A segment run in an earlier step, kept so that a later step can run it again under the current weights."""
+
+    batch: Batch
+    """Its input (targets are not kept: its loss was counted in the step that first ran it)."""
+    rng: tuple
+    """The RNG state it was first run with (CPU, CUDA, TP tracker), so that a rerun draws the same dropout."""
+
+
+@dataclass
+class History:
+    """The last `depth` segments of every stream (oldest first) and the memory state before the oldest.
+
+    Only the state before the oldest segment is kept: the states after it are recomputed under the current weights
+    (the gradient is then the gradient of the loss that was reported, and the state carried on is the one those
+    weights produce). Empty at the start of a run, and after a skipped step (the trainer drops it)."""
+
+    state: MemoryState | None = None
+    records: list[SegmentRecord] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors for a checkpoint: `state.<name>` (the state before the oldest segment), `tokens`,
+        `reset`, `doc_pos` stacked over segments on dim 1 (batch first), and the RNG states, `rng.cpu` [n, ...],
+        `rng.cuda` [n, ...] on CUDA. Empty when nothing is held."""
+        if not self.records:
+            return {}
+        out = {f"state.{n}": t.detach().cpu().contiguous() for n, t in self.state.items()}
+        for key, attr in (("tokens", "tokens_BT"), ("reset", "reset_B"), ("doc_pos", "doc_pos_B")):
+            out[key] = torch.stack([getattr(r.batch, attr).cpu() for r in self.records], dim=1).contiguous()
+        out["rng.cpu"] = torch.stack([r.rng[0] for r in self.records])
+        if self.records[0].rng[1] is not None:
+            out["rng.cuda"] = torch.stack([r.rng[1].cpu() for r in self.records])
+        if self.records[0].rng[2] is not None:
+            raise ValueError("a sliding-depth history with tensor-parallel RNG streams cannot be checkpointed")
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], *, device: torch.device) -> History:
+        if not sd:
+            return cls()
+        state = MemoryState({k[len("state.") :]: v.to(device) for k, v in sd.items() if k.startswith("state.")})
+        records = []
+        for i in range(sd["tokens"].shape[1]):
+            tokens = sd["tokens"][:, i].to(device)
+            batch = Batch(tokens, torch.full_like(tokens, IGNORE_INDEX), sd["reset"][:, i].to(device),
+                          sd["doc_pos"][:, i].to(device))
+            cuda = sd["rng.cuda"][i] if "rng.cuda" in sd else None
+            records.append(SegmentRecord(batch, (sd["rng.cpu"][i].clone(), cuda, None)))
+        return cls(state, records)
+
+
+def _leaf(state: MemoryState) -> MemoryState:
+    """A copy of `state` that starts a new graph: gradient stops at it, and arrives in its `.grad`-able leaves."""
+    return state.map(lambda x: x.detach().clone().requires_grad_(x.is_floating_point()))
+
+
+def _run_sliding(model, batches, state, history, *, depth, replay, scale, total, backward) -> WindowResult:
+    device = next(model.parameters()).device
+    tracker = _tensor_parallel(model)
+    h, n = len(history), len(batches)
+    segs = [r.batch for r in history.records] + list(batches)
+    rngs = [r.rng for r in history.records] + [None] * n
+
+    def run(i: int, s_in: MemoryState):
+        """Segment i (history first) from `s_in`: its first run takes the ambient RNG (and records it), a rerun
+        replays it. A history segment runs without targets: its loss was counted when it was new."""
+        b = segs[i]
+        targets = b.targets_BT if i >= h else None
+        if rngs[i] is None:
+            rngs[i] = _rng_snapshot(device, tracker=tracker)
+            return model.step(b.tokens_BT, s_in, targets_BT=targets, reset_B=b.reset_B, return_logits=False)
+        with _replayed_rng(rngs[i], device):
+            return model.step(b.tokens_BT, s_in, targets_BT=targets, reset_B=b.reset_B, return_logits=False)
+
+    # Forward over history + new segments. replay: no graph, the state before each segment in a bank allocated
+    # once (see _run_replay); truncated: every segment's graph kept, each starting from its own leaf state.
+    start = history.state if h else state
+    kept: list[tuple[MemoryState, object]] = []
+    bank = {n_: torch.empty((h + n + 1, *t.shape), dtype=t.dtype, device=t.device) for n_, t in start.items()}
+
+    def boundary(i: int) -> MemoryState:
+        return MemoryState({n_: b[i] for n_, b in bank.items()})
+
+    for n_, b in bank.items():
+        b[0].copy_(start[n_])
+    loss_sum = 0.0
+    for i in range(h + n):
+        if replay:
+            with torch.no_grad():
+                out = run(i, boundary(i))
+        else:
+            s_in = _leaf(boundary(i))
+            out = run(i, s_in)
+            kept.append((s_in, out))
+        if i >= h and out.loss_sum is not None:
+            loss_sum += out.loss_sum.item()
+        for n_, b in bank.items():
+            b[i + 1].copy_(out.state[n_].detach())
+    final_state = MemoryState({n_: b[h + n].clone() for n_, b in bank.items()})
+
+    # Backward, last segment first. The gradient arriving at a boundary is kept apart by age: pending[a] is the
+    # part that came from the loss of the segment a steps later. Segment i backpropagates all ages into the
+    # weights (one backward), and each age a < depth separately into its input state, where it becomes age a + 1.
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    for i in range(h + n - 1, -1, -1):
+        if i < h and not pending:
+            break  # no gradient reaches this far back (a history longer than the depth, after a resume)
+        if replay:
+            s_in = _leaf(boundary(i))
+            out = run(i, s_in)
+        else:
+            s_in, out = kept[i]
+        loss_root = None
+        if i >= h and out.loss_sum is not None and out.loss_sum.requires_grad:
+            loss_root = out.loss_sum * scale
+        # Each age as (roots, gradients): age 0 is this segment's own loss.
+        by_age = {0: ([loss_root], [None])} if loss_root is not None else {}
+        for a, grads in pending.items():
+            names = [name for name in grads if out.state[name].requires_grad]
+            if names:
+                by_age[a] = ([out.state[name] for name in names], [grads[name] for name in names])
+        inputs = [(name, x) for name, x in s_in.items() if x.requires_grad]
+        nxt: dict[int, dict[str, torch.Tensor]] = {}
+        if i > 0 and inputs:
+            for a in sorted(by_age):
+                if a + 1 > depth:  # the loss of segment i + a has reached its depth here
+                    continue
+                roots, grads = by_age[a]
+                got = torch.autograd.grad(
+                    roots, [x for _, x in inputs], grads, retain_graph=True, allow_unused=True
+                )
+                got = {name: g for (name, _), g in zip(inputs, got, strict=True) if g is not None}
+                if got:
+                    nxt[a + 1] = got
+        # All ages at once into the weights: the sum of the gradients reaching each output state.
+        summed: dict[str, torch.Tensor] = {}
+        for a in sorted(pending):
+            for name, g in pending[a].items():
+                if out.state[name].requires_grad:
+                    summed[name] = g if name not in summed else summed[name] + g
+        roots = ([loss_root] if loss_root is not None else []) + [out.state[name] for name in summed]
+        grads = ([None] if loss_root is not None else []) + list(summed.values())
+        if roots:
+            backward(roots, grads)
+        pending = nxt
+
+    # The next step runs the last `depth` segments again, from the state before the oldest of them.
+    keep = min(depth, h + n)
+    records = [SegmentRecord(_without_targets(segs[i]), rngs[i]) for i in range(h + n - keep, h + n)]
+    kept_state = MemoryState({n_: b[h + n - keep].clone() for n_, b in bank.items()}) if keep else None
+    return WindowResult(loss_sum, total, final_state, History(kept_state, records))
+
+
+def _without_targets(b: Batch) -> Batch:
+    return Batch(b.tokens_BT, torch.full_like(b.targets_BT, IGNORE_INDEX), b.reset_B, b.doc_pos_B)
