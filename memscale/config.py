@@ -358,8 +358,10 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         for arm in get_args(tp):
-            if arm is type(None) and value is None:
-                return None
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
             try:
                 return _check_type(value, arm, key)
             except ConfigError:

@@ -55,13 +55,25 @@ def _resumed_at_3_ends_the_same(tmp_path, data_dir, run, *mode) -> None:
 
 
 @pytest.mark.parametrize(
-    "stage, memory_grad, recompute",
-    [(2, "truncated", "selective"), (3, "replay", "full"), (0, "detached", "none")],
+    "stage, memory_grad, recompute, depth",
+    [
+        (2, "truncated", "selective", None),
+        (3, "replay", "full", None),
+        (0, "detached", "none", None),
+        # Sliding depth 3 (memscale/train/bptt.py): history segments rerun on every rank, the per-age state
+        # gradients by autograd.grad beside the engine's backward; each rank's history in the checkpoint.
+        (2, "replay", "none", 3),
+        (3, "truncated", "full", 2),
+    ],
 )
-def test_dp2_zero_equals_one_process_and_resumes_exactly(data_dir, tmp_path, stage, memory_grad, recompute):
+def test_dp2_zero_equals_one_process_and_resumes_exactly(
+    data_dir, tmp_path, stage, memory_grad, recompute, depth
+):
     """... and activation checkpointing on the two ranks (ZeRO-3 gathers the parameters of a block again when it
     is recomputed in backward) against none on one process."""
     mode = (f"parallel.zero_stage={stage}", f"train.memory_grad={memory_grad}")
+    if depth is not None:
+        mode = (*mode, f"train.bptt_depth={depth}")
     one = tmp_path / "one"
     Trainer(
         _cfg(data_dir, one, *STEPS, "data.num_streams=4", "train.threads=1", *mode), log=lambda _: None

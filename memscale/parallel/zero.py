@@ -413,8 +413,10 @@ class ZeroEngine:
         self,
         roots: torch.Tensor | Sequence[torch.Tensor],
         grad_tensors: Sequence[torch.Tensor | None] | None = None,
+        retain_graph: bool = False,
     ) -> None:
-        """Like `torch.autograd.backward(roots, grad_tensors)`, through the engine; any number of calls per step."""
+        """Like `torch.autograd.backward(roots, grad_tensors, retain_graph)`, through the engine; any number of calls
+        per step."""
         if isinstance(roots, torch.Tensor):
             roots = [roots]
         if grad_tensors is None:
@@ -438,7 +440,7 @@ class ZeroEngine:
             )
         surrogate = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
         # scale_wrt_gas=False: the loss is already normalised by the global token count (global_token_scale).
-        self.engine.backward(surrogate, scale_wrt_gas=False)
+        self.engine.backward(surrogate, retain_graph=retain_graph, scale_wrt_gas=False)
 
     def step(self) -> float:
         """Reduce the gradient accumulated since the last step (once), clip, update; returns the pre-clip norm.

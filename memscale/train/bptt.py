@@ -98,7 +98,7 @@ def run_window(
     empty at the start). With a non-empty history, `state` is not read: the memory is recomputed from the history.
 
     `loss_scale` multiplies the loss before backward (e.g. 1 / gradient-accumulation steps). `backward` is called
-    as `torch.autograd.backward(roots[, grad_tensors])` is: a data-parallel engine passes its own
+    as `torch.autograd.backward(roots[, grad_tensors][, retain_graph=])` is: a data-parallel engine passes its own
     (memscale/parallel/zero.py, ZeroEngine.backward), which DeepSpeed's gradient bookkeeping needs.
     """
     total = sum(b.num_targets for b in batches)
@@ -244,6 +244,7 @@ class History:
         out = {f"state.{n}": t.detach().cpu().contiguous() for n, t in self.state.items()}
         for key, attr in (("tokens", "tokens_BT"), ("reset", "reset_B"), ("doc_pos", "doc_pos_B")):
             out[key] = torch.stack([getattr(r.batch, attr).cpu() for r in self.records], dim=1).contiguous()
+        out["reset"] = out["reset"].to(torch.uint8)  # gloo gathers no bool tensors
         out["rng.cpu"] = torch.stack([r.rng[0] for r in self.records])
         if self.records[0].rng[1] is not None:
             out["rng.cuda"] = torch.stack([r.rng[1].cpu() for r in self.records])
@@ -259,7 +260,7 @@ class History:
         records = []
         for i in range(sd["tokens"].shape[1]):
             tokens = sd["tokens"][:, i].to(device)
-            batch = Batch(tokens, torch.full_like(tokens, IGNORE_INDEX), sd["reset"][:, i].to(device),
+            batch = Batch(tokens, torch.full_like(tokens, IGNORE_INDEX), sd["reset"][:, i].to(device, torch.bool),
                           sd["doc_pos"][:, i].to(device))
             cuda = sd["rng.cuda"][i] if "rng.cuda" in sd else None
             records.append(SegmentRecord(batch, (sd["rng.cpu"][i].clone(), cuda, None)))
@@ -337,19 +338,10 @@ def _run_sliding(model, batches, state, history, *, depth, replay, scale, total,
             if names:
                 by_age[a] = ([out.state[name] for name in names], [grads[name] for name in names])
         inputs = [(name, x) for name, x in s_in.items() if x.requires_grad]
-        nxt: dict[int, dict[str, torch.Tensor]] = {}
-        if i > 0 and inputs:
-            for a in sorted(by_age):
-                if a + 1 > depth:  # the loss of segment i + a has reached its depth here
-                    continue
-                roots, grads = by_age[a]
-                got = torch.autograd.grad(
-                    roots, [x for _, x in inputs], grads, retain_graph=True, allow_unused=True
-                )
-                got = {name: g for (name, _), g in zip(inputs, got, strict=True) if g is not None}
-                if got:
-                    nxt[a + 1] = got
-        # All ages at once into the weights: the sum of the gradients reaching each output state.
+        going_on = sorted(a for a in by_age if a + 1 <= depth) if i > 0 and inputs else []
+        # All ages at once into the weights: the sum of the gradients reaching each output state. First, while the
+        # graph is kept for the per-age passes below: a data-parallel engine hooks the segment's outputs and runs
+        # its backward bookkeeping once per forward, on the first pass through them (memscale/parallel/zero.py).
         summed: dict[str, torch.Tensor] = {}
         for a in sorted(pending):
             for name, g in pending[a].items():
@@ -358,7 +350,15 @@ def _run_sliding(model, batches, state, history, *, depth, replay, scale, total,
         roots = ([loss_root] if loss_root is not None else []) + [out.state[name] for name in summed]
         grads = ([None] if loss_root is not None else []) + list(summed.values())
         if roots:
-            backward(roots, grads)
+            backward(roots, grads, retain_graph=bool(going_on))
+        # Each age that may go one segment further, into the input state alone (no weight gradients computed).
+        nxt: dict[int, dict[str, torch.Tensor]] = {}
+        for a in going_on:
+            roots, grads = by_age[a]
+            got = torch.autograd.grad(roots, [x for _, x in inputs], grads, retain_graph=True, allow_unused=True)
+            got = {name: g for (name, _), g in zip(inputs, got, strict=True) if g is not None}
+            if got:
+                nxt[a + 1] = got
         pending = nxt
 
     # The next step runs the last `depth` segments again, from the state before the oldest of them.

@@ -276,6 +276,8 @@ class Trainer:
         else:
             self.dist.load(path, ts.rng)
             self.state = self.dist.local_memory(ts.memory, device=self.device)
+            if self.cfg.train.bptt_depth is not None:
+                self.history = History.from_state_dict(self.dist.local_history(ts.history), device=self.device)
             if self.pipeline is not None:
                 self.state = self.pipeline.own_part(self.state)
         self.train_loader.load_state_dict(ts.loader)
@@ -291,6 +293,8 @@ class Trainer:
         keep = self.cfg.train.keep_checkpoints
         if self.dist is None:
             return ckpt.save(self.ckpt_root, self.gather_state(), keep=keep)
+
+        history = self.dist.gather_history(self.history.state_dict())  # a collective: every rank
 
         def make_state(memory, rng, weights) -> ckpt.TrainState:
             return ckpt.TrainState(
@@ -310,6 +314,7 @@ class Trainer:
                     "dp": self.dist.dp,
                     "zero_stage": self.dist.dims.zero_stage,
                 },
+                history=history,
             )
 
         return self.dist.save(
