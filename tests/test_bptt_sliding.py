@@ -6,6 +6,7 @@ import torch
 
 from memscale.train.bptt import History, run_window
 from tests.helpers import random_batches, tiny_model
+from tests.test_bptt import _SavedBytes
 
 KINDS = ["rmt", "memformer", "armt"]
 
@@ -210,3 +211,31 @@ def test_history_checkpoint_round_trip():
     for k, v in sd.items():
         assert torch.equal(back.state_dict()[k], v), k
     assert History().state_dict() == {} and len(History.from_state_dict({}, device=torch.device("cpu"))) == 0
+
+
+class _SavedBytesDetached(_SavedBytes):
+    """`_SavedBytes`, keeping a detached alias of each saved tensor: a holder that kept the tensor itself would
+    keep its graph node alive through the node's own saved variable (a cycle Python cannot see), and a graph that
+    a pass with retain_graph did not free would then look alive after it is gone."""
+
+    def pack(self, t):
+        return super().pack(t.detach())
+
+
+def _peak_saved_bytes_of_second_step(mode, depth, kind):
+    model = tiny_model(kind, seed=0)
+    batches = random_batches(12)
+    first = run_window(model, batches[:6], model.init_state(2), memory_grad=mode, depth=depth)
+    meter = _SavedBytesDetached()
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        run_window(model, batches[6:8], first.state, memory_grad=mode, depth=depth, history=first.history)
+    return meter.peak
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_replay_saved_bytes_do_not_grow_with_depth(kind):
+    """replay holds one segment's graph at a time whatever the depth; truncated holds all depth + n graphs."""
+    replay = [_peak_saved_bytes_of_second_step("replay", d, kind) for d in (1, 6)]
+    truncated = [_peak_saved_bytes_of_second_step("truncated", d, kind) for d in (1, 6)]
+    assert replay[1] == replay[0], replay
+    assert truncated[1] > 2 * truncated[0], truncated

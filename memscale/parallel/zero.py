@@ -20,6 +20,10 @@ What DeepSpeed does not give directly, and how it is solved here:
   `torch.autograd.backward(roots, grads)` on tensors computed through `engine.model` are handled like
   `engine.backward` (checked: memscale/train/bptt.py's `run_window`, unchanged, equals one process under ZeRO 1/2/3
   for rmt, detached and replay). `ZeroEngine.backward` is the explicit path that does not depend on those hooks.
+- **Passes into the memory alone** (a sliding `train.bptt_depth`, memscale/train/bptt.py): after a segment's
+  backward through the engine (with `retain_graph`), `torch.autograd.grad` into its input state. The engine's
+  output hooks run its backward bookkeeping once per forward, on the first pass, so these later passes reach no
+  engine code and accumulate no weight gradient (checked against one process under ZeRO-2 and ZeRO-3).
 - **Several roots** (replay backpropagates a segment's loss and the gradient that reached its output state):
   `autograd.backward([loss, s], [None, g])` equals the backward of the scalar `loss + (s * g).sum()` with `g`
   detached, which is what `ZeroEngine.backward` hands to `engine.backward`.

@@ -14,7 +14,39 @@ how gradient treats the memory carried between them:
              same dropout masks); memory holds k states plus one segment's activations.
 
 The loss of a window is the mean token cross-entropy over all its targets, so the three modes give the same
-gradient for the last segment and differ only in what crosses segment boundaries.
+gradient for the last segment and differ only in what crosses segment boundaries. In a window, segment j (from 0)
+reaches j segments back, a mean depth of (k - 1) / 2, and the window's last memory gets no gradient at all.
+
+Sliding depth (`depth` = `train.bptt_depth` = k, with truncated or replay): the depth of LM-RMT's
+`mem_backprop_depth`. A step still trains on its n = `bptt_segments` new segments (their losses, nothing else),
+and the loss of every segment t backpropagates through the memory into segments t-1, ..., t-k and not into t-k-1,
+whether those ran in this step or in an earlier one.
+
+- History. The k segments before the step's first one ran in earlier steps, under older weights. They run again,
+  under the current weights, from the state saved before the oldest of them, with the RNG state they first ran
+  with (the same dropout) and without targets (their losses were counted when they were new): `History`, which
+  the trainer checkpoints, so a resumed run continues bit for bit. The new segments then start from that
+  recomputed state rather than from the one the previous step carried: the gradient is exactly the gradient of
+  the loss the step reports, a function of the current weights alone (with unchanged weights the two states are
+  the same; tests check it). Cost per step: k more segment forwards and backwards than the window; `replay`
+  keeps k + n + 1 boundary states and one segment's graph, `truncated` all k + n graphs.
+- Exact per-loss truncation. One detach for the whole step, k segments before its first, cuts the union: the
+  step's later losses would reach further than k. Instead the gradient arriving at a boundary is kept apart by age: the part from the
+  loss of segment i + a has crossed a boundaries, may enter segment i while a <= k and go on while a < k. Walking
+  back, segment i runs (1) one backward into the weights with its own loss plus the sum of every age that
+  reached its output state, then (2) for each age a < k (its own loss is age 0) one vector-Jacobian product into
+  its input state alone (`torch.autograd.grad`, which computes no weight gradients), which becomes age a + 1 at
+  segment i - 1. That is n + k weight backwards and at most k state passes per segment (about n k + k^2 / 2).
+  The ages cannot be merged and split again: the Jacobians differ per segment, and a subtraction would leave
+  rounding where the definition has exact zeros. The other exact scheme, one backward chain per loss, makes as
+  many passes (n (k + 1)), each with weight gradients, and recomputes each segment k + 1 times under replay.
+- Document boundaries. `model.step` resets the rows whose document starts with a `torch.where`: the old state's
+  gradient there is exactly zero, so no age crosses into the previous document (tests check exact zeros).
+- Data parallelism. A DeepSpeed engine hooks each forward's outputs and runs its backward bookkeeping on the
+  first pass through them (memscale/parallel/zero.py): the weights' backward goes first and keeps the graph, the
+  state passes follow. Each rank's history (its streams, its RNG) is in the checkpoint
+  (`Distributed.gather_history`). Not under tensor or pipeline parallelism (refused by the config).
+- Depth 0 gives the gradients of `detached`.
 """
 
 from __future__ import annotations
@@ -355,7 +387,8 @@ def _run_sliding(model, batches, state, history, *, depth, replay, scale, total,
         nxt: dict[int, dict[str, torch.Tensor]] = {}
         for a in going_on:
             roots, grads = by_age[a]
-            got = torch.autograd.grad(roots, [x for _, x in inputs], grads, retain_graph=True, allow_unused=True)
+            last = a == going_on[-1]  # the last pass frees the segment's graph
+            got = torch.autograd.grad(roots, [x for _, x in inputs], grads, retain_graph=not last, allow_unused=True)
             got = {name: g for (name, _), g in zip(inputs, got, strict=True) if g is not None}
             if got:
                 nxt[a + 1] = got
