@@ -249,7 +249,8 @@ class Config:
             # Resolved once here, so the run directory's config.yaml and every reader see the mode that runs.
             t.memory_grad = own_memory_grad(mem.kind) if t.memory_grad == "auto" else "detached"
         if mem.kind not in GRAD_CARRYING_KINDS:
-            t.bptt_depth = None  # as memory_grad: no gradient crosses this kind's memory, so no depth to slide
+            # As memory_grad: no gradient crosses this kind's memory, so there is no depth to slide.
+            t.bptt_depth = None
         if t.bptt_depth is not None and t.memory_grad == "detached":
             raise ConfigError(
                 f"train.bptt_depth={t.bptt_depth} with train.memory_grad=detached: a depth needs gradient through "

@@ -30,7 +30,11 @@ def _per_loss_reference(model, history, state, batches, depth):
                 s = s.detach()
             b = segs[i]
             out = model.step(
-                b.tokens_BT, s, targets_BT=b.targets_BT if i == t else None, reset_B=b.reset_B, return_logits=False
+                b.tokens_BT,
+                s,
+                targets_BT=b.targets_BT if i == t else None,
+                reset_B=b.reset_B,
+                return_logits=False,
             )
             s = out.state
         (out.loss_sum / total).backward()
@@ -148,7 +152,9 @@ def test_replay_equals_truncated_with_dropout(kind):
         state, history, grads = model.init_state(2), History(), []
         for s in range(3):
             model.zero_grad()
-            r = run_window(model, batches[2 * s : 2 * s + 2], state, memory_grad=mode, depth=2, history=history)
+            r = run_window(
+                model, batches[2 * s : 2 * s + 2], state, memory_grad=mode, depth=2, history=history
+            )
             state, history = r.state, r.history
             grads.append(_grads(model))
         results[mode] = (grads, state, torch.get_rng_state())

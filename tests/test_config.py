@@ -93,7 +93,12 @@ def test_memory_grad_follows_the_kind(kind, asked, runs):
 )
 def test_bptt_depth_follows_the_kind(kind, asked, depth, runs):
     cfg = config_from_dict(
-        {}, [f"model.memory.kind={kind}", f"train.memory_grad={asked}", f"train.bptt_depth={'null' if depth is None else depth}"]
+        {},
+        [
+            f"model.memory.kind={kind}",
+            f"train.memory_grad={asked}",
+            f"train.bptt_depth={'null' if depth is None else depth}",
+        ],
     )
     assert (cfg.train.memory_grad, cfg.train.bptt_depth) == runs
 

@@ -137,10 +137,21 @@ def run_window(
     scale = loss_scale / max(total, 1)
     if depth is not None:
         if depth < 0 or memory_grad not in ("truncated", "replay"):
-            raise ValueError(f"sliding depth {depth} with memory_grad={memory_grad!r}: need depth >= 0 and "
-                             "truncated or replay")
-        return _run_sliding(model, batches, state, history or History(), depth=depth,
-                            replay=memory_grad == "replay", scale=scale, total=total, backward=backward)
+            raise ValueError(
+                f"sliding depth {depth} with memory_grad={memory_grad!r}: need depth >= 0 and "
+                "truncated or replay"
+            )
+        return _run_sliding(
+            model,
+            batches,
+            state,
+            history or History(),
+            depth=depth,
+            replay=memory_grad == "replay",
+            scale=scale,
+            total=total,
+            backward=backward,
+        )
     if memory_grad == "detached":
         return _run_detached(model, batches, state, scale=scale, total=total, backward=backward)
     if memory_grad == "truncated":
@@ -281,19 +292,27 @@ class History:
         if self.records[0].rng[1] is not None:
             out["rng.cuda"] = torch.stack([r.rng[1].cpu() for r in self.records])
         if self.records[0].rng[2] is not None:
-            raise ValueError("a sliding-depth history with tensor-parallel RNG streams cannot be checkpointed")
+            raise ValueError(
+                "a sliding-depth history with tensor-parallel RNG streams cannot be checkpointed"
+            )
         return out
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], *, device: torch.device) -> History:
         if not sd:
             return cls()
-        state = MemoryState({k[len("state.") :]: v.to(device) for k, v in sd.items() if k.startswith("state.")})
+        state = MemoryState(
+            {k[len("state.") :]: v.to(device) for k, v in sd.items() if k.startswith("state.")}
+        )
         records = []
         for i in range(sd["tokens"].shape[1]):
             tokens = sd["tokens"][:, i].to(device)
-            batch = Batch(tokens, torch.full_like(tokens, IGNORE_INDEX), sd["reset"][:, i].to(device, torch.bool),
-                          sd["doc_pos"][:, i].to(device))
+            batch = Batch(
+                tokens,
+                torch.full_like(tokens, IGNORE_INDEX),
+                sd["reset"][:, i].to(device, torch.bool),
+                sd["doc_pos"][:, i].to(device),
+            )
             cuda = sd["rng.cuda"][i] if "rng.cuda" in sd else None
             records.append(SegmentRecord(batch, (sd["rng.cpu"][i].clone(), cuda, None)))
         return cls(state, records)
@@ -388,7 +407,9 @@ def _run_sliding(model, batches, state, history, *, depth, replay, scale, total,
         for a in going_on:
             roots, grads = by_age[a]
             last = a == going_on[-1]  # the last pass frees the segment's graph
-            got = torch.autograd.grad(roots, [x for _, x in inputs], grads, retain_graph=not last, allow_unused=True)
+            got = torch.autograd.grad(
+                roots, [x for _, x in inputs], grads, retain_graph=not last, allow_unused=True
+            )
             got = {name: g for (name, _), g in zip(inputs, got, strict=True) if g is not None}
             if got:
                 nxt[a + 1] = got

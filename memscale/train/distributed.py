@@ -263,7 +263,9 @@ class Distributed:
         rows = {k: v for k, v in history.items() if not k.startswith("rng.")}
         out = dict(self.local_memory(rows, device="cpu").items())
         suffix = f".rank{self.rank}"
-        out.update({k[: -len(suffix)]: v for k, v in history.items() if k.startswith("rng.") and k.endswith(suffix)})
+        out.update(
+            {k[: -len(suffix)]: v for k, v in history.items() if k.startswith("rng.") and k.endswith(suffix)}
+        )
         return out
 
     def gather_rng(self) -> dict[str, torch.Tensor]:

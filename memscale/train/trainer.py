@@ -277,7 +277,9 @@ class Trainer:
             self.dist.load(path, ts.rng)
             self.state = self.dist.local_memory(ts.memory, device=self.device)
             if self.cfg.train.bptt_depth is not None:
-                self.history = History.from_state_dict(self.dist.local_history(ts.history), device=self.device)
+                self.history = History.from_state_dict(
+                    self.dist.local_history(ts.history), device=self.device
+                )
             if self.pipeline is not None:
                 self.state = self.pipeline.own_part(self.state)
         self.train_loader.load_state_dict(ts.loader)
