@@ -98,6 +98,25 @@ def test_dp2_zero_equals_one_process_and_resumes_exactly(
     assert ev.returncode == 0 and "validation: loss" in ev.stdout, ev.stderr
 
 
+def test_dp2_sliding_depth_with_dropout_resumes_exactly(data_dir, tmp_path):
+    """Sliding depth 3 with dropout on 2 ranks: each rank reruns its history with its own RNG states, which the
+    checkpoint keeps per rank (`Distributed.gather_history`); stopped at step 3 and resumed, step 6 is bitwise the
+    straight run's, and the checkpoint's history spans the 4 global streams."""
+    mode = (
+        "parallel.zero_stage=1",
+        "train.memory_grad=replay",
+        "train.bptt_depth=3",
+        "model.dropout=0.1",
+        "train.eval_every=0",
+    )
+    run = tmp_path / "straight"
+    _dp_run(tmp_path, data_dir, run, *mode)
+    hist = ckpt.load(run / "checkpoints" / "step-000003").history
+    assert hist["tokens"].shape[:2] == (4, 3) and {"rng.cpu.rank0", "rng.cpu.rank1"} <= hist.keys()
+    assert not torch.equal(hist["rng.cpu.rank0"], hist["rng.cpu.rank1"])
+    _resumed_at_3_ends_the_same(tmp_path, data_dir, run, *mode)
+
+
 def test_bad_layout_is_one_line_before_any_process_starts(data_dir, tmp_path):
     cfg = _config_file(tmp_path, data_dir, tmp_path / "run", "parallel.dp=3")
     r = _run("train", str(cfg), "--nproc", "2")
