@@ -150,6 +150,28 @@ def test_sliding_depth_resume_matches_uninterrupted_run(data_dir, tmp_path, kind
             assert torch.equal(t, sb.history[k]), k
 
 
+def test_sliding_depth_history_is_dropped_after_a_skipped_step(data_dir, tmp_path, monkeypatch):
+    """A skipped step (non-finite loss) drops the history, which would recompute the bad memory; the history then
+    grows again from the memory the trainer restarted (depth 3, 2 segments per step)."""
+    import memscale.train.trainer as trainer_module
+    from memscale.train.bptt import run_window
+
+    seen = []
+
+    def third_step_not_finite(*args, **kw):
+        seen.append(len(kw["history"]))
+        result = run_window(*args, **kw)
+        if len(seen) == 3:
+            result.loss_sum = math.nan
+        return result
+
+    monkeypatch.setattr(trainer_module, "run_window", third_step_not_finite)
+    cfg = _cfg(data_dir, tmp_path / "run", "train.bptt_depth=3", "train.max_steps=5", "train.eval_every=0")
+    summary = Trainer(cfg, log=lambda _: None).train()
+    assert summary.skipped_steps == 1 and math.isfinite(summary.final_loss)
+    assert seen == [0, 2, 3, 0, 2]
+
+
 def _memscale(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "memscale.cli", *args], capture_output=True, text=True, cwd=cwd
