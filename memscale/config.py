@@ -135,11 +135,16 @@ class TrainConfig:
     """A step whose loss or gradient norm is NaN or inf is skipped (no optimizer update); this many skipped steps
     in a row stop the run with exit code 3 (diverged), before any checkpoint of the bad state is written."""
     bptt_segments: int = 2
-    """Segments per optimizer step; with memory_grad=truncated or replay, gradient crosses all of them."""
+    """Segments per optimizer step (their losses are the step's loss)."""
     memory_grad: MemoryGrad = "auto"
-    """detached: no gradient across segments; truncated: BPTT within the window; replay: BPTT by memory replay;
-    auto: the memory kind's own (`own_memory_grad`). A kind whose memory carries no gradient trains detached
-    whatever is asked: truncated or replay would give the same gradients, so switching kinds is one key."""
+    """detached: no gradient across segments; truncated: BPTT keeping every segment's graph; replay: the same
+    gradients by memory replay (recompute, less memory); auto: the memory kind's own (`own_memory_grad`). A kind
+    whose memory carries no gradient trains detached whatever is asked: truncated or replay would give the same
+    gradients, so switching kinds is one key."""
+    bptt_depth: int | None = None
+    """Sliding BPTT depth k (truncated / replay): the loss of every segment reaches exactly k segments back through
+    the memory, across optimizer steps (memscale/train/bptt.py; LM-RMT's mem_backprop_depth). Unset (the
+    default): the window of the step's segments, where segment j of the window reaches j back."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute activations in backward instead of keeping them: full: every block; selective: each block's
     attention sub-layer (its score and probability tensors grow with T x (M + T)), keeping the MLP's."""
@@ -261,9 +266,27 @@ class Config:
             raise ConfigError(f"model.memory.write_temperature={mem.write_temperature} must be > 0")
         if mem.mem_len < 0:
             raise ConfigError(f"model.memory.mem_len={mem.mem_len} must be >= 0 (0 means data.segment_len)")
+        if t.bptt_depth is not None and t.bptt_depth < 0:
+            raise ConfigError(
+                f"train.bptt_depth={t.bptt_depth} must be >= 0 (segments the gradient reaches back), or unset "
+                "for the window of train.bptt_segments"
+            )
         if t.memory_grad == "auto" or mem.kind not in GRAD_CARRYING_KINDS:
             # Resolved once here, so the run directory's config.yaml and every reader see the mode that runs.
             t.memory_grad = own_memory_grad(mem.kind) if t.memory_grad == "auto" else "detached"
+        if mem.kind not in GRAD_CARRYING_KINDS:
+            # As memory_grad: no gradient crosses this kind's memory, so there is no depth to slide.
+            t.bptt_depth = None
+        if t.bptt_depth is not None and t.memory_grad == "detached":
+            raise ConfigError(
+                f"train.bptt_depth={t.bptt_depth} with train.memory_grad=detached: a depth needs gradient through "
+                "memory; use train.memory_grad=truncated, replay or auto, or unset train.bptt_depth"
+            )
+        if t.bptt_depth is not None and (p.pp > 1 or p.tp > 1):
+            raise ConfigError(
+                f"train.bptt_depth={t.bptt_depth} runs on one process or under data parallelism only, not with "
+                f"parallel.pp={p.pp} / parallel.tp={p.tp}: unset train.bptt_depth (the window of the step)"
+            )
         if t.dtype == "bfloat16" and t.device == "cpu":
             raise ConfigError(
                 "train.dtype=bfloat16 on train.device=cpu is ~100x slower than float32: use float32 on CPU"
@@ -371,8 +394,10 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         for arm in get_args(tp):
-            if arm is type(None) and value is None:
-                return None
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
             try:
                 return _check_type(value, arm, key)
             except ConfigError:

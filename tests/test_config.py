@@ -43,6 +43,16 @@ def test_overrides_apply_with_types(tmp_path):
             ["parallel.pp=4", "model.memory.kind=memformer", "parallel.stream_groups=2"],
             "parallel.stream_groups=2 < parallel.pp=4 with model.memory.kind=memformer",
         ),
+        (["model.memory.kind=rmt", "train.bptt_depth=-1"], "train.bptt_depth=-1 must be >= 0"),
+        (
+            ["model.memory.kind=rmt", "train.memory_grad=detached", "train.bptt_depth=2"],
+            "train.bptt_depth=2 with train.memory_grad=detached",
+        ),
+        (
+            ["model.memory.kind=rmt", "model.num_layers=2", "parallel.pp=2", "train.bptt_depth=2"],
+            "train.bptt_depth=2 runs on one process or under data parallelism only",
+        ),
+        (["model.memory.kind=rmt", "train.bptt_depth=two"], "train.bptt_depth='two' has the wrong type"),
     ],
 )
 def test_bad_values_fail_with_one_line(overrides, fragment):
@@ -67,6 +77,30 @@ def test_bad_values_fail_with_one_line(overrides, fragment):
 def test_memory_grad_follows_the_kind(kind, asked, runs):
     cfg = config_from_dict({}, [f"model.memory.kind={kind}", f"train.memory_grad={asked}"])
     assert cfg.train.memory_grad == runs
+
+
+@pytest.mark.parametrize(
+    "kind, asked, depth, runs",
+    [
+        ("rmt", "auto", 3, ("truncated", 3)),
+        ("memformer", "auto", 0, ("replay", 0)),
+        ("armt", "replay", 2, ("replay", 2)),
+        ("rmt", "auto", None, ("truncated", None)),
+        # As memory_grad: a memory that carries no gradient runs detached, and has no depth.
+        ("xl", "auto", 3, ("detached", None)),
+        ("infinity", "truncated", 3, ("detached", None)),
+    ],
+)
+def test_bptt_depth_follows_the_kind(kind, asked, depth, runs):
+    cfg = config_from_dict(
+        {},
+        [
+            f"model.memory.kind={kind}",
+            f"train.memory_grad={asked}",
+            f"train.bptt_depth={'null' if depth is None else depth}",
+        ],
+    )
+    assert (cfg.train.memory_grad, cfg.train.bptt_depth) == runs
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,70 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
     assert sa.loader == sb.loader
 
 
+@pytest.mark.parametrize("kind, mode", [("rmt", "truncated"), ("memformer", "replay")])
+def test_sliding_depth_resume_matches_uninterrupted_run(data_dir, tmp_path, kind, mode):
+    """Sliding depth 3 (deeper than the 2 segments of a step, so the history spans two earlier steps), dropout on:
+    stopped at step 3 and resumed, step 6 is bitwise equal to the straight run. The checkpoint carries the history
+    (the 3 segments, the state before them, their RNG states); without it the resumed run differs."""
+    mode_args = (
+        f"model.memory.kind={kind}",
+        f"train.memory_grad={mode}",
+        "train.bptt_depth=3",
+        "model.dropout=0.1",
+        "train.max_steps=6",
+        "train.save_every=3",
+        "train.keep_checkpoints=3",
+        "train.eval_every=3",
+    )
+    straight = tmp_path / "straight"
+    a = Trainer(_cfg(data_dir, straight, *mode_args), log=lambda _: None).train()
+    hist = ckpt.load(straight / "checkpoints" / "step-000003").history
+    assert hist["tokens"].shape[:2] == (2, 3) and hist["rng.cpu"].shape[0] == 3 and "state.mem" in hist
+    for name, drop_history in (("resumed", False), ("no-history", True)):
+        run = tmp_path / name
+        shutil.copytree(straight, run)
+        shutil.rmtree(run / "checkpoints" / "step-000006")
+        (run / "checkpoints" / "latest").write_text("step-000003\n")
+        trainer = Trainer(_cfg(data_dir, run, *mode_args), resume=True, log=lambda _: None)
+        assert trainer.step == 3 and len(trainer.history) == 3
+        if drop_history:
+            trainer.history = type(trainer.history)()
+        b = trainer.train()
+        sa = ckpt.load(straight / "checkpoints" / "step-000006")
+        sb = ckpt.load(run / "checkpoints" / "step-000006")
+        same = [torch.equal(t, sb.model[n]) for n, t in sa.model.items()]
+        if drop_history:
+            assert not all(same)
+            continue
+        assert all(same) and b.final_loss == a.final_loss and b.val_ppl == a.val_ppl
+        assert torch.equal(sa.memory["mem"], sb.memory["mem"])
+        assert sa.history.keys() == sb.history.keys()
+        for k, t in sa.history.items():
+            assert torch.equal(t, sb.history[k]), k
+
+
+def test_sliding_depth_history_is_dropped_after_a_skipped_step(data_dir, tmp_path, monkeypatch):
+    """A skipped step (non-finite loss) drops the history, which would recompute the bad memory; the history then
+    grows again from the memory the trainer restarted (depth 3, 2 segments per step)."""
+    import memscale.train.trainer as trainer_module
+    from memscale.train.bptt import run_window
+
+    seen = []
+
+    def third_step_not_finite(*args, **kw):
+        seen.append(len(kw["history"]))
+        result = run_window(*args, **kw)
+        if len(seen) == 3:
+            result.loss_sum = math.nan
+        return result
+
+    monkeypatch.setattr(trainer_module, "run_window", third_step_not_finite)
+    cfg = _cfg(data_dir, tmp_path / "run", "train.bptt_depth=3", "train.max_steps=5", "train.eval_every=0")
+    summary = Trainer(cfg, log=lambda _: None).train()
+    assert summary.skipped_steps == 1 and math.isfinite(summary.final_loss)
+    assert seen == [0, 2, 3, 0, 2]
+
+
 def _memscale(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "memscale.cli", *args], capture_output=True, text=True, cwd=cwd

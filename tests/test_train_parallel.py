@@ -55,13 +55,25 @@ def _resumed_at_3_ends_the_same(tmp_path, data_dir, run, *mode) -> None:
 
 
 @pytest.mark.parametrize(
-    "stage, memory_grad, recompute",
-    [(2, "truncated", "selective"), (3, "replay", "full"), (0, "detached", "none")],
+    "stage, memory_grad, recompute, depth",
+    [
+        (2, "truncated", "selective", None),
+        (3, "replay", "full", None),
+        (0, "detached", "none", None),
+        # Sliding depth 3 (memscale/train/bptt.py): history segments rerun on every rank, the per-age state
+        # gradients by autograd.grad beside the engine's backward; each rank's history in the checkpoint.
+        (2, "replay", "none", 3),
+        (3, "truncated", "full", 2),
+    ],
 )
-def test_dp2_zero_equals_one_process_and_resumes_exactly(data_dir, tmp_path, stage, memory_grad, recompute):
+def test_dp2_zero_equals_one_process_and_resumes_exactly(
+    data_dir, tmp_path, stage, memory_grad, recompute, depth
+):
     """... and activation checkpointing on the two ranks (ZeRO-3 gathers the parameters of a block again when it
     is recomputed in backward) against none on one process."""
     mode = (f"parallel.zero_stage={stage}", f"train.memory_grad={memory_grad}")
+    if depth is not None:
+        mode = (*mode, f"train.bptt_depth={depth}")
     one = tmp_path / "one"
     Trainer(
         _cfg(data_dir, one, *STEPS, "data.num_streams=4", "train.threads=1", *mode), log=lambda _: None
@@ -84,6 +96,25 @@ def test_dp2_zero_equals_one_process_and_resumes_exactly(data_dir, tmp_path, sta
     # The consolidated weights serve `memscale eval` on one process.
     ev = _run("eval", str(two / "config.yaml"), "--checkpoint", str(two), "--segments", "2")
     assert ev.returncode == 0 and "validation: loss" in ev.stdout, ev.stderr
+
+
+def test_dp2_sliding_depth_with_dropout_resumes_exactly(data_dir, tmp_path):
+    """Sliding depth 3 with dropout on 2 ranks: each rank reruns its history with its own RNG states, which the
+    checkpoint keeps per rank (`Distributed.gather_history`); stopped at step 3 and resumed, step 6 is bitwise the
+    straight run's, and the checkpoint's history spans the 4 global streams."""
+    mode = (
+        "parallel.zero_stage=1",
+        "train.memory_grad=replay",
+        "train.bptt_depth=3",
+        "model.dropout=0.1",
+        "train.eval_every=0",
+    )
+    run = tmp_path / "straight"
+    _dp_run(tmp_path, data_dir, run, *mode)
+    hist = ckpt.load(run / "checkpoints" / "step-000003").history
+    assert hist["tokens"].shape[:2] == (4, 3) and {"rng.cpu.rank0", "rng.cpu.rank1"} <= hist.keys()
+    assert not torch.equal(hist["rng.cpu.rank0"], hist["rng.cpu.rank1"])
+    _resumed_at_3_ends_the_same(tmp_path, data_dir, run, *mode)
 
 
 def test_bad_layout_is_one_line_before_any_process_starts(data_dir, tmp_path):

@@ -4,6 +4,7 @@ Layout of `<out_dir>/checkpoints/step-000200/`:
 
     model.safetensors      weights (tied output projection stored once)
     memory.safetensors     the in-flight memory state of every stream, so a resumed run continues mid-document
+    history.safetensors    with a sliding BPTT depth only: the segments the next step runs again (bptt.History)
     optimizer.pt           AdamW state (tensors, numbers, lists only: loaded with weights_only=True)
     rng.safetensors        CPU (and CUDA) generator states
     trainer.json           step, scheduler, loader position, config
@@ -87,6 +88,8 @@ class TrainState:
     rng: dict[str, torch.Tensor]
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    history: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Sliding BPTT depth: `History.state_dict()` (memscale/train/bptt.py); empty otherwise, and not written."""
 
 
 def _sha256(path: Path) -> str:
@@ -157,7 +160,7 @@ def _first_non_finite(tree: Any, prefix: str) -> str | None:
 
 def check_finite(ts: TrainState) -> None:
     """Raise NonFiniteError naming the first weight or optimizer tensor that holds NaN or inf."""
-    for part in ("model", "optimizer", "memory"):
+    for part in ("model", "optimizer", "memory", "history"):
         bad = _first_non_finite(getattr(ts, part), part)
         if bad is not None:
             raise NonFiniteError(f"step {ts.step}: {bad} holds NaN or inf: not written")
@@ -214,6 +217,8 @@ def save(
         save_file(model, tmp / "model.safetensors")
         save_file({k: v.contiguous() for k, v in ts.memory.items()}, tmp / "memory.safetensors")
         save_file({k: v.contiguous() for k, v in ts.rng.items()}, tmp / "rng.safetensors")
+        if ts.history:
+            save_file({k: v.contiguous() for k, v in ts.history.items()}, tmp / "history.safetensors")
         torch.save(ts.optimizer, tmp / "optimizer.pt")
         meta = {
             "format_version": FORMAT_VERSION,
@@ -332,7 +337,7 @@ def verify(path: str | os.PathLike) -> dict:
 
 def load(path: str | os.PathLike) -> TrainState:
     path = Path(path)
-    verify(path)
+    files = verify(path)["files"]
     meta = _read_json(
         path / "trainer.json", fix="the checkpoint is damaged; resume from another one (--resume-from STEP)"
     )
@@ -355,6 +360,7 @@ def load(path: str | os.PathLike) -> TrainState:
         rng=load_file(path / "rng.safetensors"),
         config=meta["config"],
         extra=meta.get("extra", {}),
+        history=load_file(path / "history.safetensors") if "history.safetensors" in files else {},
     )
 
 

@@ -20,6 +20,10 @@ What DeepSpeed does not give directly, and how it is solved here:
   `torch.autograd.backward(roots, grads)` on tensors computed through `engine.model` are handled like
   `engine.backward` (checked: memscale/train/bptt.py's `run_window`, unchanged, equals one process under ZeRO 1/2/3
   for rmt, detached and replay). `ZeroEngine.backward` is the explicit path that does not depend on those hooks.
+- **Passes into the memory alone** (a sliding `train.bptt_depth`, memscale/train/bptt.py): after a segment's
+  backward through the engine (with `retain_graph`), `torch.autograd.grad` into its input state. The engine's
+  output hooks run its backward bookkeeping once per forward, on the first pass, so these later passes reach no
+  engine code and accumulate no weight gradient (checked against one process under ZeRO-2 and ZeRO-3).
 - **Several roots** (replay backpropagates a segment's loss and the gradient that reached its output state):
   `autograd.backward([loss, s], [None, g])` equals the backward of the scalar `loss + (s * g).sum()` with `g`
   detached, which is what `ZeroEngine.backward` hands to `engine.backward`.
@@ -413,8 +417,10 @@ class ZeroEngine:
         self,
         roots: torch.Tensor | Sequence[torch.Tensor],
         grad_tensors: Sequence[torch.Tensor | None] | None = None,
+        retain_graph: bool = False,
     ) -> None:
-        """Like `torch.autograd.backward(roots, grad_tensors)`, through the engine; any number of calls per step."""
+        """Like `torch.autograd.backward(roots, grad_tensors, retain_graph)`, through the engine; any number of calls
+        per step."""
         if isinstance(roots, torch.Tensor):
             roots = [roots]
         if grad_tensors is None:
@@ -438,7 +444,7 @@ class ZeroEngine:
             )
         surrogate = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
         # scale_wrt_gas=False: the loss is already normalised by the global token count (global_token_scale).
-        self.engine.backward(surrogate, scale_wrt_gas=False)
+        self.engine.backward(surrogate, retain_graph=retain_graph, scale_wrt_gas=False)
 
     def step(self) -> float:
         """Reduce the gradient accumulated since the last step (once), clip, update; returns the pre-clip norm.

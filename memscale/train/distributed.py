@@ -242,6 +242,32 @@ class Distributed:
             out[k] = v.contiguous().to(device)
         return MemoryState(out)
 
+    def gather_history(self, history: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A sliding BPTT depth's history (`bptt.History.state_dict`) of every rank: its stream-major tensors as
+        `gather_memory` joins the memory, its RNG states (one set per rank, [segments, ...]) keyed
+        `rng.<stream>.rank<r>`. Every rank holds as many segments (a function of the step): the collectives match."""
+        if not history:
+            return {}
+        out = self.gather_memory(MemoryState({k: v for k, v in history.items() if not k.startswith("rng.")}))
+        world = self.dims.world_size
+        for k, v in history.items():
+            if k.startswith("rng."):
+                every = self._gather(v.unsqueeze(0), None, world)
+                out.update({f"{k}.rank{r}": every[r] for r in range(world)})
+        return out
+
+    def local_history(self, history: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's part of a history saved by `gather_history`."""
+        if not history:
+            return {}
+        rows = {k: v for k, v in history.items() if not k.startswith("rng.")}
+        out = dict(self.local_memory(rows, device="cpu").items())
+        suffix = f".rank{self.rank}"
+        out.update(
+            {k[: -len(suffix)]: v for k, v in history.items() if k.startswith("rng.") and k.endswith(suffix)}
+        )
+        return out
+
     def gather_rng(self) -> dict[str, torch.Tensor]:
         """Every rank's random streams (the default generator's and the TP tracker's), keyed `<stream>.rank<r>`."""
         from memscale.parallel.random import tracker_states

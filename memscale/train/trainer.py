@@ -38,7 +38,7 @@ from memscale.eval.evaluate import evaluate_lm
 from memscale.models import MemoryTransformer
 from memscale.models.memory.base import MemoryState
 from memscale.train import distributed
-from memscale.train.bptt import run_window
+from memscale.train.bptt import History, run_window
 from memscale.train.metrics import MetricsLogger
 from memscale.train.optim import apply_hyperparameters, build_optimizer
 from memscale.train.rundir import RunLock, check_out_dir
@@ -192,6 +192,7 @@ class Trainer:
             self.optimizer = self.dist.optimizer
             self.dist.seed(cfg.train.seed)  # same initial weights, own dropout masks per data-parallel rank
         self.state = self.net.init_state(cfg.data.num_streams)
+        self.history = History()  # sliding BPTT depth: the segments the next step runs again
         self.step = 0
         self.ckpt_root = self.out_dir / "checkpoints"
         self.resumed_from: Path | None = None
@@ -232,6 +233,7 @@ class Trainer:
             memory=self.state.state_dict(),
             rng=ckpt.rng_state(),
             config=to_dict(self.cfg),
+            history=self.history.state_dict(),
         )
 
     def _pp_layers(self) -> str:
@@ -271,9 +273,15 @@ class Trainer:
             self.optimizer.load_state_dict(ts.optimizer)
             self.state = MemoryState.from_state_dict(ts.memory, device=self.device)
             ckpt.set_rng_state(ts.rng)
+            if self.cfg.train.bptt_depth is not None:  # a window run ignores a saved history
+                self.history = History.from_state_dict(ts.history, device=self.device)
         else:
             self.dist.load(path, ts.rng)
             self.state = self.dist.local_memory(ts.memory, device=self.device)
+            if self.cfg.train.bptt_depth is not None:
+                self.history = History.from_state_dict(
+                    self.dist.local_history(ts.history), device=self.device
+                )
             if self.pipeline is not None:
                 self.state = self.pipeline.own_part(self.state)
         self.train_loader.load_state_dict(ts.loader)
@@ -289,6 +297,8 @@ class Trainer:
         keep = self.cfg.train.keep_checkpoints
         if self.dist is None:
             return ckpt.save(self.ckpt_root, self.gather_state(), keep=keep)
+
+        history = self.dist.gather_history(self.history.state_dict())  # a collective: every rank
 
         def make_state(memory, rng, weights) -> ckpt.TrainState:
             return ckpt.TrainState(
@@ -308,6 +318,7 @@ class Trainer:
                     "dp": self.dist.dp,
                     "zero_stage": self.dist.dims.zero_stage,
                 },
+                history=history,
             )
 
         return self.dist.save(
@@ -382,7 +393,8 @@ class Trainer:
         say(
             f"memscale: {cfg.model.memory.kind} | {self.num_params / 1e6:.2f}M params | "
             f"{tokens_per_step} tokens/step ({t.bptt_segments} segments x {cfg.data.num_streams} streams x "
-            f"{cfg.data.segment_len}{layout}){stages} | memory_grad={t.memory_grad} | "
+            f"{cfg.data.segment_len}{layout}){stages} | memory_grad={t.memory_grad}"
+            f"{f' (sliding depth {t.bptt_depth})' if t.bptt_depth is not None else ''} | "
             f"matmul peak {peak.best / 1e9:.0f} GFLOP/s"
         )
         uni = unigram_logp(cfg.data) if t.eval_every else None
@@ -401,7 +413,14 @@ class Trainer:
                 lr = apply_hyperparameters(self.optimizer, t, step=self.step)
                 if self.dist is None:
                     self.optimizer.zero_grad(set_to_none=True)
-                    result = run_window(self.net, batches, self.state, memory_grad=t.memory_grad)
+                    result = run_window(
+                        self.net,
+                        batches,
+                        self.state,
+                        memory_grad=t.memory_grad,
+                        depth=t.bptt_depth,
+                        history=self.history,
+                    )
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
                     loss_sum, num_targets, aux_sum = result.loss_sum, result.num_targets, result.aux_sum
                     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
@@ -419,6 +438,8 @@ class Trainer:
                             batches,
                             self.state,
                             memory_grad=t.memory_grad,
+                            depth=t.bptt_depth,
+                            history=self.history,
                             loss_scale=scale,
                             backward=self.dist.engine.backward,
                         )
@@ -435,9 +456,12 @@ class Trainer:
                     window_loss += loss_sum
                     window_targets += num_targets
                     window_aux += aux_sum
+                    self.history = getattr(result, "history", None) or History()
                 else:
                     # Skip the update: the weights and the optimizer moments stay as they were, and streams whose
-                    # memory went non-finite restart from the initial memory.
+                    # memory went non-finite restart from the initial memory. A sliding depth's history is dropped
+                    # (it would recompute the bad memory): the next step starts from the state below.
+                    self.history = History()
                     skipped, streak = skipped + 1, streak + 1
                     bad_B = _non_finite_rows(state)
                     if self.pipeline is not None:
