@@ -60,9 +60,9 @@ class MemoryConfig:
     default)."""
     write_temperature: float = 0.5
     """memformer: softmax temperature of the slot-attention write (< 1 sharpens, as in the paper)."""
-    write_own_value: Literal["raw", "projected"] = "projected"
+    write_own_value: Literal["raw", "projected"] = "raw"
     """memformer: what a slot contributes to its own write: `raw`, the slot m_i itself (the paper's
-    softmax(A / tau) [m_i; V_x]), or `projected`, m_i W_V like the tokens' values."""
+    softmax(A / tau) [m_i; V_x]), or `projected`, m_i W_V like the tokens' values (measured worse: README)."""
     num_basis: int = 128
     """infinity: number N of Gaussian radial basis functions of the long-term memory."""
     ridge_lambda: float = 0.5
