@@ -198,7 +198,10 @@ class MemoryTransformer(nn.Module):
         h_BTD, new_last = self.finish(x, state, num_tokens=T)
         new = {**new_first, **new_layers, **new_last}
         assert new.keys() == set(state), f"new state {sorted(new)} vs {sorted(state)}"
-        out = SegmentOutput(state=MemoryState({n: new[n] for n in state}), hidden_BTD=h_BTD)
+        # Each state in the dtype it came in with (float32 under bf16 autocast: memscale/train/precision.py).
+        out = SegmentOutput(
+            state=MemoryState({n: new[n].to(state[n].dtype) for n in state}), hidden_BTD=h_BTD
+        )
         if aux:
             out.aux_sum = torch.stack(aux).sum()
         loss = token_loss(

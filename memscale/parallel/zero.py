@@ -131,7 +131,10 @@ def deepspeed_config(
         "managed_gradient_accumulation": False,
         "gradient_clipping": float(t.grad_clip),
         "zero_optimization": zero,
-        "bf16": {"enabled": t.dtype == "bfloat16"},
+        # bf16 is autocast over float32 weights (memscale/train/precision.py), the same in every layout: the
+        # engine holds and reduces float32, and DeepSpeed's own bf16 mode (a bf16 model with float32 masters in
+        # the optimizer) stays off.
+        "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         # A torch optimizer under ZeRO is what memscale passes; DeepSpeed otherwise refuses it as "untested".
         "zero_allow_untested_optimizer": True,

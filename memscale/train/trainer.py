@@ -41,6 +41,7 @@ from memscale.train import distributed
 from memscale.train.bptt import History, run_window
 from memscale.train.metrics import MetricsLogger
 from memscale.train.optim import apply_hyperparameters, build_optimizer
+from memscale.train.precision import autocast
 from memscale.train.rundir import RunLock, check_out_dir
 from memscale.utils.flops import PeakMeter
 
@@ -330,7 +331,8 @@ class Trainer:
         memories) does not depend on whether or when validation ran: a run stopped before a validation and
         resumed continues exactly as one that ran it."""
         cfg = self.cfg
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        forked = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+        with forked, autocast(cfg.train.dtype, self.device):
             loader = build_loader(cfg, "val", infinite=False, **self.slice)
             if self.pipeline is not None:  # forward only through the stages
                 ev = self.pipeline.evaluate(
@@ -413,14 +415,15 @@ class Trainer:
                 lr = apply_hyperparameters(self.optimizer, t, step=self.step)
                 if self.dist is None:
                     self.optimizer.zero_grad(set_to_none=True)
-                    result = run_window(
-                        self.net,
-                        batches,
-                        self.state,
-                        memory_grad=t.memory_grad,
-                        depth=t.bptt_depth,
-                        history=self.history,
-                    )
+                    with autocast(t.dtype, self.device):
+                        result = run_window(
+                            self.net,
+                            batches,
+                            self.state,
+                            memory_grad=t.memory_grad,
+                            depth=t.bptt_depth,
+                            history=self.history,
+                        )
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
                     loss_sum, num_targets, aux_sum = result.loss_sum, result.num_targets, result.aux_sum
                     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
@@ -429,20 +432,22 @@ class Trainer:
                 else:  # the engine reduces, clips and steps, and skips a non-finite update itself
                     scale = self.dist.loss_scale(sum(b.num_targets for b in batches))
                     if self.pipeline is not None:  # through the stages (memscale/train/pipeline.py)
-                        result, state = self.pipeline.train_step(
-                            batches, self.state, loss_scale=scale, backward=self.dist.engine.backward
-                        )
+                        with autocast(t.dtype, self.device):
+                            result, state = self.pipeline.train_step(
+                                batches, self.state, loss_scale=scale, backward=self.dist.engine.backward
+                            )
                     else:
-                        result = run_window(
-                            self.net,
-                            batches,
-                            self.state,
-                            memory_grad=t.memory_grad,
-                            depth=t.bptt_depth,
-                            history=self.history,
-                            loss_scale=scale,
-                            backward=self.dist.engine.backward,
-                        )
+                        with autocast(t.dtype, self.device):
+                            result = run_window(
+                                self.net,
+                                batches,
+                                self.state,
+                                memory_grad=t.memory_grad,
+                                depth=t.bptt_depth,
+                                history=self.history,
+                                loss_scale=scale,
+                                backward=self.dist.engine.backward,
+                            )
                         state = result.state
                     grad_norm = self.dist.step()
                     loss_sum, num_targets, aux_sum = self.dist.sum(

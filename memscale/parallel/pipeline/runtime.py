@@ -428,7 +428,10 @@ class PipelineRuntime:
             loss = token_loss(
                 h, stage.head, b.targets_BT, fused=stage.cfg.fused_loss, return_logits=False
             ).loss_sum
-        return x, new, loss, (torch.stack(aux).sum() if aux else None)
+        # Activations travel and states are held in the stage's dtype (float32 under bf16 autocast: the receiving
+        # buffers are allocated in it, and the memory state accumulates in it; memscale/train/precision.py).
+        new = {n: v.to(state[n].dtype) if n in state else v for n, v in new.items()}
+        return x.to(self.dtype), new, loss, (torch.stack(aux).sum() if aux else None)
 
     def _backward(self, a: Action) -> None:
         spec = self.spec
