@@ -372,6 +372,21 @@ class Trainer:
         finally:
             self._close()
 
+    def _window(self, batches, **engine):
+        """One step's window on this process (pp = 1) under the run's precision; `engine`: the data-parallel
+        engine's loss scale and backward."""
+        t = self.cfg.train
+        with autocast(t.dtype, self.device):
+            return run_window(
+                self.net,
+                batches,
+                self.state,
+                memory_grad=t.memory_grad,
+                depth=t.bptt_depth,
+                history=self.history,
+                **engine,
+            )
+
     def _train(self, signals: _StopSignals) -> TrainSummary:
         cfg, t = self.cfg, self.cfg.train
         if self.is_main:
@@ -415,15 +430,7 @@ class Trainer:
                 lr = apply_hyperparameters(self.optimizer, t, step=self.step)
                 if self.dist is None:
                     self.optimizer.zero_grad(set_to_none=True)
-                    with autocast(t.dtype, self.device):
-                        result = run_window(
-                            self.net,
-                            batches,
-                            self.state,
-                            memory_grad=t.memory_grad,
-                            depth=t.bptt_depth,
-                            history=self.history,
-                        )
+                    result = self._window(batches)
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
                     loss_sum, num_targets, aux_sum = result.loss_sum, result.num_targets, result.aux_sum
                     finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
@@ -437,17 +444,7 @@ class Trainer:
                                 batches, self.state, loss_scale=scale, backward=self.dist.engine.backward
                             )
                     else:
-                        with autocast(t.dtype, self.device):
-                            result = run_window(
-                                self.net,
-                                batches,
-                                self.state,
-                                memory_grad=t.memory_grad,
-                                depth=t.bptt_depth,
-                                history=self.history,
-                                loss_scale=scale,
-                                backward=self.dist.engine.backward,
-                            )
+                        result = self._window(batches, loss_scale=scale, backward=self.dist.engine.backward)
                         state = result.state
                     grad_norm = self.dist.step()
                     loss_sum, num_targets, aux_sum = self.dist.sum(
