@@ -106,10 +106,10 @@ def test_bench_runs_the_balanced_split_and_the_even_one_where_they_differ():
 
     kind, P, G, grad, k = CASES[0]
     cfg = _config(kind, grad, k, [])
-    assert cfg.model.num_layers == 8  # fine enough to balance the head against layers
-    assert _splits(cfg, 2, "both") == [("balanced", "5,3"), ("even", "4,4")]
-    assert _splits(cfg, 2, "even") == [("even", "4,4")]
-    assert _splits(cfg, 2, "balanced") == [("balanced", "5,3")]
+    assert cfg.model.num_layers == 12  # fine enough to balance the head against layers
+    assert _splits(cfg, 2, "both") == [("balanced", "7,5"), ("even", "6,6")]
+    assert _splits(cfg, 2, "even") == [("even", "6,6")]
+    assert _splits(cfg, 2, "balanced") == [("balanced", "7,5")]
     one_layer = _config(kind, grad, k, ["model.num_layers=4"])
     assert _splits(one_layer, 4, "both") == [("balanced", "1,1,1,1")]  # one layer each: nothing to compare
 
