@@ -66,6 +66,11 @@ def _distance_mask(i0: int, i1: int, lo: int, hi: int, *, shift: int, window: in
     return hidden_XY if bool(hidden_XY.any()) else None
 
 
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp is kept in float32 at least (LaMemo's normaliser state is float32), float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _Block:
     """Geometry of one query block: its keys, its band of distances and the strided view that places BD."""
 
@@ -110,7 +115,7 @@ def _probabilities(blk, qu, qv_HQBK, k, r_HRK, key_hidden_B11N, B, H, lse_BHQ=No
         p_BHXY = s_BHXY.sub_(m_BHX1).exp_()
         z_BHX1 = p_BHXY.sum(dim=-1, keepdim=True)
         p_BHXY.div_(z_BHX1)
-        return p_BHXY, (m_BHX1 + z_BHX1.log()).squeeze(-1).float()
+        return p_BHXY, (m_BHX1 + z_BHX1.log()).squeeze(-1).to(_lse_dtype(s_BHXY.dtype))
     return s_BHXY.sub_(lse_BHQ[:, :, i0:i1, None].to(s_BHXY.dtype)).exp_(), None
 
 
@@ -131,7 +136,7 @@ class _RelativeAttention(torch.autograd.Function):
         r_HRK = torch.cat([r_RHK, r_RHK.new_zeros(block - 1, H, K)]).transpose(0, 1).contiguous()
         key_hidden = None if key_valid_BN is None else ~key_valid_BN[:, None, None, :]
         o = torch.empty_like(qu)
-        lse_BHQ = torch.empty(B, H, Q, dtype=torch.float32, device=qu.device)
+        lse_BHQ = torch.empty(B, H, Q, dtype=_lse_dtype(qu.dtype), device=qu.device)
         kept = []
         for blk in blocks:
             p_BHXY, lse_BHQ[:, :, blk.i0 : blk.i1] = _probabilities(blk, qu, qv_HQBK, k, r_HRK, key_hidden, B, H)
@@ -148,9 +153,9 @@ class _RelativeAttention(torch.autograd.Function):
         B, H, Q, K = qu.shape
         do = do.contiguous()
         # d s_ij = p_ij (dp_ij - delta_i + dlse_i), delta_i = sum_k do_ik o_ik (FlashAttention-2's D_i).
-        delta_BHQ = (do * o).sum(dim=-1, dtype=torch.float32)
+        delta_BHQ = (do * o).sum(dim=-1, dtype=lse_BHQ.dtype)
         if dlse_BHQ is not None:
-            delta_BHQ = delta_BHQ - dlse_BHQ.float()
+            delta_BHQ = delta_BHQ - dlse_BHQ
         delta_BHQ1 = delta_BHQ.to(qu.dtype)[..., None]
         dqu, dk, dv = torch.empty_like(qu), torch.zeros_like(k), torch.zeros_like(v)
         dqv_HQBK = torch.empty_like(qv_HQBK)
@@ -194,9 +199,11 @@ def relative_attention(
     block: int | None = None,
     keep: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """softmax(scale * (qu k^T + qv r[dist]^T) + mask) v and its float32 log-sum-exp, each query's normaliser.
+    """softmax(scale * (qu k^T + qv r[dist]^T) + mask) v and its log-sum-exp, each query's normaliser.
 
-    See the module docstring for the score, the mask and the layouts. Returns o [B, H, Q, K] and lse [B, H, Q].
+    See the module docstring for the score, the mask and the layouts. Returns o [B, H, Q, K] and lse [B, H, Q]
+    (float32, or float64 for float64 inputs). `block`: queries per block (DEFAULT_BLOCK). `keep`: keep each
+    block's probabilities for backward instead of recomputing them (KEEP_PROBABILITIES).
     """
     B, H, Q, K = qu.shape
     N = k.shape[2]
