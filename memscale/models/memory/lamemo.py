@@ -19,6 +19,10 @@ the next layer). Per layer:
 
     which is exactly one softmax over [old keys; new keys]; the state keeps logaddexp(d_old, d_new), in float32.
 
+Both attentions run by the blockwise kernel (memscale/kernels/relative_attention.py, `model.attention=fused`),
+which also returns the log-normalisers, or by the official formula with materialised scores and a hand softmax
+(`reference`); see `LookAheadLayer.attend_fused` for how the look-ahead becomes a causal attention.
+
 Disentangled relative positions (paper eq. 12, attn_type 3): future distances use the same sinusoid of |i - j|
 and the same per-layer `r_net` as past ones, and only the position bias tells the direction apart: v (`r_r_bias`)
 for the past, v_future (`r_r_bias_future`) for the future; the content bias u (`r_w_bias`) serves both. u, v and

@@ -12,6 +12,12 @@ live on `MemTransformerLM`; the TF code unties them only with --untie_r, default
 for every distance once and moved into place by `rel_shift` (paper appendix B). The new memory is the last M rows
 of cat(old memory, this segment's layer inputs), detached (`_update_mems`).
 
+Two paths compute that attention (`model.attention`): `fused`, the blockwise kernel of
+memscale/kernels/relative_attention.py (no T x C score matrix, BD per query block from a band of distances, the
+memory rows projected to keys and values only); `reference`, the official formula above with `rel_shift` and SDPA
+given BD + mask as a float mask. They agree to fp32 rounding (tests/test_relative_attention.py); attention
+dropout always takes the reference path.
+
 What is cached. The official pre-norm layer computes `qkv_net(layer_norm(cat(mems, w)))` with `mems` the raw layer
 inputs; our Block hands the hook h = norm1(x), already normed. LayerNorm acts on each position alone, so caching h
 gives exactly the keys and values of one long forward over the concatenated segments (the test pins this); the
