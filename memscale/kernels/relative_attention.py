@@ -63,6 +63,22 @@ default shape, against ~6 such tensors in the reference) rather than recompute t
 `keep=False` is the recompute path (tested alike)."""
 
 
+def _key_range(i0: int, i1: int, *, N: int, shift: int, window: int) -> tuple[int, int]:
+    """Keys [lo, hi) that some query of [i0, i1) can see by distance alone."""
+    hi = min(N, i1 + shift)  # dist >= 0  <=>  j <= i + shift
+    lo = max(0, i0 + shift - window + 1) if window > 0 else 0  # dist < window  <=>  j > i + shift - window
+    return lo, hi
+
+
+def _distance_mask(i0: int, i1: int, lo: int, hi: int, *, shift: int, window: int, device) -> Tensor | None:
+    """X x Y bool, True where the distance hides the key; None when the whole block is visible."""
+    dist_XY = torch.arange(i0 + shift, i1 + shift, device=device)[:, None] - torch.arange(lo, hi, device=device)
+    hidden_XY = dist_XY < 0
+    if window > 0:
+        hidden_XY |= dist_XY >= window
+    return hidden_XY if bool(hidden_XY.any()) else None
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """The log-sum-exp is kept in float32 at least (LaMemo's normaliser state is float32), float64 for float64."""
     return torch.promote_types(dtype, torch.float32)
