@@ -68,8 +68,9 @@ def test_kernel_equals_explicit_formula(Q, N, shift, window, invalid, keep):
         key_valid[0, : max(shift - 2, 0)] = False
         if not shift:
             key_valid[0, -3:] = False
-    o, lse = relative_attention(qu, qv, k, v, r, shift=shift, window=window, key_valid_BN=key_valid, block=3,
-                                keep=keep)
+    o, lse = relative_attention(
+        qu, qv, k, v, r, shift=shift, window=window, key_valid_BN=key_valid, block=3, keep=keep
+    )
     o_ref, lse_ref = _explicit(qu, qv, k, v, r, shift=shift, window=window, key_valid_BN=key_valid)
     assert lse.dtype == torch.float64
     torch.testing.assert_close(o, o_ref, atol=1e-10, rtol=1e-10)

@@ -70,13 +70,22 @@ def _key_range(i0: int, i1: int, *, N: int, shift: int, window: int) -> tuple[in
     return lo, hi
 
 
-def _distance_mask(i0: int, i1: int, lo: int, hi: int, *, shift: int, window: int, device) -> Tensor | None:
-    """X x Y bool, True where the distance hides the key; None when the whole block is visible."""
-    dist_XY = torch.arange(i0 + shift, i1 + shift, device=device)[:, None] - torch.arange(lo, hi, device=device)
-    hidden_XY = dist_XY < 0
+def _distance_masks(i0: int, i1: int, lo: int, hi: int, *, shift: int, window: int, device):
+    """(c0, c1, X x (c1 - c0) bool) for the key columns [c0, c1) of the block (counted from lo) where the distance
+    hides some key: the diagonal's future (dist < 0) and, with a window, its far edge (dist >= window). Only those
+    columns are masked, not the whole X x Y block."""
+    spans = [(max(lo, i0 + shift + 1), hi)]  # some row's future: j > i0 + shift
     if window > 0:
-        hidden_XY |= dist_XY >= window
-    return hidden_XY if bool(hidden_XY.any()) else None
+        spans.append((lo, min(hi, i1 + shift - window)))  # some row's far edge: j <= i1 - 1 + shift - window
+    masks = []
+    for j0, j1 in spans:
+        if j0 < j1:
+            dist_XC = torch.arange(i0 + shift, i1 + shift, device=device)[:, None] - torch.arange(
+                j0, j1, device=device
+            )
+            hidden_XC = (dist_XC < 0) | (dist_XC >= window) if window > 0 else dist_XC < 0
+            masks.append((j0 - lo, j1 - lo, hidden_XC))
+    return masks
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,7 +106,7 @@ class _Block:
         # R - 1 - d_max .. R - 1 - d_max + W - 1.
         d_max = i1 - 1 - self.lo + shift
         self.r0 = R - 1 - d_max
-        self.hidden_XY = _distance_mask(i0, i1, self.lo, self.hi, shift=shift, window=window, device=device)
+        self.hidden = _distance_masks(i0, i1, self.lo, self.hi, shift=shift, window=window, device=device)
 
     def place(self, raw_HXBW: Tensor, B: int, H: int) -> Tensor:
         """The B x H x X x Y view of raw (H x X x B x W, contiguous) with entry (i, j) = raw[i, X - 1 - i + j].
@@ -119,8 +128,8 @@ def _probabilities(blk, qu, qv_HQBK, k, r_HRK, key_hidden_B11N, B, H, lse_BHQ=No
     band_HWK = r_HRK[:, blk.r0 : blk.r0 + blk.W]
     raw_HXBW = torch.bmm(qv_HZK, band_HWK.transpose(1, 2)).view(H, X, B, blk.W)
     s_BHXY.add_(blk.place(raw_HXBW, B, H))
-    if blk.hidden_XY is not None:
-        s_BHXY.masked_fill_(blk.hidden_XY, float("-inf"))
+    for c0, c1, hidden_XC in blk.hidden:
+        s_BHXY[..., c0:c1].masked_fill_(hidden_XC, float("-inf"))
     if key_hidden_B11N is not None:
         s_BHXY.masked_fill_(key_hidden_B11N[..., lo:hi], float("-inf"))
     if lse_BHQ is None:
@@ -152,7 +161,9 @@ class _RelativeAttention(torch.autograd.Function):
         lse_BHQ = torch.empty(B, H, Q, dtype=_lse_dtype(qu.dtype), device=qu.device)
         kept = []
         for blk in blocks:
-            p_BHXY, lse_BHQ[:, :, blk.i0 : blk.i1] = _probabilities(blk, qu, qv_HQBK, k, r_HRK, key_hidden, B, H)
+            p_BHXY, lse_BHQ[:, :, blk.i0 : blk.i1] = _probabilities(
+                blk, qu, qv_HQBK, k, r_HRK, key_hidden, B, H
+            )
             o[:, :, blk.i0 : blk.i1] = torch.matmul(p_BHXY, v[:, :, blk.lo : blk.hi])
             if keep:
                 kept.append(p_BHXY)
@@ -192,7 +203,9 @@ class _RelativeAttention(torch.autograd.Function):
             draw_HZW = draw_HXBW.view(H, X * B, blk.W)
             band_HWK = r_HRK[:, blk.r0 : blk.r0 + blk.W]
             dqv_HQBK[:, i0:i1] = torch.bmm(draw_HZW, band_HWK).view(H, X, B, K)
-            dr_HRK[:, blk.r0 : blk.r0 + blk.W] += torch.bmm(draw_HZW.transpose(1, 2), qv_HQBK[:, i0:i1].flatten(1, 2))
+            dr_HRK[:, blk.r0 : blk.r0 + blk.W] += torch.bmm(
+                draw_HZW.transpose(1, 2), qv_HQBK[:, i0:i1].flatten(1, 2)
+            )
         scale = ctx.scale
         dqv = dqv_HQBK.permute(2, 0, 1, 3).mul_(scale)
         dr_RHK = dr_HRK[:, : ctx.R].transpose(0, 1)  # qv came scaled: dr is already d loss / d r
@@ -235,6 +248,14 @@ def relative_attention(
     if key_valid_BN is not None and bool(key_valid_BN.all()):
         key_valid_BN = None  # every key valid (a full memory): no per-key mask pass
     return _RelativeAttention.apply(
-        qu.contiguous(), qv.contiguous(), k.contiguous(), v.contiguous(), r_RHK, key_valid_BN,
-        shift, window, min(block, Q), keep,
+        qu.contiguous(),
+        qv.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        r_RHK,
+        key_valid_BN,
+        shift,
+        window,
+        min(block, Q),
+        keep,
     )
