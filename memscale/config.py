@@ -98,6 +98,10 @@ class ModelConfig:
     fused_loss: bool = True
     """Training loss by the chunked fused projection + cross-entropy (memscale/kernels/cross_entropy.py), which
     keeps no logits for backward; false uses the plain head and F.cross_entropy (the reference)."""
+    attention: Literal["fused", "reference"] = "fused"
+    """xl / lamemo: relative-position attention by the blockwise kernel (memscale/kernels/relative_attention.py),
+    which keeps no score matrix for backward; reference: the papers' formula with materialised scores. Attention
+    dropout (model.dropout > 0 in training) always takes the reference path: the kernel has no dropout."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 

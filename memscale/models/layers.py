@@ -29,6 +29,11 @@ def reference_attention():
         _REFERENCE_ATTENTION = before
 
 
+def reference_attention_active() -> bool:
+    """True inside `reference_attention()`: kinds with an attention kernel of their own take their reference path."""
+    return _REFERENCE_ATTENTION
+
+
 def reference_sdpa(
     q: Tensor,
     k: Tensor,

@@ -33,6 +33,7 @@ def build_memory(cfg, *, segment_len: int, layers: range | None = None) -> Memor
         cfg=cfg.memory,
         layers=layers,
         dropout=cfg.dropout,
+        attention=cfg.attention,
     )
 
 

@@ -164,6 +164,7 @@ class MemoryKind(nn.Module):
         cfg: Any,
         layers: range | None = None,
         dropout: float = 0.0,
+        attention: str = "fused",
     ):
         """`layers`: the contiguous slice of layers this model (a pipeline stage) holds; all of them by default.
 
@@ -178,6 +179,8 @@ class MemoryKind(nn.Module):
         self.cfg = cfg
         self.dropout = dropout
         """The model's dropout rate (`model.dropout`), for the kinds that drop something of their own."""
+        self.attention = attention
+        """`model.attention`: "fused" or "reference", for the kinds with an attention kernel of their own."""
         self.layers = range(num_layers) if layers is None else layers
         self.first = self.layers.start == 0
         """This model holds the first layer (and the embedding): it runs `enter`."""

@@ -7,7 +7,7 @@ short-term memory (the official code that trains from scratch: sorting/mem_trans
 
   - short-term memory: the layer's normed inputs of the last M positions (`model.memory.mem_len`, 0: the segment
     length), attended together with the segment by Transformer-XL's relative attention, exactly as in
-    memscale/models/memory/xl.py (`relative_attention`: u, v shared by all layers, `r_net` per layer,
+    memscale/models/memory/xl.py (`xl_attention`: u, v shared by all layers, `r_net` per layer,
     `clamp_len`, `same_length`); the official layer caches `mem_len + augment_len` positions (`_update_mems`
     with `augment`) and attends over the last `mem_len` of them;
   - long-term memory: the signal x(t) = B^T psi(t) on t in [0, 1], psi N Gaussian radial basis functions and B
@@ -81,9 +81,9 @@ from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState, la
 from memscale.models.memory.xl import (
     causal_mask,
     clamp_distances,
-    relative_attention,
     relative_positions,
     slide,
+    xl_attention,
 )
 
 BASIS_WIDTHS = (0.01, 0.05)
@@ -249,7 +249,8 @@ class LongTermAttention(LayerMemory):
     def attention(self, attn, h_BTD, ctx, state):
         T = h_BTD.shape[1]
         mem_BAD = state["mem"]
-        out_BTD, q_BHTK = relative_attention(attn, self.r_net, h_BTD, mem_BAD[:, T:], ctx)
+        # The official formula: the blockwise kernel (model.attention=fused) serves xl and lamemo only so far.
+        out_BTD, q_BHTK = xl_attention(attn, self.r_net, h_BTD, mem_BAD[:, T:], ctx, fused=False)
         # The block that leaves the short-term memory now enters the long-term one, through the gate.
         x_BTD = mem_BAD[:, :T].to(h_BTD.dtype)
         if self.gate is not None:

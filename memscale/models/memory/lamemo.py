@@ -19,6 +19,10 @@ the next layer). Per layer:
 
     which is exactly one softmax over [old keys; new keys]; the state keeps logaddexp(d_old, d_new), in float32.
 
+Both attentions run by the blockwise kernel (memscale/kernels/relative_attention.py, `model.attention=fused`),
+which also returns the log-normalisers, or by the official formula with materialised scores and a hand softmax
+(`reference`); see `LookAheadLayer.attend_fused` for how the look-ahead becomes a causal attention.
+
 Disentangled relative positions (paper eq. 12, attn_type 3): future distances use the same sinusoid of |i - j|
 and the same per-layer `r_net` as past ones, and only the position bias tells the direction apart: v (`r_r_bias`)
 for the past, v_future (`r_r_bias_future`) for the future; the content bias u (`r_w_bias`) serves both. u, v and
@@ -56,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memscale.kernels.relative_attention import relative_attention
 from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState, layer_state_name
 from memscale.models.memory.xl import (
     causal_mask,
@@ -63,6 +68,7 @@ from memscale.models.memory.xl import (
     rel_shift,
     relative_positions,
     slide,
+    use_fused,
 )
 
 
@@ -109,29 +115,83 @@ class LookAheadLayer(LayerMemory):
     state_names = ("attn", "lognorm")
     head_sharded_state = ("attn", "lognorm")
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, *, fused: bool = True, same_length: bool = False):
         super().__init__()
         self.r_net = nn.Linear(d_model, d_model, bias=False)
+        self.fused = fused
+        """`model.attention == "fused"`: the blockwise kernel (memscale/kernels/relative_attention.py)."""
+        self.same_length = same_length
+
+    def attend_fused(self, q_BHSK, k_BHSK, v_BHSK, r_past_SHK, r_future_MHK, ctx, M):
+        """Both attentions of the layer by the blockwise kernel: (o, lse) of the segment and of the look-ahead.
+
+        Segment: as Transformer-XL (xl.py), shift M. Look-ahead: in the reference, memory row r and window key w
+        (block position M-W+1+w) score future distance M-W+1+w-r with table row M-W+w-r and are visible iff that
+        is >= 0. With both orders reversed (r' = M-1-r, w' = W-1-w) the row is r' - w': a causal relative
+        attention with shift 0 over the table in descending order, which is r_future reversed.
+        """
+        B = q_BHSK.shape[0]
+        T = q_BHSK.shape[2] - M
+        W = min(M, T)
+        u_HK, v_HK, v_future_HK = ctx["u"][:, None], ctx["v"][:, None], ctx["v_future"][:, None]
+        valid_BM = ctx["valid"]
+        q_BHTK = q_BHSK[:, :, M:]
+        o_BHTK, lse_BHT = relative_attention(
+            q_BHTK + u_HK,
+            q_BHTK + v_HK,
+            k_BHSK,
+            v_BHSK,
+            r_past_SHK,
+            shift=M,
+            window=M if self.same_length else 0,
+            key_valid_BN=torch.cat([valid_BM, valid_BM.new_ones(B, T)], dim=1),
+        )
+        q_rev_BHMK = q_BHSK[:, :, :M].flip(2)
+        window = slice(M - W + 1, M + 1)
+        key_valid_BW = torch.cat([valid_BM, valid_BM.new_ones(B, 1)], dim=1)[:, window]
+        ahead_rev_BHMK, lse_rev_BHM = relative_attention(
+            q_rev_BHMK + u_HK,
+            q_rev_BHMK + v_future_HK,
+            k_BHSK[:, :, window].flip(2),
+            v_BHSK[:, :, window].flip(2),
+            r_future_MHK.flip(0),
+            shift=0,
+            key_valid_BN=key_valid_BW.flip(1),
+        )
+        return o_BHTK, lse_BHT, ahead_rev_BHMK.flip(2), lse_rev_BHM.flip(2)
 
     def attention(self, attn, h_BSD, ctx, state):
         M, K = state["attn"].shape[1], attn.head_dim
         T = h_BSD.shape[1] - M
-        W = min(M, T)
-        scale = K**-0.5
         p_drop = attn.dropout if self.training else 0.0
-        u_HK, v_HK, v_future_HK = ctx["u"], ctx["v"], ctx["v_future"]
         q_BHSK, k_BHSK, v_BHSK = attn.project(h_BSD)
         pos_CD = ctx["pos"]
         r_CHK = self.r_net(pos_CD).view(pos_CD.shape[0], -1, K)
         r_past_SHK, r_future_MHK = r_CHK[: M + T], r_CHK[M + T :]
 
+        if use_fused(self, attn):
+            o_BHTK, lse_BHT, ahead_BHMK, lse_new_BHM = self.attend_fused(
+                q_BHSK, k_BHSK, v_BHSK, r_past_SHK, r_future_MHK, ctx, M
+            )
+        else:
+            o_BHTK, lse_BHT, ahead_BHMK, lse_new_BHM = self.attend_reference(
+                q_BHSK, k_BHSK, v_BHSK, r_past_SHK, r_future_MHK, ctx, M, attn.dropout_rng, p_drop
+            )
+        return self.interpolate(attn, o_BHTK, lse_BHT, ahead_BHMK, lse_new_BHM, ctx, state)
+
+    def attend_reference(self, q_BHSK, k_BHSK, v_BHSK, r_past_SHK, r_future_MHK, ctx, M, dropout_rng, p_drop):
+        """Both attentions of the layer as the official code computes them (materialised scores, `rel_shift`)."""
+        T = q_BHSK.shape[2] - M
+        W = min(M, T)
+        scale = q_BHSK.shape[-1] ** -0.5
+        u_HK, v_HK, v_future_HK = ctx["u"], ctx["v"], ctx["v_future"]
         # Segment tokens: causal relative attention over [memory; segment], as in Transformer-XL.
         q_BHTK = q_BHSK[:, :, M:]
         ac_BHTS = torch.einsum("bhtk,bhsk->bhts", q_BHTK + u_HK[:, None], k_BHSK)
         bd_BHTS = rel_shift(torch.einsum("bhtk,shk->bhts", q_BHTK + v_HK[:, None], r_past_SHK))
         logits_BHTS = (ac_BHTS + bd_BHTS) * scale + ctx["mask"]
         # Dropout of the attention's own heads: a tensor-parallel region (the RNG tracker's stream) when split.
-        with attn.dropout_rng() if p_drop else contextlib.nullcontext():
+        with dropout_rng() if p_drop else contextlib.nullcontext():
             o_BHTK, lse_BHT = softmax_attend(logits_BHTS, v_BHSK, dropout=p_drop)
 
         # Memory: look ahead to the window of keys at block positions M-W+1 .. M.
@@ -142,8 +202,13 @@ class LookAheadLayer(LayerMemory):
             torch.einsum("bhmk,dhk->bhmd", q_BHMK + v_future_HK[:, None], r_future_MHK)
         )
         logits_BHMW = (ac_BHMW + bd_BHMM[..., M - W :]) * scale + ctx["ahead_mask"]
-        with attn.dropout_rng() if p_drop else contextlib.nullcontext():
+        with dropout_rng() if p_drop else contextlib.nullcontext():
             ahead_BHMK, lse_new_BHM = softmax_attend(logits_BHMW, v_BHWK, dropout=p_drop)
+        return o_BHTK, lse_BHT, ahead_BHMK, lse_new_BHM
+
+    def interpolate(self, attn, o_BHTK, lse_BHT, ahead_BHMK, lse_new_BHM, ctx, state):
+        """The memory's interpolation with its old attention, the layer's output and its next state."""
+        M = state["attn"].shape[1]
 
         # Interpolation with the old memory by the softmax normalisers, in float32 (the official code mixes with a
         # float32 alpha too). sigmoid(d_old - d_new) is e^d_old / (e^d_old + e^d_new) without the official
@@ -180,7 +245,8 @@ class LookAheadMemory(MemoryKind):
         super().__init__(**kw)
         D, H = self.d_model, self.num_heads
         self.mem_len = self.cfg.mem_len or self.segment_len
-        self._layer_parts = [LookAheadLayer(D) for _ in self.layers]
+        fused, same = self.attention == "fused", self.cfg.same_length
+        self._layer_parts = [LookAheadLayer(D, fused=fused, same_length=same) for _ in self.layers]
         self.u_HK = nn.Parameter(torch.empty(H, D // H))  # r_w_bias: content bias, past and future
         self.v_HK = nn.Parameter(torch.empty(H, D // H))  # r_r_bias: position bias towards the past
         # r_r_bias_future: position bias towards the future (the "disentangled" direction term, eq. 12)

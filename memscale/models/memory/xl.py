@@ -12,6 +12,12 @@ live on `MemTransformerLM`; the TF code unties them only with --untie_r, default
 for every distance once and moved into place by `rel_shift` (paper appendix B). The new memory is the last M rows
 of cat(old memory, this segment's layer inputs), detached (`_update_mems`).
 
+Two paths compute that attention (`model.attention`): `fused`, the blockwise kernel of
+memscale/kernels/relative_attention.py (no T x C score matrix, BD per query block from a band of distances, the
+memory rows projected to keys and values only); `reference`, the official formula above with `rel_shift` and SDPA
+given BD + mask as a float mask. They agree to fp32 rounding (tests/test_relative_attention.py); attention
+dropout always takes the reference path.
+
 What is cached. The official pre-norm layer computes `qkv_net(layer_norm(cat(mems, w)))` with `mems` the raw layer
 inputs; our Block hands the hook h = norm1(x), already normed. LayerNorm acts on each position alone, so caching h
 gives exactly the keys and values of one long forward over the concatenated segments (the test pins this); the
@@ -44,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memscale.kernels.relative_attention import relative_attention
+from memscale.models.layers import reference_attention_active
 from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState, layer_state_name
 
 
@@ -104,38 +112,99 @@ def relative_positions(dist_C: Tensor, d_model: int, *, dropout: float, training
     return F.dropout(sinusoid(dist_C, d_model).to(dtype), dropout, training)
 
 
+def use_fused(layer: LayerMemory, attn: nn.Module) -> bool:
+    """Whether `layer` runs the blockwise kernel: `model.attention=fused`, outside `reference_attention()`, and no
+    attention dropout this step (the kernel has none; the reference path draws it as before)."""
+    p_drop = attn.dropout if layer.training else 0.0
+    return layer.fused and not p_drop and not reference_attention_active()
+
+
+def project_kv(attn: nn.Module, x_BSD: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values of rows that ask no query (cached memory): the key and value rows of the fused projection
+    only. A tensor-parallel projection (not an nn.Linear) projects all three and drops the queries."""
+    if type(attn.qkv) is not nn.Linear:
+        return attn.project(x_BSD)[1:]
+    B, S, _ = x_BSD.shape
+    K = attn.head_dim
+    w_HGKD = attn.qkv.weight.view(-1, 3, K, x_BSD.shape[-1])[:, 1:]
+    b_HGK = attn.qkv.bias.view(-1, 3, K)[:, 1:]
+    kv = F.linear(x_BSD, w_HGKD.reshape(-1, x_BSD.shape[-1]), b_HGK.reshape(-1)).view(B, S, -1, 2, K)
+    k, v = kv.permute(3, 0, 2, 1, 4).unbind(0)
+    return k, v
+
+
 class RelativeLayer(LayerMemory):
     """A layer of Transformer-XL: relative attention over [its cached inputs; segment]."""
 
-    context_names = ("mask", "pos", "u", "v")
+    context_names = ("mask", "pos", "u", "v", "valid")
     state_names = ("mem",)
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, *, fused: bool = True, same_length: bool = False):
         super().__init__()
         self.r_net = nn.Linear(d_model, d_model, bias=False)
+        self.fused = fused
+        """`model.attention == "fused"`: the blockwise kernel (memscale/kernels/relative_attention.py)."""
+        self.same_length = same_length
 
     def attention(self, attn, h_BTD, ctx, state):
-        out_BTD, _ = relative_attention(attn, self.r_net, h_BTD, state["mem"], ctx)
+        out_BTD, _ = xl_attention(
+            attn,
+            self.r_net,
+            h_BTD,
+            state["mem"],
+            ctx,
+            fused=use_fused(self, attn),
+            same_length=self.same_length,
+        )
         return out_BTD, (slide(state["mem"], h_BTD.detach(), dim=1).detach(),)
 
 
-def relative_attention(
-    attn: nn.Module, r_net: nn.Module, h_BTD: Tensor, mem_BMD: Tensor, ctx: dict[str, Tensor]
+def xl_attention(
+    attn: nn.Module,
+    r_net: nn.Module,
+    h_BTD: Tensor,
+    mem_BMD: Tensor,
+    ctx: dict[str, Tensor],
+    *,
+    fused: bool,
+    same_length: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Relative attention of the segment over [memory; segment] (`RelPartialLearnableMultiHeadAttn.forward`):
     the output B x T x D (after the output projection) and the segment's queries q B x H x T x K (without u).
 
-    `ctx` holds the additive `mask` (`causal_mask`), the sinusoids `pos` of the M + T distances and the biases
-    `u`, `v`; `r_net` is the layer's position projection W_r.
+    `ctx` holds the additive `mask` (`causal_mask`), the key validity `valid` of the memory rows, the sinusoids
+    `pos` of the M + T distances and the biases `u`, `v`; `r_net` is the layer's position projection W_r.
+    `fused`: the blockwise kernel (memscale/kernels/relative_attention.py), else the official formula.
     """
     M, K = mem_BMD.shape[1], attn.head_dim
     mem_BMD = mem_BMD.to(h_BTD.dtype)
     u_HK, v_HK = ctx["u"], ctx["v"]
+    pos_CD = ctx["pos"]
+    r_CHK = r_net(pos_CD).view(pos_CD.shape[0], -1, K)
+    if fused:
+        # The memory rows need keys and values only, and no input gradient (they are detached): projected
+        # apart from the segment's rows, which saves a third of their projection and all of its backward.
+        q_BHTK, k_BHTK, v_BHTK = attn.project(h_BTD)
+        k_BHMK, v_BHMK = project_kv(attn, mem_BMD)
+        k_BHCK, v_BHCK = torch.cat([k_BHMK, k_BHTK], dim=2), torch.cat([v_BHMK, v_BHTK], dim=2)
+        # Query i (block position M + i) and key j are M + i - j apart: shift M; r_CHK is already in the
+        # kernel's descending order (distances C-1 .. 0). The mask is rebuilt from `valid` per block.
+        B, T = h_BTD.shape[:2]
+        key_valid_BC = torch.cat([ctx["valid"], ctx["valid"].new_ones(B, T)], dim=1)
+        o_BHTK, _ = relative_attention(
+            q_BHTK + u_HK[:, None],
+            q_BHTK + v_HK[:, None],
+            k_BHCK,
+            v_BHCK,
+            r_CHK,
+            shift=M,
+            window=M if same_length else 0,
+            key_valid_BN=key_valid_BC,
+        )
+        return attn.merge(o_BHTK), q_BHTK
     # Like the official code, q/k/v come from one fused projection of cat(mem, h); memory queries are dropped.
     q_BHCK, k_BHCK, v_BHCK = attn.project(torch.cat([mem_BMD, h_BTD], dim=1))
     q_BHTK = q_BHCK[:, :, M:]
-    pos_CD = ctx["pos"]
-    r_CHK = r_net(pos_CD).view(pos_CD.shape[0], -1, K)
     bd_BHTC = rel_shift(torch.einsum("bhtk,chk->bhtc", q_BHTK + v_HK[:, None], r_CHK))
     # SDPA computes softmax(q'k^T * scale + mask) v; with q' = q + u and BD * scale folded into the additive
     # mask, that is softmax((AC + BD) * scale) exactly (same 1/sqrt(K) scale as `self.scale`).
@@ -154,7 +223,8 @@ class TransformerXLMemory(MemoryKind):
         super().__init__(**kw)
         D, H = self.d_model, self.num_heads
         self.mem_len = self.cfg.mem_len or self.segment_len
-        self._layer_parts = [RelativeLayer(D) for _ in self.layers]
+        fused, same = self.attention == "fused", self.cfg.same_length
+        self._layer_parts = [RelativeLayer(D, fused=fused, same_length=same) for _ in self.layers]
         self.u_HK = nn.Parameter(torch.empty(H, D // H))  # r_w_bias: content bias, shared by all layers
         self.v_HK = nn.Parameter(torch.empty(H, D // H))  # r_r_bias: position bias, shared by all layers
         self.reset_parameters(self._layer_parts)
@@ -187,6 +257,7 @@ class TransformerXLMemory(MemoryKind):
             ),
             "u": self.u_HK,
             "v": self.v_HK,
+            "valid": valid_BM,
         }
         return ctx, {"valid": slide(valid_BM, valid_BM.new_ones(B, T), dim=1)}
 
