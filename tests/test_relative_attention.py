@@ -217,3 +217,30 @@ def test_fused_under_activation_checkpointing(kind, mode, monkeypatch):
 def test_attention_key_is_validated():
     with pytest.raises(ConfigError, match="model.attention"):
         config_from_dict({}, [*TINY, "model.attention=flash"])
+
+
+INFINITY_CASES = {
+    "M=T": [],
+    "M=2T": ["model.memory.mem_len=16"],
+    "same_length,M=2T": ["model.memory.same_length=true", "model.memory.mem_len=16"],
+    "clamp_len": ["model.memory.clamp_len=3"],
+}
+
+
+@pytest.mark.parametrize("case", list(INFINITY_CASES))
+def test_infinity_short_term_attention_fused_equals_reference(case, monkeypatch):
+    """∞-former's short-term memory is xl's attention: the kernel serves it too (one call per layer and segment),
+    with the same loss, states and gradients as the official formula; the third segment reads a long-term memory
+    that the first filled, and row 1 restarts its document there."""
+    monkeypatch.setattr(ra, "DEFAULT_BLOCK", 3)
+    model = tiny_model(
+        "infinity", "model.memory.num_basis=16", "model.memory.num_samples=16", *INFINITY_CASES[case]
+    )
+    batches = random_batches(3, reset_at={2: [1]})
+    with _count_kernel_calls(monkeypatch) as calls:
+        fast, g_fast = _window(model, batches, reference=False)
+    assert calls[0] == 3 * model.cfg.num_layers
+    with _count_kernel_calls(monkeypatch) as calls:
+        ref, g_ref = _window(model, batches, reference=True)
+    assert calls[0] == 0
+    _assert_same(fast, g_fast, ref, g_ref, TOL)

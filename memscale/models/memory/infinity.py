@@ -83,6 +83,7 @@ from memscale.models.memory.xl import (
     clamp_distances,
     relative_positions,
     slide,
+    use_fused,
     xl_attention,
 )
 
@@ -209,7 +210,7 @@ class LongTermAttention(LayerMemory):
     """
 
     context_names = (
-        "mask", "pos", "u", "v", "empty", "evict",
+        "mask", "valid", "pos", "u", "v", "empty", "evict",
         "basis_mu", "basis_sigma", "fit_first", "fit_update", "psi_uniform",
     )  # fmt: skip
     state_names = ("mem", "coef", "mass")
@@ -225,8 +226,13 @@ class LongTermAttention(LayerMemory):
         gate: bool = True,
         kl_lambda: float = 0.0,
         sigma_0: float = 0.05,
+        fused: bool = True,
+        same_length: bool = False,
     ):
         super().__init__()
+        self.fused = fused
+        """`model.attention == "fused"`: the short-term attention by the blockwise kernel, as in xl."""
+        self.same_length = same_length
         self.sticky = sticky
         self.num_samples = num_samples
         self.num_heads = num_heads
@@ -249,8 +255,15 @@ class LongTermAttention(LayerMemory):
     def attention(self, attn, h_BTD, ctx, state):
         T = h_BTD.shape[1]
         mem_BAD = state["mem"]
-        # The official formula: the blockwise kernel (model.attention=fused) serves xl and lamemo only so far.
-        out_BTD, q_BHTK = xl_attention(attn, self.r_net, h_BTD, mem_BAD[:, T:], ctx, fused=False)
+        out_BTD, q_BHTK = xl_attention(
+            attn,
+            self.r_net,
+            h_BTD,
+            mem_BAD[:, T:],
+            ctx,
+            fused=use_fused(self, attn),
+            same_length=self.same_length,
+        )
         # The block that leaves the short-term memory now enters the long-term one, through the gate.
         x_BTD = mem_BAD[:, :T].to(h_BTD.dtype)
         if self.gate is not None:
@@ -379,6 +392,8 @@ class InfinityMemory(MemoryKind):
                 gate=cfg.gate,
                 kl_lambda=cfg.kl_lambda,
                 sigma_0=cfg.sigma_0,
+                fused=self.attention == "fused",
+                same_length=cfg.same_length,
             )
             for _ in self.layers
         ]
@@ -474,6 +489,7 @@ class InfinityMemory(MemoryKind):
         evict_B = valid_BA[:, 0]
         ctx = {
             "mask": causal_mask(valid_BA[:, T:], T, same_length=self.cfg.same_length, dtype=dtype),
+            "valid": valid_BA[:, T:],
             "pos": relative_positions(
                 dist_C, self.d_model, dropout=self.dropout, training=self.training, dtype=dtype
             ),
