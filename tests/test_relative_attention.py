@@ -148,13 +148,18 @@ def test_fused_equals_reference(kind, case, monkeypatch):
     monkeypatch.setattr(ra, "DEFAULT_BLOCK", 3)  # segments of 8: blocks of 3, 3 and 2 queries
     model = tiny_model(kind, *CASES[case])
     assert model.cfg.attention == "fused"
-    # Three segments; the first starts with an empty memory (invalid slots) and row 1 restarts its document at the
-    # third, so that one row has a full memory while the other's is empty.
+    per_layer = 1 if kind == "xl" else 2  # lamemo: the segment's attention and the memory's look-ahead
+    _fused_against_reference(model, per_layer, monkeypatch)
+
+
+def _fused_against_reference(model, calls_per_layer: int, monkeypatch) -> None:
+    """Three segments, the first with an empty memory (invalid slots) and row 1 restarting its document at the
+    third, so that one row has a full memory while the other's is empty: the kernel runs `calls_per_layer` times per
+    layer and segment, the reference not at all, with the same loss, states and gradients."""
     batches = random_batches(3, reset_at={2: [1]})
     with _count_kernel_calls(monkeypatch) as calls:
         fast, g_fast = _window(model, batches, reference=False)
-    per_layer = 1 if kind == "xl" else 2  # lamemo: the segment's attention and the memory's look-ahead
-    assert calls[0] == 3 * model.cfg.num_layers * per_layer
+    assert calls[0] == 3 * model.cfg.num_layers * calls_per_layer
     with _count_kernel_calls(monkeypatch) as calls:
         ref, g_ref = _window(model, batches, reference=True)
     assert calls[0] == 0
@@ -236,11 +241,4 @@ def test_infinity_short_term_attention_fused_equals_reference(case, monkeypatch)
     model = tiny_model(
         "infinity", "model.memory.num_basis=16", "model.memory.num_samples=16", *INFINITY_CASES[case]
     )
-    batches = random_batches(3, reset_at={2: [1]})
-    with _count_kernel_calls(monkeypatch) as calls:
-        fast, g_fast = _window(model, batches, reference=False)
-    assert calls[0] == 3 * model.cfg.num_layers
-    with _count_kernel_calls(monkeypatch) as calls:
-        ref, g_ref = _window(model, batches, reference=True)
-    assert calls[0] == 0
-    _assert_same(fast, g_fast, ref, g_ref, TOL)
+    _fused_against_reference(model, 1, monkeypatch)
