@@ -19,7 +19,8 @@ MEMORY_MATRICES = {
     ),
     "xl": (["memory.r_net.weight"], []),
     "lamemo": (["memory.r_net.weight"], []),
-    "infinity": ([f"memory.{m}.weight" for m in ("key", "value", "out", "mu", "sigma")], []),
+    # the long-term read's key, value, out and N -> 1 maps, the short-term attention's W_r, the CNN gate
+    "infinity": ([f"memory.{m}.weight" for m in ("key", "value", "out", "mu", "sigma", "r_net", "gate")], []),
 }
 MEMORY_VECTORS = {
     "none": [],
@@ -27,7 +28,7 @@ MEMORY_VECTORS = {
     "memformer": ["memory.bias_MD"],
     "xl": ["memory.u_HK", "memory.v_HK"],
     "lamemo": ["memory.u_HK", "memory.v_HK", "memory.v_future_HK"],
-    "infinity": [],
+    "infinity": ["memory.u_HK", "memory.v_HK"],
 }
 
 
