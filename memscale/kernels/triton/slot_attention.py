@@ -33,6 +33,12 @@ from torch import Tensor
 
 
 @triton.jit
+def _rows(ptr, base, rows, kk, K, mask):
+    """Rows `rows` (columns kk) of the row-major [*, K] matrix at `ptr + base`, in float32; zero where masked."""
+    return tl.load(ptr + base + rows[:, None] * K + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _slot_attention_fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, M, T, K, scale,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -43,9 +49,9 @@ def _slot_attention_fwd(
     m_mask, k_mask = m < M, kk < K
     S = M + T
     mk_mask = m_mask[:, None] & k_mask[None, :]
-    q = tl.load(q_ptr + g * M * K + m[:, None] * K + kk[None, :], mask=mk_mask, other=0.0).to(tl.float32)
-    k_own = tl.load(k_ptr + g * S * K + m[:, None] * K + kk[None, :], mask=mk_mask, other=0.0).to(tl.float32)
-    v_own = tl.load(v_ptr + g * S * K + m[:, None] * K + kk[None, :], mask=mk_mask, other=0.0).to(tl.float32)
+    q = _rows(q_ptr, g * M * K, m, kk, K, mk_mask)
+    k_own = _rows(k_ptr, g * S * K, m, kk, K, mk_mask)
+    v_own = _rows(v_ptr, g * S * K, m, kk, K, mk_mask)
     # The own key starts the online softmax: running max = its score, normaliser 1, accumulator its value.
     m_i = tl.sum(q * k_own, axis=1) * scale
     l_i = tl.full((BLOCK_M,), 1.0, tl.float32)
@@ -54,12 +60,8 @@ def _slot_attention_fwd(
         t = t0 + tl.arange(0, BLOCK_T)
         t_mask = t < T
         tk_mask = t_mask[:, None] & k_mask[None, :]
-        k_t = tl.load(k_ptr + g * S * K + (M + t)[:, None] * K + kk[None, :], mask=tk_mask, other=0.0).to(
-            tl.float32
-        )
-        v_t = tl.load(v_ptr + g * S * K + (M + t)[:, None] * K + kk[None, :], mask=tk_mask, other=0.0).to(
-            tl.float32
-        )
+        k_t = _rows(k_ptr, g * S * K, M + t, kk, K, tk_mask)
+        v_t = _rows(v_ptr, g * S * K, M + t, kk, K, tk_mask)
         s = tl.dot(q, tl.trans(k_t), input_precision="ieee") * scale
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -85,10 +87,10 @@ def _slot_attention_bwd_slots(
     m_mask, k_mask = m < M, kk < K
     S = M + T
     mk_mask = m_mask[:, None] & k_mask[None, :]
-    q = tl.load(q_ptr + g * M * K + m[:, None] * K + kk[None, :], mask=mk_mask, other=0.0).to(tl.float32)
-    k_own = tl.load(k_ptr + g * S * K + m[:, None] * K + kk[None, :], mask=mk_mask, other=0.0).to(tl.float32)
-    v_own = tl.load(v_ptr + g * S * K + m[:, None] * K + kk[None, :], mask=mk_mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + g * M * K + m[:, None] * K + kk[None, :], mask=mk_mask, other=0.0).to(tl.float32)
+    q = _rows(q_ptr, g * M * K, m, kk, K, mk_mask)
+    k_own = _rows(k_ptr, g * S * K, m, kk, K, mk_mask)
+    v_own = _rows(v_ptr, g * S * K, m, kk, K, mk_mask)
+    do = _rows(do_ptr, g * M * K, m, kk, K, mk_mask)
     lse = tl.load(lse_ptr + g * M + m, mask=m_mask, other=0.0)
     d = tl.load(d_ptr + g * M + m, mask=m_mask, other=0.0)
     p_own = tl.exp(tl.sum(q * k_own, axis=1) * scale - lse)
@@ -100,12 +102,8 @@ def _slot_attention_bwd_slots(
         t = t0 + tl.arange(0, BLOCK_T)
         t_mask = t < T
         tk_mask = t_mask[:, None] & k_mask[None, :]
-        k_t = tl.load(k_ptr + g * S * K + (M + t)[:, None] * K + kk[None, :], mask=tk_mask, other=0.0).to(
-            tl.float32
-        )
-        v_t = tl.load(v_ptr + g * S * K + (M + t)[:, None] * K + kk[None, :], mask=tk_mask, other=0.0).to(
-            tl.float32
-        )
+        k_t = _rows(k_ptr, g * S * K, M + t, kk, K, tk_mask)
+        v_t = _rows(v_ptr, g * S * K, M + t, kk, K, tk_mask)
         s = tl.dot(q, tl.trans(k_t), input_precision="ieee") * scale
         p = tl.where(t_mask[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v_t), input_precision="ieee")
@@ -126,22 +124,16 @@ def _slot_attention_bwd_tokens(
     t_mask, k_mask = t < T, kk < K
     S = M + T
     tk_mask = t_mask[:, None] & k_mask[None, :]
-    k_t = tl.load(k_ptr + g * S * K + (M + t)[:, None] * K + kk[None, :], mask=tk_mask, other=0.0).to(
-        tl.float32
-    )
-    v_t = tl.load(v_ptr + g * S * K + (M + t)[:, None] * K + kk[None, :], mask=tk_mask, other=0.0).to(
-        tl.float32
-    )
+    k_t = _rows(k_ptr, g * S * K, M + t, kk, K, tk_mask)
+    v_t = _rows(v_ptr, g * S * K, M + t, kk, K, tk_mask)
     dk = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
     dv = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
     for m0 in range(0, M, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         m_mask = m < M
         mk_mask = m_mask[:, None] & k_mask[None, :]
-        q = tl.load(q_ptr + g * M * K + m[:, None] * K + kk[None, :], mask=mk_mask, other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + g * M * K + m[:, None] * K + kk[None, :], mask=mk_mask, other=0.0).to(
-            tl.float32
-        )
+        q = _rows(q_ptr, g * M * K, m, kk, K, mk_mask)
+        do = _rows(do_ptr, g * M * K, m, kk, K, mk_mask)
         lse = tl.load(lse_ptr + g * M + m, mask=m_mask, other=0.0)
         d = tl.load(d_ptr + g * M + m, mask=m_mask, other=0.0)
         s = tl.dot(q, tl.trans(k_t), input_precision="ieee") * scale
