@@ -65,7 +65,7 @@ def _positive_int(text: str) -> int:
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a number of processes: use an integer >= 1")
+        raise argparse.ArgumentTypeError(f"{text} is not a positive count: use an integer >= 1")
     return n
 
 

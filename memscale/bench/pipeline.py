@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memscale.bench import machine_info, now, write_result
+from memscale.bench import machine_info, now, ping_pong, write_result
 
 # (kind, P, G, memory_grad, k)
 CASES = [
@@ -127,29 +127,6 @@ def _batches(cfg, num_groups: int, num_segments: int, seed: int = 0):
     return out
 
 
-def _ping_pong(nbytes: int, rounds: int = 20) -> float:
-    """Mean one-way time of a message of `nbytes` between ranks 0 and 1 (others wait at the barrier)."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.zeros(max(nbytes // 4, 1))
-    rank = dist.get_rank()
-    dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        if rank == 0:
-            dist.send(t, 1)
-            dist.recv(t, 1)
-        elif rank == 1:
-            dist.recv(t, 0)
-            dist.send(t, 0)
-    elapsed = time.perf_counter() - t0
-    dist.barrier()
-    box = [elapsed / (2 * rounds)]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def pipeline_worker(spec: dict) -> None:
     import torch
     import torch.distributed as dist
@@ -182,7 +159,7 @@ def pipeline_worker(spec: dict) -> None:
     # The activation message: B x S_len x D floats (rmt adds 2K memory positions to the segment).
     extra = 2 * cfg.model.memory.num_tokens if spec["kind"] == "rmt" else 0
     msg = cfg.data.num_streams * (cfg.data.segment_len + extra) * cfg.model.d_model * 4
-    small, big = _ping_pong(4), _ping_pong(msg)
+    small, big = ping_pong(4, 20), ping_pong(msg, 20)
     latency, bandwidth = small, msg / max(big - small, 1e-9)
 
     timing = {"F": [], "B": []}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from memscale.bench import machine_info, now, write_result
+from memscale.bench import machine_info, now, ping_pong, write_result
 
 # The quickstart model, widened so that one step is compute-bound enough to time (~0.5-1 s on 2 cores).
 SHAPE = [
@@ -97,24 +97,10 @@ def _gloo_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-
-        def pingpong(n: int, reps: int) -> float:
-            x = torch.zeros(n // 4)
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                if rank == 0:
-                    dist.send(x, 1)
-                    dist.recv(x, 1)
-                else:
-                    dist.recv(x, 0)
-                    dist.send(x, 0)
-            return (time.perf_counter() - t0) / (2 * reps)  # one way
-
-        pingpong(16 * 2**20, 2)  # warm-up
-        lat = min(pingpong(8, 50) for _ in range(3))
+        ping_pong(16 * 2**20, 2)  # warm-up
+        lat = min(ping_pong(8, 50) for _ in range(3))
         big = 16 * 2**20
-        t_big = min(pingpong(big, 5) for _ in range(3))
+        t_big = min(ping_pong(big, 5) for _ in range(3))
         x = torch.ones(big // 4)
         dist.all_reduce(x)
         times = []

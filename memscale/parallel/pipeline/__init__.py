@@ -37,5 +37,5 @@ lists on real stages over p2p (`PipelineRuntime`); memscale/train/pipeline.py ru
     ...                     memory_grad="replay", topology="global")
     >>> result = simulate(generate(spec), spec, CostModel.uniform(4))
     >>> round(result.bubble, 3)
-    0.19
+    0.129
 """

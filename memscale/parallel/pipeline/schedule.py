@@ -375,15 +375,22 @@ def inflight_limit(spec: ScheduleSpec, stage: int) -> int:
     segments plays the part of 1F1B's micro-batch (its backward cannot start before its last forward), so
     k (P - s). BPTT global: a group's window is one chain through every stage twice (forward, then backward
     segment by segment, each reaching the last stage only through the memory gradient from the first), so every
-    stage keeps one window of each of P groups in flight: k P. replay keeps only each segment's stage input and
-    memory state, so it allows a window of every group: k max(P, G).
+    stage keeps one window of each group in flight, and one more window: the next window's forward (which needs
+    only the memory the last one wrote, not its backward) runs while this one's backward chain comes back. That is
+    k (max(P, G) + 1) segments of one group's B / G streams over 1 / P of the layers: with G >= P, about
+    (1 + 1 / G) / P of the activations one process keeps for a window of all B streams. Measured in the
+    simulator (P = 2, G = 4, k = 2, backward = 2 forward): with k P the bubble was 0.14, with this limit 0.03,
+    1F1B's (P - 1) / (m + P - 1). replay keeps only each segment's stage input and memory state, so the same
+    count costs little memory there.
     """
     P, k = spec.num_stages, spec.bptt_segments
     if not spec.bptt:
         return P - stage
+    if spec.topology == "global":
+        return k * (max(P, spec.num_groups) + 1)
     if spec.memory_grad == "replay":
         return k * max(P, spec.num_groups)
-    return k * (P - stage) if spec.topology == "per_layer" else k * P
+    return k * (P - stage)
 
 
 def generate(
@@ -399,7 +406,12 @@ def generate(
     simulate.py checks) with the given relative costs: whenever a stage is free it starts, among the actions
     whose inputs have arrived, a backward first (it frees activations and feeds the stages before it: 1F1B), else
     the earliest forward in (window, group, segment) order while the stage holds fewer than `inflight_limit`
-    unfinished segments. Consequences:
+    unfinished segments. Global memory with BPTT instead starts the action with the longest chain of
+    computations still behind it (its "bottom level" in the graph, critical-path list scheduling): there every
+    window is one long chain through all stages and back, and backward-first starves the chains that the other
+    stages wait for (simulated, backward = 2 forward, S = 8: P = 2, G = 4, k = 2 bubble 0.14 backward-first,
+    0.03 by chain length = 1F1B's; P = 4, G = 8, k = 4: 0.21 and 0.045 = 1F1B's; for detached or per-layer
+    memory, backward-first already gives 1F1B and the chain order does not improve it). Consequences:
       - detached, per-layer: exactly 1F1B over m = G S micro-batches, taken round robin over the groups;
       - global: a group's next segment cannot start before its memory is back from the last stage, so stage 0
         runs the other groups' segments meanwhile (G >= P keeps it busy): round robin over groups;
@@ -458,12 +470,13 @@ def _compute_order(spec: ScheduleSpec, costs: _Costs) -> dict[int, list[Action]]
     bwd = backward_order(spec)
     ranks = [_Rank(next_f=[0] * G, b_queue=[list(bwd) for _ in range(G)]) for _ in range(P)]
     limits = [inflight_limit(spec, s) for s in range(P)]
+    chain = _bottom_levels(spec, costs) if spec.topology == "global" and spec.bptt else None
     total = 2 * P * G * spec.num_segments
     committed = 0
     while committed < total:
-        best = _pick(spec, costs, ranks, done, limits, respect_limit=True)
+        best = _pick(spec, costs, ranks, done, limits, chain, respect_limit=True)
         if best is None:
-            best = _pick(spec, costs, ranks, done, limits, respect_limit=False)
+            best = _pick(spec, costs, ranks, done, limits, chain, respect_limit=False)
         assert best is not None, "the dependency graph has a cycle"  # impossible: edges go forward in (t, s)
         start, s, a = best
         r = ranks[s]
@@ -482,23 +495,26 @@ def _compute_order(spec: ScheduleSpec, costs: _Costs) -> dict[int, list[Action]]
     return {s: r.order for s, r in enumerate(ranks)}
 
 
-def _pick(spec, costs, ranks, done, limits, *, respect_limit):
-    """The (start, stage, action) to commit next: the stage that can start something earliest, and there the
-    backward-first, earliest-in-order choice among what it can start then."""
+def _pick(spec, costs, ranks, done, limits, chain, *, respect_limit):
+    """The (start, stage, action) to commit next: the stage that can start something earliest, and there, among
+    what it can start then, the longest remaining chain first when `chain` (bottom levels) is given, then
+    backward first and the earliest in order."""
     best = None
     for s, r in enumerate(ranks):
         cands = []  # (ready, priority, action)
         for g in range(spec.num_groups):
             if r.b_queue[g]:
                 t = r.b_queue[g][0]
-                ready = _ready_b(spec, costs, done, s, g, t)
+                ready = _ready(spec, costs, done, ActionType.B, s, g, t)
                 if ready < math.inf:
-                    cands.append((ready, (0, spec.window(t), g, -t), Action(s, ActionType.B, g, t)))
+                    first = -chain[(ActionType.B, s, g, t)] if chain else 0.0
+                    cands.append((ready, (first, 0, spec.window(t), g, -t), Action(s, ActionType.B, g, t)))
             t = r.next_f[g]
             if t < spec.num_segments and (not respect_limit or r.inflight < limits[s]):
-                ready = _ready_f(spec, costs, done, s, g, t)
+                ready = _ready(spec, costs, done, ActionType.F, s, g, t)
                 if ready < math.inf:
-                    cands.append((ready, (1, spec.window(t), g, t), Action(s, ActionType.F, g, t)))
+                    first = -chain[(ActionType.F, s, g, t)] if chain else 0.0
+                    cands.append((ready, (first, 1, spec.window(t), g, t), Action(s, ActionType.F, g, t)))
         if not cands:
             continue
         now = [c for c in cands if c[0] <= r.clock]
@@ -513,33 +529,63 @@ def _pick(spec, costs, ranks, done, limits, *, respect_limit):
     return None if best is None else best[:3]
 
 
-def _ready_f(spec: ScheduleSpec, costs: _Costs, done, s: int, g: int, t: int) -> float:
+def _inputs(spec: ScheduleSpec, kind: ActionType, s: int, g: int, t: int):
+    """The computations (F|B, stage, g, t) whose results computation `kind` of (g, t) on stage `s` needs, each
+    with whether the result crosses ranks (a p2p transfer)."""
     P = spec.num_stages
-    ready = 0.0
-    if s > 0:
-        ready = max(ready, done.get((ActionType.F, s - 1, g, t), math.inf) + costs.p2p)
-    if t > 0 and s in spec.readers():
-        if spec.topology == "per_layer":
-            ready = max(ready, done.get((ActionType.F, s, g, t - 1), math.inf))
-        else:
-            hop = 0.0 if s == P - 1 else costs.p2p
-            ready = max(ready, done.get((ActionType.F, P - 1, g, t - 1), math.inf) + hop)
-    return ready
-
-
-def _ready_b(spec: ScheduleSpec, costs: _Costs, done, s: int, g: int, t: int) -> float:
-    P = spec.num_stages
-    ready = done.get((ActionType.F, s, g, t), math.inf)
+    if kind is ActionType.F:
+        if s > 0:
+            yield (ActionType.F, s - 1, g, t), True
+        if t > 0 and s in spec.readers():
+            if spec.topology == "per_layer":
+                yield (ActionType.F, s, g, t - 1), False
+            else:
+                yield (ActionType.F, P - 1, g, t - 1), s != P - 1
+        return
+    yield (ActionType.F, s, g, t), False
     if s < P - 1:
-        ready = max(ready, done.get((ActionType.B, s + 1, g, t), math.inf) + costs.p2p)
+        yield (ActionType.B, s + 1, g, t), True
     if spec.grad_from_next(t):
         if spec.topology == "per_layer":
-            ready = max(ready, done.get((ActionType.B, s, g, t + 1), math.inf))
+            yield (ActionType.B, s, g, t + 1), False
         elif s == P - 1:
             for r in spec.readers():
-                hop = 0.0 if r == P - 1 else costs.p2p
-                ready = max(ready, done.get((ActionType.B, r, g, t + 1), math.inf) + hop)
+                yield (ActionType.B, r, g, t + 1), r != P - 1
+
+
+def _ready(spec: ScheduleSpec, costs: _Costs, done, kind: ActionType, s: int, g: int, t: int) -> float:
+    """When computation `kind` of (g, t) on stage `s` can start: inf while an input is not yet computed."""
+    ready = 0.0
+    for key, hop in _inputs(spec, kind, s, g, t):
+        ready = max(ready, done.get(key, math.inf) + (costs.p2p if hop else 0.0))
     return ready
+
+
+def _bottom_levels(spec: ScheduleSpec, costs: _Costs) -> dict[tuple[ActionType, int, int, int], float]:
+    """Per computation, its cost plus the longest chain of computations (and transfers) that depend on it."""
+    P, G, S = spec.num_stages, spec.num_groups, spec.num_segments
+    nodes = [
+        (kind, s, g, t)
+        for kind in (ActionType.F, ActionType.B)
+        for s in range(P)
+        for g in range(G)
+        for t in range(S)
+    ]
+    after: dict[tuple, list[tuple[tuple, bool]]] = {n: [] for n in nodes}
+    for n in nodes:
+        for key, hop in _inputs(spec, *n):
+            after[key].append((n, hop))
+    level: dict[tuple, float] = {}
+    # Reverse topological order: every edge goes from an earlier to a later entry of this order (forwards by
+    # segment then stage; backwards after all forwards, by segment descending then stage descending).
+    order = sorted(
+        nodes,
+        key=lambda n: (0, n[3], n[1]) if n[0] is ActionType.F else (1, -n[3], -n[1]),
+    )
+    for n in reversed(order):
+        own = costs.forward[n[1]] if n[0] is ActionType.F else costs.backward[n[1]]
+        level[n] = own + max((level[m] + (costs.p2p if hop else 0.0) for m, hop in after[n]), default=0.0)
+    return level
 
 
 def _with_transfers(spec: ScheduleSpec, order: dict[int, list[Action]]) -> Schedule:
