@@ -381,13 +381,14 @@ def inflight_limit(spec: ScheduleSpec, stage: int) -> int:
     (1 + 1 / G) / P of the activations one process keeps for a window of all B streams. Measured in the
     simulator (P = 2, G = 4, k = 2, backward = 2 forward): with k P the bubble was 0.14, with this limit 0.03,
     1F1B's (P - 1) / (m + P - 1). replay keeps only each segment's stage input and memory state, so the same
-    count costs little memory there.
+    count costs little memory there. With one stage there is nothing to overlap: k.
     """
     P, k = spec.num_stages, spec.bptt_segments
     if not spec.bptt:
         return P - stage
     if spec.topology == "global":
-        return k * (max(P, spec.num_groups) + 1)
+        # One stage (no pipeline) gains nothing from running ahead: one window at a time, the least memory.
+        return k * (max(P, spec.num_groups) + 1) if P > 1 else k
     if spec.memory_grad == "replay":
         return k * max(P, spec.num_groups)
     return k * (P - stage)
@@ -470,7 +471,8 @@ def _compute_order(spec: ScheduleSpec, costs: _Costs) -> dict[int, list[Action]]
     bwd = backward_order(spec)
     ranks = [_Rank(next_f=[0] * G, b_queue=[list(bwd) for _ in range(G)]) for _ in range(P)]
     limits = [inflight_limit(spec, s) for s in range(P)]
-    chain = _bottom_levels(spec, costs) if spec.topology == "global" and spec.bptt else None
+    # With one stage there is no chain to keep fed: its window-by-window order needs the least memory.
+    chain = _bottom_levels(spec, costs) if spec.topology == "global" and spec.bptt and P > 1 else None
     total = 2 * P * G * spec.num_segments
     committed = 0
     while committed < total:
