@@ -14,7 +14,10 @@ BPTT windows of k segments for the kinds that carry gradient. Every rank times i
 forward and backward of a segment) and the action loop of each step (from the moment the step's set-up is done,
 which ends in a collective every rank waits for, to its last computation), after `--warmup` untimed steps:
 
-    measured idle fraction = 1 - computing time / loop time                 (per rank, mean over timed steps)
+    measured idle fraction = 1 - computing time / the step's span            (per rank, mean over timed steps)
+
+where the span runs from the end of the set-up (all ranks together) to the last computation on any rank: the
+simulator's makespan, and 1F1B's (P - 1) / (m + P - 1) is idle time over the same span.
 
 The prediction runs the simulator (simulate.py) on the same schedule with this run's measured costs: the mean
 forward and backward time of a segment on each stage, and the p2p latency and bandwidth of a ping-pong of the
@@ -201,7 +204,14 @@ def pipeline_worker(spec: dict) -> None:
         step_s = time.perf_counter() - t0
         if step >= spec["warmup"]:
             busy = sum(timing["F"]) + sum(timing["B"])
-            idle.append(1 - busy / (marks["last"] - marks["start"]))
+            # The step's span over all ranks (the simulator's makespan): from the set-up collective, which every
+            # rank leaves together, to the last computation on any rank. (perf_counter is CLOCK_MONOTONIC, one
+            # clock for all processes of a machine.) A rank's own span would miss the time it waits at the end
+            # for the others: the last stage, done first, waits while the first stage runs its last backward.
+            spans: list = [None] * P
+            dist.all_gather_object(spans, (marks["start"], marks["last"]))
+            span = max(e for _, e in spans) - min(b for b, _ in spans)
+            idle.append(1 - busy / span)
             steps.append(step_s)
             f_mean = sum(timing["F"]) / len(timing["F"])
             b_mean = sum(timing["B"]) / len(timing["B"])
@@ -379,7 +389,7 @@ def main(args) -> int:
         split = f"{r['pp_layers']} {r['split'][:3]}"
         print(f"{case:<22} {split:<12} {pairs:<40} {r['independent_bubble']:>5.2f} {r['speedup']:>8.2f}x")
     print(
-        "layers: per stage, bal(anced by cost) or even; idle: 1 - computing time / action-loop time per rank; "
+        "layers: per stage, bal(anced by cost) or even; idle: 1 - computing time / step span (all ranks) per rank; "
         "1F1B: (P - 1) / (m + P - 1), m = G x S"
     )
     result = {
