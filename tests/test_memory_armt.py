@@ -88,7 +88,74 @@ def test_layer_write_goes_through_its_projections():
         layer.beta.bias.fill_(50.0)  # sigmoid(50) = 1 in float32
     m = _keys(E)[None]
     A, z = layer.write(m, torch.zeros(1, 6 * E, D), torch.zeros(1, 6 * E))
-    torch.testing.assert_close(layer.read(m, A, z), m / (1 + EPS), atol=1e-6, rtol=0)
+    # The tokens write one after another: the first into the empty memory (gamma = 1, read back as m / (1 + eps)),
+    # the others into a memory that is no longer empty (gamma = 1 - eps, read back as m): equal within eps.
+    torch.testing.assert_close(layer.read(m, A, z), m, atol=0, rtol=2 * EPS)
+
+
+def _identity_layer(D: int, num_tokens: int) -> AssociativeLayer:
+    """Key, query and value maps the identity, the gate saturated at 1: a token writes its own vector under itself."""
+    layer = AssociativeLayer(D, D, num_tokens=num_tokens)
+    with torch.no_grad():
+        for lin in (layer.query, layer.key, layer.value):
+            lin.weight.copy_(torch.eye(D))
+        layer.beta.weight.zero_()
+        layer.beta.bias.fill_(50.0)
+    return layer
+
+
+def test_memory_tokens_write_one_after_another():
+    """Two memory tokens with the same key in one segment: the second replaces the first's value (the delta rule
+    token by token), where one write of both against the same memory would store their sum."""
+    D = 16
+    layer = _identity_layer(D, num_tokens=2)
+    key = _keys(D)[0]
+    g = torch.Generator().manual_seed(1)
+    v1, v2 = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    with torch.no_grad():
+        layer.value.weight.zero_()  # values from a second map: v_i = W_V m_i with m_i = key + e_i
+    m = torch.stack([key, key])[None]
+    phi = feature_map(layer.key(m))
+    A0, z0 = torch.zeros(1, 6 * D, D), torch.zeros(1, 6 * D)
+    vals = torch.stack([v1, v2])[None]
+    ones = torch.ones(1, 2, 1)
+    A, z = A0, z0
+    for i in range(2):  # what AssociativeLayer.write does with these values
+        A, z = delta_write(A, z, phi[:, i : i + 1], vals[:, i : i + 1], ones[:, i : i + 1])
+    torch.testing.assert_close(associative_read(A, z, phi[:, :1])[0, 0], v2, atol=1e-4, rtol=0)
+    together, zt = delta_write(A0, z0, phi, vals, ones)
+    torch.testing.assert_close(associative_read(together, zt, phi[:, :1])[0, 0], (v1 + v2) / 2, atol=1e-4, rtol=0)
+    # And the layer itself writes in that order: its own value map, the same check.
+    with torch.no_grad():
+        layer.value.weight.copy_(torch.eye(D))
+    m2 = torch.stack([key, 2 * key])[None]  # one key (phi is normalised), two values: m and 2 m
+    A2, z2 = layer.write(m2, A0, z0)
+    torch.testing.assert_close(layer.read(m2[:, :1], A2, z2)[0, 0], 2 * key, atol=1e-4, rtol=0)
+
+
+def test_similar_keys_over_many_segments_keep_the_memory_bounded():
+    """A key written once, then 50 segments in which all eight memory tokens write nearly that key again: written
+    one by one, each write replaces the stored value and it stays at the values' scale; written together against
+    one memory (the official update), each of the eight subtracts the same stored value, the value moves by up
+    to 1 - K times itself per segment and grows geometrically (what diverged on the quick start: armt.py)."""
+    D, K = 16, 8
+    layer = _identity_layer(D, num_tokens=K)
+    g = torch.Generator().manual_seed(2)
+    base = torch.rand(D, generator=g) + 0.5
+    first = torch.zeros(1, K, D)
+    first[0, 0] = base  # zero vectors have zero features: they write nothing
+    A, z = layer.write(first, torch.zeros(1, 6 * D, D), torch.zeros(1, 6 * D))
+    At, zt = A.clone(), z.clone()
+    ones = torch.ones(1, K, 1)
+    with torch.no_grad():
+        for _ in range(50):
+            m = (base + 0.05 * torch.randn(K, D, generator=g))[None]
+            A, z = layer.write(m, A, z)
+            At, zt = delta_write(At, zt, feature_map(m), m, ones)
+    read = layer.read(base[None, None], A, z).abs().max().item()
+    assert read < 3 * base.abs().max().item()
+    together = layer.read(base[None, None], At, zt).abs().max().item()
+    assert not together < 1e6 * read, together  # past float32's range (inf, nan) by 50 segments
 
 
 def _model(*extra: str, seed: int = 0) -> MemoryTransformer:
