@@ -106,7 +106,7 @@ def _identity_layer(D: int, num_tokens: int) -> AssociativeLayer:
 
 def test_memory_tokens_write_one_after_another():
     """Two memory tokens with the same key in one segment: the second replaces the first's value (the delta rule
-    token by token), where one write of both against the same memory would store their sum."""
+    token by token), where one write of both against the same memory stores their mean."""
     D = 16
     layer = _identity_layer(D, num_tokens=2)
     key = _keys(D)[0]
@@ -124,7 +124,9 @@ def test_memory_tokens_write_one_after_another():
         A, z = delta_write(A, z, phi[:, i : i + 1], vals[:, i : i + 1], ones[:, i : i + 1])
     torch.testing.assert_close(associative_read(A, z, phi[:, :1])[0, 0], v2, atol=1e-4, rtol=0)
     together, zt = delta_write(A0, z0, phi, vals, ones)
-    torch.testing.assert_close(associative_read(together, zt, phi[:, :1])[0, 0], (v1 + v2) / 2, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        associative_read(together, zt, phi[:, :1])[0, 0], (v1 + v2) / 2, atol=1e-4, rtol=0
+    )
     # And the layer itself writes in that order: its own value map, the same check.
     with torch.no_grad():
         layer.value.weight.copy_(torch.eye(D))
