@@ -63,6 +63,11 @@ class MemoryConfig:
     write_own_value: Literal["raw", "projected"] = "raw"
     """memformer: what a slot contributes to its own write: `raw`, the slot m_i itself (the paper's
     softmax(A / tau) [m_i; V_x]), or `projected`, m_i W_V like the tokens' values (measured worse: README)."""
+    write_order: Literal["sequential", "joint"] = "sequential"
+    """armt: how a segment's K memory tokens write the associative memory: `sequential`, one after another (the
+    delta rule per token; stable on long documents), or `joint`, all against the memory the segment read (the
+    official update: it diverged on the quick start's long documents but recalled furthest beyond the training
+    length; README "Recall probe")."""
     num_basis: int = 128
     """infinity: number N of Gaussian radial basis functions of the long-term memory."""
     ridge_lambda: float = 0.5

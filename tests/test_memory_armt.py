@@ -148,14 +148,16 @@ def test_similar_keys_over_many_segments_keep_the_memory_bounded():
     first[0, 0] = base  # zero vectors have zero features: they write nothing
     A, z = layer.write(first, torch.zeros(1, 6 * D, D), torch.zeros(1, 6 * D))
     At, zt = A.clone(), z.clone()
-    ones = torch.ones(1, K, 1)
+    joint = _identity_layer(D, num_tokens=K)
+    joint.joint = True  # model.memory.write_order=joint
     with torch.no_grad():
         for _ in range(50):
             m = (base + 0.05 * torch.randn(K, D, generator=g))[None]
             A, z = layer.write(m, A, z)
-            At, zt = delta_write(At, zt, feature_map(m), m, ones)
+            At, zt = joint.write(m, At, zt)
     read = layer.read(base[None, None], A, z).abs().max().item()
     assert read < 3 * base.abs().max().item()
+
     together = layer.read(base[None, None], At, zt).abs().max().item()
     assert not together < 1e6 * read, together  # past float32's range (inf, nan) by 50 segments
 
@@ -272,3 +274,11 @@ def test_value_map_learns_only_through_a_later_read():
         grads[mode] = model.blocks["0"].memory.value.weight.grad
     assert grads["detached"] is None or grads["detached"].abs().max() == 0
     assert grads["truncated"].abs().max() > 0
+
+
+def test_write_order_is_one_switch():
+    """`model.memory.write_order` reaches every layer: joint is the official update, sequential the default."""
+    assert all(not b.memory.joint for b in tiny_model("armt").blocks.values())
+    assert all(b.memory.joint for b in tiny_model("armt", "model.memory.write_order=joint").blocks.values())
+    with pytest.raises(Exception, match="write_order"):
+        tiny_model("armt", "model.memory.write_order=both")
