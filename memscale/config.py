@@ -63,11 +63,16 @@ class MemoryConfig:
     write_own_value: Literal["raw", "projected"] = "raw"
     """memformer: what a slot contributes to its own write: `raw`, the slot m_i itself (the paper's
     softmax(A / tau) [m_i; V_x]), or `projected`, m_i W_V like the tokens' values (measured worse: README)."""
-    write_order: Literal["sequential", "joint"] = "sequential"
+    write_order: Literal["sequential", "joint", "normalized"] = "sequential"
     """armt: how a segment's K memory tokens write the associative memory: `sequential`, one after another (the
     delta rule per token; stable on long documents), or `joint`, all against the memory the segment read (the
     official update: it diverged on the quick start's long documents but recalled furthest beyond the training
-    length; README "Recall probe")."""
+    length), or `normalized`, the joint write with each key's share divided by its overlap with the segment's
+    keys, which cannot overshoot (README "Recall probe")."""
+    write_norm: bool = False
+    """armt: the write's keys, values and gates read the memory tokens layer-normalised (as every other projection
+    of a pre-norm transformer reads its input) instead of the raw residual stream (the official code), which
+    carries the memory's own read: the written values then grow with the memory (README "Recall probe")."""
     num_basis: int = 128
     """infinity: number N of Gaussian radial basis functions of the long-term memory."""
     ridge_lambda: float = 0.5

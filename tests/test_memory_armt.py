@@ -139,7 +139,8 @@ def test_similar_keys_over_many_segments_keep_the_memory_bounded():
     """A key written once, then 50 segments in which all eight memory tokens write nearly that key again: written
     one by one, each write replaces the stored value and it stays at the values' scale; written together against
     one memory (the official update), each of the eight subtracts the same stored value, the value moves by up
-    to 1 - K times itself per segment and grows geometrically (what diverged on the quick start: armt.py)."""
+    to 1 - K times itself per segment and grows geometrically (what diverged on the quick start: armt.py); written
+    together with each key's share divided by its overlap (`normalized`), it stays at the values' scale too."""
     D, K = 16, 8
     layer = _identity_layer(D, num_tokens=K)
     g = torch.Generator().manual_seed(2)
@@ -147,16 +148,20 @@ def test_similar_keys_over_many_segments_keep_the_memory_bounded():
     first = torch.zeros(1, K, D)
     first[0, 0] = base  # zero vectors have zero features: they write nothing
     A, z = layer.write(first, torch.zeros(1, 6 * D, D), torch.zeros(1, 6 * D))
-    At, zt = A.clone(), z.clone()
+    At, zt, An, zn = A.clone(), z.clone(), A.clone(), z.clone()
     joint = _identity_layer(D, num_tokens=K)
-    joint.joint = True  # model.memory.write_order=joint
+    joint.order = "joint"  # model.memory.write_order=joint
+    normalized = _identity_layer(D, num_tokens=K)
+    normalized.order = "normalized"
     with torch.no_grad():
         for _ in range(50):
             m = (base + 0.05 * torch.randn(K, D, generator=g))[None]
             A, z = layer.write(m, A, z)
             At, zt = joint.write(m, At, zt)
+            An, zn = normalized.write(m, An, zn)
     read = layer.read(base[None, None], A, z).abs().max().item()
     assert read < 3 * base.abs().max().item()
+    assert normalized.read(base[None, None], An, zn).abs().max().item() < 3 * base.abs().max().item()
 
     together = layer.read(base[None, None], At, zt).abs().max().item()
     assert not together < 1e6 * read, together  # past float32's range (inf, nan) by 50 segments
@@ -276,9 +281,68 @@ def test_value_map_learns_only_through_a_later_read():
     assert grads["truncated"].abs().max() > 0
 
 
+def test_normalized_write_stores_copies_once_and_orthogonal_keys_as_the_joint_write():
+    """`normalized`: K copies of one key write as one key with the mean of their values (A and z both), where the
+    plain joint write adds each copy; keys with orthogonal features write exactly as the joint write does."""
+    D, K = 16, 4
+    g = torch.Generator().manual_seed(3)
+    key = _keys(D)[0]
+    phi_copies = feature_map(key.expand(1, K, D))
+    vals = torch.randn(1, K, D, generator=g)
+    beta = torch.full((1, K, 1), 0.5)
+    A0, z0 = torch.randn(1, 6 * D, D, generator=g) * 0.1, phi_copies[:, 0].clone()  # the key counted once
+    An, zn = delta_write(A0, z0, phi_copies, vals, beta, normalized=True)
+    mean_beta_v = (beta * vals).mean(1, keepdim=True) / beta.mean(1, keepdim=True)  # the copies' mean value
+    A1, z1 = delta_write(A0, z0, phi_copies[:, :1], mean_beta_v, beta[:, :1])
+    torch.testing.assert_close(An, A1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(zn, z1, atol=1e-6, rtol=0)
+    Aj, _ = delta_write(A0, z0, phi_copies, vals, beta)
+    assert (Aj - A0).norm() > 2 * (An - A0).norm()  # the joint write moves by the sum of the K updates
+
+    phi = feature_map(_keys(D)[None])  # three keys whose features do not overlap
+    assert torch.allclose(phi @ phi.transpose(1, 2), torch.eye(3)[None], atol=1e-6)
+    vals, beta = vals[:, :3], beta[:, :3]
+    for a, b in zip(
+        delta_write(A0, z0, phi, vals, beta, normalized=True),
+        delta_write(A0, z0, phi, vals, beta),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_write_norm_makes_the_written_values_independent_of_the_stream_scale():
+    """`write_norm`: the write reads the memory tokens layer-normalised, so memory tokens 100 times larger (a read
+    that grew with the memory, carried in the residual stream) write the same memory; without it they write 100
+    times larger values, the feedback that let the memory grow without bound over long documents (armt.py)."""
+    D, K = 16, 4
+    g = torch.Generator().manual_seed(4)
+    layers = {}
+    for norm in (False, True):
+        torch.manual_seed(0)
+        layers[norm] = AssociativeLayer(D, D // 4, K, order="normalized", write_norm=norm)
+        with torch.no_grad():
+            layers[norm].value.weight.normal_(std=0.1, generator=g)
+    m = torch.randn(1, K, D, generator=g)
+    F_ = 6 * (D // 4)
+    empty = torch.zeros(1, F_, D), torch.zeros(1, F_)
+    with torch.no_grad():
+        A_small, _ = layers[True].write(m, *empty)
+        A_big, _ = layers[True].write(100 * m, *empty)
+        torch.testing.assert_close(A_small, A_big, atol=1e-5, rtol=1e-4)
+        raw_small, _ = layers[False].write(m, *empty)
+        raw_big, _ = layers[False].write(100 * m, *empty)
+        assert raw_big.norm() > 50 * raw_small.norm() > 0
+
+
 def test_write_order_is_one_switch():
-    """`model.memory.write_order` reaches every layer: joint is the official update, sequential the default."""
-    assert all(not b.memory.joint for b in tiny_model("armt").blocks.values())
-    assert all(b.memory.joint for b in tiny_model("armt", "model.memory.write_order=joint").blocks.values())
+    """`model.memory.write_order` and `write_norm` reach every layer: joint is the official update, sequential
+    the default."""
+    assert all(b.memory.order == "sequential" for b in tiny_model("armt").blocks.values())
+    for order in ("joint", "normalized"):
+        model = tiny_model("armt", f"model.memory.write_order={order}")
+        assert all(b.memory.order == order for b in model.blocks.values())
+    assert all(
+        b.memory.write_norm for b in tiny_model("armt", "model.memory.write_norm=true").blocks.values()
+    )
     with pytest.raises(Exception, match="write_order"):
         tiny_model("armt", "model.memory.write_order=both")
