@@ -73,6 +73,9 @@ class MemoryConfig:
     """armt: the write's keys, values and gates read the memory tokens layer-normalised (as every other projection
     of a pre-norm transformer reads its input) instead of the raw residual stream (the official code), which
     carries the memory's own read: the written values then grow with the memory (README "Recall probe")."""
+    write_penalty: float = 0.0
+    """armt: adds write_penalty x the mean write gate beta to the training loss per token (0: off), so that the
+    memory writes only what a later segment needs and keeps what it holds (README "Recall probe")."""
     num_basis: int = 128
     """infinity: number N of Gaussian radial basis functions of the long-term memory."""
     ridge_lambda: float = 0.5
@@ -258,6 +261,10 @@ class Config:
         _positive(t.max_bad_steps, "train.max_bad_steps", "stop after N >= 1 skipped steps in a row, e.g. 10")
         if mem.kind in ("rmt", "memformer", "armt"):
             _positive(mem.num_tokens, "model.memory.num_tokens", f"{mem.kind} needs at least one memory slot")
+        if mem.kind == "armt" and mem.write_penalty < 0:
+            raise ConfigError(
+                f"model.memory.write_penalty={mem.write_penalty} must be >= 0 (0 turns the penalty off)"
+            )
         if mem.kind == "infinity":
             _positive(mem.num_basis, "model.memory.num_basis", "use N >= 1 basis functions, e.g. 128")
             _positive(mem.num_samples, "model.memory.num_samples", "resample the old signal at >= 1 points")

@@ -87,7 +87,7 @@ def test_layer_write_goes_through_its_projections():
         layer.beta.weight.zero_()
         layer.beta.bias.fill_(50.0)  # sigmoid(50) = 1 in float32
     m = _keys(E)[None]
-    A, z = layer.write(m, torch.zeros(1, 6 * E, D), torch.zeros(1, 6 * E))
+    A, z, _ = layer.write(m, torch.zeros(1, 6 * E, D), torch.zeros(1, 6 * E))
     # The tokens write one after another: the first into the empty memory (gamma = 1, read back as m / (1 + eps)),
     # the others into a memory that is no longer empty (gamma = 1 - eps, read back as m): equal within eps.
     torch.testing.assert_close(layer.read(m, A, z), m, atol=0, rtol=2 * EPS)
@@ -131,7 +131,7 @@ def test_memory_tokens_write_one_after_another():
     with torch.no_grad():
         layer.value.weight.copy_(torch.eye(D))
     m2 = torch.stack([key, 2 * key])[None]  # one key (phi is normalised), two values: m and 2 m
-    A2, z2 = layer.write(m2, A0, z0)
+    A2, z2, _ = layer.write(m2, A0, z0)
     torch.testing.assert_close(layer.read(m2[:, :1], A2, z2)[0, 0], 2 * key, atol=1e-4, rtol=0)
 
 
@@ -147,7 +147,7 @@ def test_similar_keys_over_many_segments_keep_the_memory_bounded():
     base = torch.rand(D, generator=g) + 0.5
     first = torch.zeros(1, K, D)
     first[0, 0] = base  # zero vectors have zero features: they write nothing
-    A, z = layer.write(first, torch.zeros(1, 6 * D, D), torch.zeros(1, 6 * D))
+    A, z, _ = layer.write(first, torch.zeros(1, 6 * D, D), torch.zeros(1, 6 * D))
     At, zt, An, zn = A.clone(), z.clone(), A.clone(), z.clone()
     joint = _identity_layer(D, num_tokens=K)
     joint.order = "joint"  # model.memory.write_order=joint
@@ -156,9 +156,9 @@ def test_similar_keys_over_many_segments_keep_the_memory_bounded():
     with torch.no_grad():
         for _ in range(50):
             m = (base + 0.05 * torch.randn(K, D, generator=g))[None]
-            A, z = layer.write(m, A, z)
-            At, zt = joint.write(m, At, zt)
-            An, zn = normalized.write(m, An, zn)
+            A, z, _ = layer.write(m, A, z)
+            At, zt, _ = joint.write(m, At, zt)
+            An, zn, _ = normalized.write(m, An, zn)
     read = layer.read(base[None, None], A, z).abs().max().item()
     assert read < 3 * base.abs().max().item()
     assert normalized.read(base[None, None], An, zn).abs().max().item() < 3 * base.abs().max().item()
@@ -326,11 +326,11 @@ def test_write_norm_makes_the_written_values_independent_of_the_stream_scale():
     F_ = 6 * (D // 4)
     empty = torch.zeros(1, F_, D), torch.zeros(1, F_)
     with torch.no_grad():
-        A_small, _ = layers[True].write(m, *empty)
-        A_big, _ = layers[True].write(100 * m, *empty)
+        A_small, _, _ = layers[True].write(m, *empty)
+        A_big, _, _ = layers[True].write(100 * m, *empty)
         torch.testing.assert_close(A_small, A_big, atol=1e-5, rtol=1e-4)
-        raw_small, _ = layers[False].write(m, *empty)
-        raw_big, _ = layers[False].write(100 * m, *empty)
+        raw_small, _, _ = layers[False].write(m, *empty)
+        raw_big, _, _ = layers[False].write(100 * m, *empty)
         assert raw_big.norm() > 50 * raw_small.norm() > 0
 
 
@@ -346,3 +346,23 @@ def test_write_order_is_one_switch():
     )
     with pytest.raises(Exception, match="write_order"):
         tiny_model("armt", "model.memory.write_order=both")
+    with pytest.raises(Exception, match="write_penalty=-1.0 must be >= 0"):
+        tiny_model("armt", "model.memory.write_penalty=-1")
+
+
+def test_write_penalty_adds_the_mean_gate_per_token_to_the_objective():
+    """`write_penalty`: each layer adds write_penalty x T x (mean gate of its memory tokens), summed over rows, in
+    the units of the token-loss sum; its gradient reaches the gates; without it there is no auxiliary term."""
+    model = _model("model.memory.write_penalty=0.01")
+    batch = random_batches(1)[0]
+    gates = []
+    hooks = [b.memory.beta.register_forward_hook(lambda m, i, o: gates.append(o)) for b in model.blocks.values()]
+    out = model.step(batch.tokens_BT, model.init_state(batch.tokens_BT.shape[0]))
+    for h in hooks:
+        h.remove()
+    T = batch.tokens_BT.shape[1]
+    want = sum(0.01 * T * torch.sigmoid(g.float()).mean(dim=(1, 2)).sum() for g in gates)
+    torch.testing.assert_close(out.aux_sum, want)
+    out.aux_sum.backward()
+    assert all(b.memory.beta.bias.grad.item() > 0 for b in model.blocks.values())  # pushes the gates shut
+    assert _model().step(batch.tokens_BT, model.init_state(batch.tokens_BT.shape[0])).aux_sum is None

@@ -154,11 +154,14 @@ class AssociativeLayer(LayerMemory):
         *,
         order: str = "sequential",
         write_norm: bool = False,
+        write_penalty: float = 0.0,
     ):
         super().__init__()
         self.num_tokens = num_tokens
         self.order = order
         self.write_norm = write_norm
+        self.write_penalty = write_penalty
+        self.aux_loss = write_penalty > 0
         self.query = nn.Linear(d_model, d_mem, bias=False)
         self.key = nn.Linear(d_model, d_mem, bias=False)
         self.value = nn.Linear(d_model, d_model, bias=False)
@@ -167,21 +170,23 @@ class AssociativeLayer(LayerMemory):
     def read(self, h_BSD: Tensor, A_BFD: Tensor, z_BF: Tensor) -> Tensor:
         return associative_read(A_BFD, z_BF, feature_map(self.query(h_BSD))).to(h_BSD.dtype)
 
-    def write(self, m_BKD: Tensor, A_BFD: Tensor, z_BF: Tensor) -> tuple[Tensor, Tensor]:
+    def write(self, m_BKD: Tensor, A_BFD: Tensor, z_BF: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The memory tokens' delta-rule writes: one token after another (`sequential`), or all against the
         incoming A (`joint`, the official update, and `normalized`, the same divided by the keys' overlap; module
-        doc). `write_norm`: the keys, values and gates read the memory tokens layer-normalised (module doc)."""
+        doc). `write_norm`: the keys, values and gates read the memory tokens layer-normalised (module doc).
+        Returns the new A and z and the gates beta (B x K x 1)."""
         if self.write_norm:
             m_BKD = F.layer_norm(m_BKD, m_BKD.shape[-1:])
         phi_BKF = feature_map(self.key(m_BKD))
         v_BKD = self.value(m_BKD).float()
         beta_BK1 = torch.sigmoid(self.beta(m_BKD).float())
         if self.order != "sequential":
-            return delta_write(A_BFD, z_BF, phi_BKF, v_BKD, beta_BK1, normalized=self.order == "normalized")
+            normalized = self.order == "normalized"
+            return (*delta_write(A_BFD, z_BF, phi_BKF, v_BKD, beta_BK1, normalized=normalized), beta_BK1)
         for i in range(phi_BKF.shape[1]):
             one = slice(i, i + 1)
             A_BFD, z_BF = delta_write(A_BFD, z_BF, phi_BKF[:, one], v_BKD[:, one], beta_BK1[:, one])
-        return A_BFD, z_BF
+        return A_BFD, z_BF, beta_BK1
 
     def attention(self, attn, h_BSD, ctx, state):
         A_BFD, z_BF = state["A"], state["z"]
@@ -189,7 +194,13 @@ class AssociativeLayer(LayerMemory):
         x_BSD = h_BSD + o_BSD
         a_BSD = attn(x_BSD, is_causal=True)
         m_BKD = (x_BSD + a_BSD)[:, -self.num_tokens :]
-        return o_BSD + a_BSD, self.write(m_BKD, A_BFD, z_BF)
+        A_new, z_new, beta_BK1 = self.write(m_BKD, A_BFD, z_BF)
+        if not self.aux_loss:
+            return o_BSD + a_BSD, (A_new, z_new)
+        # write_penalty x the mean gate, per token of the segment, in the units of the token-loss sum (module doc).
+        T = h_BSD.shape[1] - self.num_tokens
+        aux = self.write_penalty * T * beta_BK1.mean(dim=(1, 2)).sum()
+        return o_BSD + a_BSD, (A_new, z_new, aux)
 
 
 class AssociativeMemory(MemoryKind):
@@ -210,10 +221,8 @@ class AssociativeMemory(MemoryKind):
             # Constant on every segment, so it also plays the part of the memory tokens' position embedding.
             self.mem_KD = nn.Parameter(torch.empty(K, D))
         order = self.cfg.write_order
-        norm = self.cfg.write_norm
-        self._layer_parts = [
-            AssociativeLayer(D, self.d_mem, K, order=order, write_norm=norm) for _ in self.layers
-        ]
+        opts = {"order": order, "write_norm": self.cfg.write_norm, "write_penalty": self.cfg.write_penalty}
+        self._layer_parts = [AssociativeLayer(D, self.d_mem, K, **opts) for _ in self.layers]
         self.reset_parameters(self._layer_parts)
 
     def reset_parameters(self, parts) -> None:
