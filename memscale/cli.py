@@ -489,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     pip.add_argument("--steps", type=_positive_int, default=4, help="timed steps per case")
     pip.add_argument("--warmup", type=_positive_int, default=1, help="untimed steps first")
     pip.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=3,
+        help="one process and pipeline alternate this many times per case; the median round of each counts",
+    )
+    pip.add_argument(
         "--pp-layers",
         choices=("both", "balanced", "even"),
         default="both",

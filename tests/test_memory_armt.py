@@ -356,7 +356,9 @@ def test_write_penalty_adds_the_mean_gate_per_token_to_the_objective():
     model = _model("model.memory.write_penalty=0.01")
     batch = random_batches(1)[0]
     gates = []
-    hooks = [b.memory.beta.register_forward_hook(lambda m, i, o: gates.append(o)) for b in model.blocks.values()]
+    hooks = [
+        b.memory.beta.register_forward_hook(lambda m, i, o: gates.append(o)) for b in model.blocks.values()
+    ]
     out = model.step(batch.tokens_BT, model.init_state(batch.tokens_BT.shape[0]))
     for h in hooks:
         h.remove()

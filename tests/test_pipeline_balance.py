@@ -106,12 +106,23 @@ def test_bench_runs_the_balanced_split_and_the_even_one_where_they_differ():
 
     kind, P, G, grad, k = CASES[0]
     cfg = _config(kind, grad, k, [])
-    assert cfg.model.num_layers == 12  # fine enough to balance the head against layers
-    assert _splits(cfg, 2, "both") == [("balanced", "7,5"), ("even", "6,6")]
-    assert _splits(cfg, 2, "even") == [("even", "6,6")]
-    assert _splits(cfg, 2, "balanced") == [("balanced", "7,5")]
+    assert cfg.model.num_layers == 15  # with the head ~16 layers' work: even over 2 and over 4 stages
+    assert _splits(cfg, 2, "both") == [("balanced", "8,7")]  # no even split of 15 layers
+    assert _splits(cfg, 4, "both") == [("balanced", "4,4,4,3")]
+    twelve = _config(kind, grad, k, ["model.num_layers=12"])
+    assert _splits(twelve, 2, "both") == [("balanced", "7,5"), ("even", "6,6")]
+    assert _splits(twelve, 2, "even") == [("even", "6,6")]
+    assert _splits(twelve, 2, "balanced") == [("balanced", "7,5")]
     one_layer = _config(kind, grad, k, ["model.num_layers=4"])
     assert _splits(one_layer, 4, "both") == [("balanced", "1,1,1,1")]  # one layer each: nothing to compare
+
+
+def test_bench_counts_the_median_round():
+    from memscale.bench.pipeline import _median_by, _pipeline_step
+
+    assert _median_by([3.0, 1.0, 2.0], float) == 2.0
+    assert _median_by([4.0, 1.0, 3.0, 2.0], float) == 2.0  # the lower middle of an even count
+    assert _pipeline_step([{"step_seconds": 1.0}, {"step_seconds": 1.5}]) == 1.5  # the slowest rank paces
 
 
 def test_planner_cuts_stages_like_training():
@@ -129,7 +140,7 @@ def test_bench_refuses_pipeline_sizes_it_has_no_case_for(capsys):
     from memscale.bench.pipeline import main
 
     args = argparse.Namespace(
-        overrides=[], pp_layers="both", stages=(8,), segments=1, steps=1, warmup=1, out="x"
+        overrides=[], pp_layers="both", stages=(8,), segments=1, steps=1, warmup=1, rounds=1, out="x"
     )
     assert main(args) == 2
     assert "--stages 8" in capsys.readouterr().out

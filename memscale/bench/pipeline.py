@@ -26,7 +26,10 @@ activation message measured between ranks 0 and 1 before the steps. The bubble o
 
 Tokens/s: the same model as one process with one thread, training the same streams with
 `memscale.train.bptt.run_window` (S / k windows per step), against the pipeline (its slowest rank paces the
-step), optimizer steps included in both.
+step), optimizer steps included in both. The two alternate for `--rounds` rounds (one process, pipeline, one
+process, ...) and each side's median round counts: on this shared machine the same case measured 1.53x to
+1.67x in three back-to-back runs of one round, so one round of each, minutes apart, measures the machine's drift
+as much as the pipeline.
 
 On a 2-core machine P = 4 runs four processes on two cores: each computation then shares its core, which the
 measured forward/backward times (and so the prediction) include.
@@ -53,10 +56,12 @@ CASES = [
 ]
 SHAPE = [
     "model.d_model=256",
-    # Twelve layers, so that a cut can come close to even: the head and the loss over the vocabulary cost 1.3
-    # layers by FLOPs and 0.6-1.0 in measured time (the fused loss computes its gradient in the forward); with
-    # four layers (3 + 1 or 2 + 2) one stage waited ~30% of the step, with twelve the best cut is within ~8%.
-    "model.num_layers=12",
+    # Fifteen layers, so that a cut can be even: the head and the loss over the vocabulary cost 1.3 layers by
+    # FLOPs and 0.6-1.0 in measured time (the fused loss computes its gradient in the forward), so 15 layers and
+    # the head are ~16 layers' work: 8 + 7 and 4 + 4 + 4 + 3 balance. With four layers (3 + 1 or 2 + 2) one stage
+    # waited ~30% of the step; with twelve (13 layers' work) no cut came closer than one layer (7 + 5 or 6 + 6:
+    # 1.57x / 1.52x for rmt at P = 2 where fifteen gave 1.62x, bench/results/pipeline-2026-12-03-shape-*.json).
+    "model.num_layers=15",
     "model.num_heads=4",
     "model.vocab_size=4096",
     "model.memory.num_tokens=8",
@@ -361,21 +366,32 @@ def main(args) -> int:
                 "kind": kind, "G": G, "S": S, "k": k, "memory_grad": grad, "overrides": overrides,
                 "steps": args.steps, "warmup": args.warmup, "pp_layers": "",
             }  # fmt: skip
-            one_dir = Path(tmp) / f"{kind}-P{P}-one"
-            one_dir.mkdir()
-            _launch(code.format("one_process_worker", "one_process_worker"), {**spec, "out": str(one_dir)}, 1)
-            one = json.loads((one_dir / "one.json").read_text())
+            ones, pipes = [], {name: [] for name, _ in splits}
+            for rnd in range(args.rounds):
+                one_dir = Path(tmp) / f"{kind}-P{P}-one-{rnd}"
+                one_dir.mkdir()
+                _launch(
+                    code.format("one_process_worker", "one_process_worker"), {**spec, "out": str(one_dir)}, 1
+                )
+                ones.append(json.loads((one_dir / "one.json").read_text()))
+                for name, layers in splits:
+                    out = Path(tmp) / f"{kind}-P{P}-{name}-{rnd}"
+                    out.mkdir()
+                    run_spec = {**spec, "pp_layers": layers, "out": str(out)}
+                    results = [out / f"rank{r}.json" for r in range(P)]
+                    _launch(code.format("pipeline_worker", "pipeline_worker"), run_spec, P, results=results)
+                    pipes[name].append([json.loads((out / f"rank{r}.json").read_text()) for r in range(P)])
+                print(f"  {kind} P={P}: round {rnd + 1} of {args.rounds} done", flush=True)
+            one = _median_by(ones, lambda o: o["step_seconds"])
+            cfg = _config(kind, grad, k, overrides)
+            tokens = G * S * cfg.data.num_streams * cfg.data.segment_len
             for name, layers in splits:
-                out = Path(tmp) / f"{kind}-P{P}-{name}"
-                out.mkdir()
-                run_spec = {**spec, "pp_layers": layers, "out": str(out)}
-                results = [out / f"rank{r}.json" for r in range(P)]
-                _launch(code.format("pipeline_worker", "pipeline_worker"), run_spec, P, results=results)
-                ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(P)]
-                cfg = _config(kind, grad, k, overrides)
-                tokens = G * S * cfg.data.num_streams * cfg.data.segment_len
-                rows.append(_row(kind, P, G, grad, k, S, name, layers, ranks, one, tokens))
-                print(f"  {kind} P={P} layers {layers} ({name}): done", flush=True)
+                ranks = _median_by(pipes[name], _pipeline_step)
+                row = _row(kind, P, G, grad, k, S, name, layers, ranks, one, tokens)
+                row["speedup_per_round"] = [
+                    o["step_seconds"] / _pipeline_step(r) for o, r in zip(ones, pipes[name], strict=True)
+                ]
+                rows.append(row)
     print()
     print(
         f"{'case':<22} {'layers':<12} {'idle measured / predicted per stage':<40} {'1F1B':>5} {'x 1 proc':>9}"
@@ -387,22 +403,35 @@ def main(args) -> int:
         )
         case = f"{r['kind']} P={r['P']} G={r['G']} {r['memory_grad']}"
         split = f"{r['pp_layers']} {r['split'][:3]}"
-        print(f"{case:<22} {split:<12} {pairs:<40} {r['independent_bubble']:>5.2f} {r['speedup']:>8.2f}x")
+        spread = "/".join(f"{x:.2f}" for x in r["speedup_per_round"])
+        print(
+            f"{case:<22} {split:<12} {pairs:<40} {r['independent_bubble']:>5.2f} {r['speedup']:>8.2f}x  ({spread})"
+        )
     print(
         "layers: per stage, bal(anced by cost) or even; idle: 1 - computing time / step span (all ranks) per rank; "
-        "1F1B: (P - 1) / (m + P - 1), m = G x S"
+        "1F1B: (P - 1) / (m + P - 1), m = G x S; x 1 proc: median round (each round's in brackets)"
     )
     result = {
         "benchmark": "pipeline", "date": now(), "machine": machine_info(), "overrides": overrides,
-        "steps": args.steps, "warmup": args.warmup, "pp_layers": mode, "rows": rows,
+        "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "pp_layers": mode, "rows": rows,
     }  # fmt: skip
     write_result(result, args.out, "pipeline")
     return 0
 
 
+def _pipeline_step(ranks: list[dict]) -> float:
+    """A pipeline run's step time: its slowest rank paces the step."""
+    return max(r["step_seconds"] for r in ranks)
+
+
+def _median_by(runs: list, key):
+    """The run with the median `key` (the lower middle one for an even count)."""
+    return sorted(runs, key=key)[(len(runs) - 1) // 2]
+
+
 def _row(kind, P, G, grad, k, S, split, layers, ranks, one, tokens) -> dict:
     m = G * S
-    pp_step = max(r["step_seconds"] for r in ranks)
+    pp_step = _pipeline_step(ranks)
     return {
         "kind": kind,
         "P": P,

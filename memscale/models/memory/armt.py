@@ -17,7 +17,7 @@ The delta rule (v - vbar) makes a second write of the same key replace the store
 and gamma leaves z alone for a key already counted; eps = 1e-5. A row whose memory is empty (z = 0, start of a
 document) reads exactly zero and writes with gamma = 1, as the official first segment does.
 
-Two switches, each a measured deviation from the official code.
+Three switches, each a deviation from the official code, off by default and measured in README "Recall probe".
 
 `model.memory.write_order`: by default (`sequential`) the K memory tokens write one after another, each against
 the A (and z) the previous one left (the delta rule per token, as DeltaNet applies it), where the official update
@@ -38,6 +38,12 @@ grew from norm 21 to 1.8e3 at 176 segments and 3.7e8 at 256 (the write's denomin
 beta / (z . phi) <= 1.15: no single write overshot); the joint model's reached 1.6e6 by 2,048 segments, where its
 recall had fallen to 0.23. With `write_norm` the keys, values and gates read the memory tokens layer-normalised,
 as every other projection of a pre-norm transformer reads its input, and the feedback is cut.
+
+`model.memory.write_penalty`: write_penalty x T x (the mean gate beta of the segment's memory tokens) per row and
+layer, the layer's auxiliary loss (`LayerMemory.aux_loss`): divided by the B x T targets of a language-model
+segment it is write_penalty x the mean gate. A fact survives a long text only if the text's writes leave its key
+alone; training documents of a few segments barely penalise a write that erodes it by a percent a segment,
+while at a million tokens (8,192 segments) that loses it. The penalty makes every write pay.
 
 What follows the official code, where it differs from a plain "RMT plus associative memory" reading:
   - the memory tokens are the same learned K x D parameter on every segment (`AssociativeMemoryCell.set_memory`);
