@@ -69,10 +69,11 @@ class MemoryConfig:
     official update: it diverged on the quick start's long documents but recalled furthest beyond the training
     length), or `normalized`, the joint write with each key's share divided by its overlap with the segment's
     keys, which cannot overshoot (README "Recall probe")."""
-    write_norm: bool = False
+    write_norm: bool = True
     """armt: the write's keys, values and gates read the memory tokens layer-normalised (as every other projection
-    of a pre-norm transformer reads its input) instead of the raw residual stream (the official code), which
-    carries the memory's own read: the written values then grow with the memory (README "Recall probe")."""
+    of a pre-norm transformer reads its input); false: the raw residual stream (the official code), which carries
+    the memory's own read, so that the written values grow with the memory: measured, the memory grew without
+    bound on long documents and lost the fact (README "Recall probe")."""
     write_penalty: float = 0.0
     """armt: adds write_penalty x the mean write gate beta to the training loss per token (0: off), so that the
     memory writes only what a later segment needs and keeps what it holds (README "Recall probe")."""

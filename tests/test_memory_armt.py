@@ -336,7 +336,7 @@ def test_write_norm_makes_the_written_values_independent_of_the_stream_scale():
 
 def test_write_order_is_one_switch():
     """`model.memory.write_order` and `write_norm` reach every layer: joint is the official update, sequential
-    the default."""
+    the default; the write reads normalised memory tokens unless `write_norm=false` (the official write)."""
     assert all(b.memory.order == "sequential" for b in tiny_model("armt").blocks.values())
     for order in ("joint", "normalized"):
         model = tiny_model("armt", f"model.memory.write_order={order}")

@@ -17,7 +17,8 @@ The delta rule (v - vbar) makes a second write of the same key replace the store
 and gamma leaves z alone for a key already counted; eps = 1e-5. A row whose memory is empty (z = 0, start of a
 document) reads exactly zero and writes with gamma = 1, as the official first segment does.
 
-Three switches, each a deviation from the official code, off by default and measured in README "Recall probe".
+Three switches, each a deviation from the official code, measured in README "Recall probe"; `write_norm` is on
+by default, the other two are off.
 
 `model.memory.write_order`: by default (`sequential`) the K memory tokens write one after another, each against
 the A (and z) the previous one left (the delta rule per token, as DeltaNet applies it), where the official update
@@ -37,7 +38,10 @@ Measured on the recall probe's models streaming validation text: the layer-1 mem
 grew from norm 21 to 1.8e3 at 176 segments and 3.7e8 at 256 (the write's denominator z . phi stayed near 1 and
 beta / (z . phi) <= 1.15: no single write overshot); the joint model's reached 1.6e6 by 2,048 segments, where its
 recall had fallen to 0.23. With `write_norm` the keys, values and gates read the memory tokens layer-normalised,
-as every other projection of a pre-norm transformer reads its input, and the feedback is cut.
+as every other projection of a pre-norm transformer reads its input, and the feedback is cut: the same models
+trained with it kept their memories at norm 46-71 over 4,096 segments, the sequential one recalled 0.59 at 262K
+tokens (0.03 at 65K without), and the quick start's perplexity did not change (287.3 against 288.4). It is the
+default; `write_norm: false` is the official write.
 
 `model.memory.write_penalty`: write_penalty x T x (the mean gate beta of the segment's memory tokens) per row and
 layer, the layer's auxiliary loss (`LayerMemory.aux_loss`): divided by the B x T targets of a language-model
