@@ -37,7 +37,8 @@ def _per_loss_reference(model, history, state, batches, depth):
                 return_logits=False,
             )
             s = out.state
-        (out.loss_sum / total).backward()
+        objective = out.loss_sum if out.aux_sum is None else out.loss_sum + out.aux_sum  # armt's write penalty
+        (objective / total).backward()
         loss += out.loss_sum.item()
     return loss
 
@@ -74,10 +75,10 @@ def test_sliding_equals_one_graph_per_loss(kind, mode, depth):
             assert diff > 1e-5, (d, diff)
 
 
-def _model(kind, seed):
+def _model(kind, seed, *extra):
     """A tiny model whose memory carries gradient from the first step: armt's W_V starts at zero (official
     initialisation), which makes its first writes, and so d(later loss)/d(earlier tokens), exactly zero."""
-    model = tiny_model(kind, seed=seed)
+    model = tiny_model(kind, *extra, seed=seed)
     for name, p in model.named_parameters():
         if name.endswith("memory.value.weight"):
             torch.nn.init.normal_(p.data, std=0.02)
@@ -90,7 +91,8 @@ def _segment_reach(kind, mode, depth, *, target, n_steps, per_step, reset_at):
     over every run of that segment (a segment runs again in later steps as history)."""
     num = n_steps * per_step
     batches = random_batches(num, targets_on={target}, reset_at=reset_at)
-    model = _model(kind, seed=1)
+    # The token loss alone: armt's write penalty is a term of every segment, on its own gates.
+    model = _model(kind, 1, *(["model.memory.write_penalty=0"] if kind == "armt" else []))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     reach = torch.zeros(num, 2, dtype=torch.float64)
     captured = []

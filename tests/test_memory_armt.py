@@ -244,7 +244,8 @@ def test_replay_equals_truncated_bptt():
 
 
 def _embedding_grads(memory_grad: str) -> list[float]:
-    model = _model(seed=1)
+    # No write penalty: its term sits on every segment's own gates, and this follows the token loss alone.
+    model = _model("model.memory.write_penalty=0", seed=1)
     captured = []
 
     def hook(_module, _inp, out):
@@ -335,10 +336,12 @@ def test_write_norm_makes_the_written_values_independent_of_the_stream_scale():
 
 
 def test_write_order_is_one_switch():
-    """`model.memory.write_order` and `write_norm` reach every layer: joint is the official update, sequential
-    the default; the write reads normalised memory tokens unless `write_norm=false` (the official write)."""
-    assert all(b.memory.order == "sequential" for b in tiny_model("armt").blocks.values())
-    for order in ("joint", "normalized"):
+    """`model.memory.write_order`, `write_norm` and `write_penalty` reach every layer: joint is the official
+    update, normalized the default; the write reads normalised memory tokens unless `write_norm=false` (the
+    official write)."""
+    assert all(b.memory.order == "normalized" for b in tiny_model("armt").blocks.values())
+    assert all(b.memory.write_penalty == 3e-4 for b in tiny_model("armt").blocks.values())
+    for order in ("joint", "sequential"):
         model = tiny_model("armt", f"model.memory.write_order={order}")
         assert all(b.memory.order == order for b in model.blocks.values())
     assert all(
@@ -367,4 +370,5 @@ def test_write_penalty_adds_the_mean_gate_per_token_to_the_objective():
     torch.testing.assert_close(out.aux_sum, want)
     out.aux_sum.backward()
     assert all(b.memory.beta.bias.grad.item() > 0 for b in model.blocks.values())  # pushes the gates shut
-    assert _model().step(batch.tokens_BT, model.init_state(batch.tokens_BT.shape[0])).aux_sum is None
+    off = _model("model.memory.write_penalty=0")
+    assert off.step(batch.tokens_BT, off.init_state(batch.tokens_BT.shape[0])).aux_sum is None
