@@ -50,8 +50,8 @@ segment it is write_penalty x the mean gate. A fact survives a long text only if
 alone, and every two keys overlap (the features are non-negative): training documents of a few segments barely
 penalise a write that erodes a fact over hundreds of segments. The penalty makes every write pay. Measured on the
 recall probe (normalized write, write_norm): without it the fact faded, 0.91 at 16K tokens to 0.14 at 262K; with
-3e-4 the curve went flat, 0.84 at 16K, 65K and 262K and 0.88 at 524K, and the quick start's perplexity was 280.8
-(284.8 without).
+3e-4 the curve went flat, 0.84 at 16K, 65K and 262K, 0.86 at 524K and 0.81 at 1M, and the quick start's
+perplexity was 280.8 (284.8 without).
 
 What follows the official code, where it differs from a plain "RMT plus associative memory" reading:
   - the memory tokens are the same learned K x D parameter on every segment (`AssociativeMemoryCell.set_memory`);
