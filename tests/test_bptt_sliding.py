@@ -37,7 +37,8 @@ def _per_loss_reference(model, history, state, batches, depth):
                 return_logits=False,
             )
             s = out.state
-        objective = out.loss_sum if out.aux_sum is None else out.loss_sum + out.aux_sum  # armt's write penalty
+        # The segment's objective, auxiliary term included (armt's write penalty).
+        objective = out.loss_sum if out.aux_sum is None else out.loss_sum + out.aux_sum
         (objective / total).backward()
         loss += out.loss_sum.item()
     return loss

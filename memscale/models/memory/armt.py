@@ -23,9 +23,9 @@ default (`write_order: normalized`, `write_norm: true`, `write_penalty: 3e-4`); 
 
 `model.memory.write_order`: the official update (`joint`) writes all K memory tokens against the one A the
 segment read; `sequential` writes them one after another, each against the A (and z) the previous one left (the
-delta rule per token, as DeltaNet applies it). Written together, K similar keys each subtract the
-same stored value: the update of the value stored under a key is v - (sum_i beta_i phi_i . phi) vbar, which
-overshoots by up to a factor K - 1 and grows geometrically from segment to segment. Measured on the quick start
+delta rule per token, as DeltaNet applies it). Written together, K similar keys each subtract the same stored
+value: the update of the value stored under a key is v - (sum_i beta_i phi_i . phi) vbar, which overshoots by up
+to a factor K - 1 and grows geometrically from segment to segment. Measured on the quick start
 (the bundled corpus, documents of hundreds of segments, lr 2e-3): the gradient norm reached 9e5 by step 40 and
 inf by step 55, and validation perplexity ended at 1618, worse than the unigram model (546); written one by one,
 the same run trained smoothly (gradient norm < 1.1 throughout, perplexity 288). `normalized` keeps the joint
@@ -234,8 +234,8 @@ class AssociativeMemory(MemoryKind):
         if self.first:
             # Constant on every segment, so it also plays the part of the memory tokens' position embedding.
             self.mem_KD = nn.Parameter(torch.empty(K, D))
-        order = self.cfg.write_order
-        opts = {"order": order, "write_norm": self.cfg.write_norm, "write_penalty": self.cfg.write_penalty}
+        cfg = self.cfg
+        opts = {"order": cfg.write_order, "write_norm": cfg.write_norm, "write_penalty": cfg.write_penalty}
         self._layer_parts = [AssociativeLayer(D, self.d_mem, K, **opts) for _ in self.layers]
         self.reset_parameters(self._layer_parts)
 
