@@ -566,6 +566,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: every document starts from the initial memory)",
     )
     rc.add_argument(
+        "--cooldown",
+        type=_probability,
+        default=0.0,
+        metavar="F",
+        help="anneal the learning rate linearly toward zero over the last F x --max-steps steps of the last "
+        "curriculum stage (default 0: constant rate)",
+    )
+    rc.add_argument(
         "--load",
         default=None,
         metavar="DIR",

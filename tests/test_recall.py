@@ -299,3 +299,62 @@ def test_carry_reset_must_be_a_probability(value):
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].endswith(f"{value} is not a probability: use a value in [0, 1]")
+
+
+def test_cooldown_schedule():
+    """--cooldown: the last `decay` steps of the last stage anneal linearly from lr to lr / decay; 0: constant."""
+    from memscale.bench.recall import cooldown_lr
+
+    assert [cooldown_lr(1.0, i, 10, 4) for i in range(10)] == [1.0] * 7 + [0.75, 0.5, 0.25]
+    assert [cooldown_lr(1.0, i, 3, 0) for i in range(3)] == [1.0] * 3
+    assert [cooldown_lr(2.0, i, 2, 2) for i in range(2)] == [2.0, 1.0]
+
+
+def test_training_cools_down_in_the_last_stage_only(data_dir, texts, monkeypatch):
+    """With --cooldown 0.5 over 6 steps of 2 stages, stage 1 runs at the configured rate and the last stage's
+    3 steps (its whole budget) anneal; the record says how many steps annealed."""
+    from memscale.bench import recall as bench
+
+    rates = []
+    real = bench._train_window
+
+    def spy(model, window, *args):
+        rates.append(spy.opt_lr())
+        return real(model, window, *args)
+
+    real_build = bench.build_optimizer
+
+    def build(model, cfg):
+        opt = real_build(model, cfg)
+        spy.opt_lr = lambda: [g["lr"] for g in opt.param_groups]
+        return opt
+
+    monkeypatch.setattr(bench, "_train_window", spy)
+    monkeypatch.setattr(bench, "build_optimizer", build)
+    _, trained = bench.train_recall(
+        "rmt",
+        segments=2,
+        max_steps=6,
+        advance_at=2.0,
+        eval_every=100,
+        data_dir=str(data_dir),
+        overrides=["model.d_model=32", "model.num_layers=1", "model.num_heads=2", f"data.segment_len={T}"],
+        texts=texts,
+        mixed_lengths=False,
+        cooldown=0.5,
+        log=lambda *a: None,
+    )
+    lr = 1e-3  # RECALL_SHAPE's train.lr
+    assert [r[0] for r in rates] == pytest.approx([lr, lr, lr, lr, lr * 2 / 3, lr / 3])
+    assert all(len(set(r)) == 1 for r in rates)
+    assert trained["cooldown_steps"] == 3
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1"])
+def test_cooldown_must_be_a_fraction(value):
+    r = subprocess.run(
+        [sys.executable, "-m", "memscale.cli", "bench", "recall", "--cooldown", value],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "--cooldown" in r.stderr

@@ -80,6 +80,7 @@ def train_recall(
     memory_noise: float = 0.0,
     stationarity: float = 0.0,
     carry_reset: float | None = None,
+    cooldown: float = 0.0,
     seed: int = 0,
     log=print,
 ) -> tuple[MemoryTransformer, dict]:
@@ -119,7 +120,10 @@ def train_recall(
         }
         lengths = list(loaders)
         budget = max_steps - steps if n == stages[-1] else per_stage
+        decay = min(budget, round(cooldown * max_steps)) if n == stages[-1] else 0
         for i in range(budget):
+            for group in opt.param_groups:
+                group["lr"] = cooldown_lr(stage_cfg.train.lr, i, budget, decay)
             k = lengths[int(torch.randint(len(lengths), (1,), generator=draw))]
             opt.zero_grad(set_to_none=True)
             window = [next(loaders[k]) for _ in range(k)]
@@ -146,7 +150,23 @@ def train_recall(
                 )
                 if acc >= advance_at and n != stages[-1]:
                     break
-    return model, {"steps": steps, "train_seconds": time.perf_counter() - t0, "history": history}
+    return model, {
+        "steps": steps,
+        "train_seconds": time.perf_counter() - t0,
+        "cooldown_steps": decay,
+        "history": history,
+    }
+
+
+def cooldown_lr(lr: float, i: int, budget: int, decay: int) -> float:
+    """The rate of step `i` of a stage of `budget` steps whose last `decay` steps anneal linearly toward zero.
+
+    The probe otherwise trains at a constant rate, because the curriculum does not know in advance when a stage
+    ends; the last stage's length is known when it starts, so its tail can anneal (warmup-stable-decay, as in
+    MiniCPM, arXiv 2404.06395). Step `budget - decay` runs at `lr`, the last at `lr / decay`.
+    """
+    left = budget - i
+    return lr if left > decay else lr * left / decay
 
 
 def _train_window(
@@ -293,6 +313,7 @@ def main(args) -> int:
                 memory_noise=args.memory_noise,
                 stationarity=args.stationarity,
                 carry_reset=args.carry_reset,
+                cooldown=args.cooldown,
             )
             saved = _save(model, cfg, trained, f"{args.out}/recall-{kind}") if args.save else None
         val = RecallLoader(cfg, "val", infinite=False, text=texts["val"])
