@@ -351,6 +351,18 @@ def main(args) -> int:
         "chance_token": 1.0 / len(texts["val"].values),
         "chance_exact": 1.0 / len(texts["val"].values) ** VALUE_LEN,
         "data_dir": args.data_dir,
+        # How the models were trained, so that a variant's row can be told from the default's.
+        "training": {
+            "max_steps": args.max_steps,
+            "advance_at": args.advance_at,
+            "mixed_lengths": not args.fixed_lengths,
+            "memory_noise": args.memory_noise,
+            "stationarity": args.stationarity,
+            "carry_reset": args.carry_reset,
+            "cooldown": args.cooldown,
+            "overrides": args.overrides,
+            "loaded_from": args.load,
+        },
         "config": dataclasses.asdict(shape.model),
         "rows": rows,
     }
