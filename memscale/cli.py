@@ -566,6 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: every document starts from the initial memory)",
     )
     rc.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the model's initialisation and of the draw of training document lengths (the documents "
+        "themselves follow data.seed, so every seed is scored on the same held-out documents)",
+    )
+    rc.add_argument(
         "--cooldown",
         type=_probability,
         default=0.0,

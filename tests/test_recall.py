@@ -190,14 +190,16 @@ def test_bench_recall_runs_end_to_end(data_dir, tmp_path):
         f"bench recall --kinds none,rmt --data-dir {data_dir} --segments 2 --max-steps 2 --eval-every 1 "
         f"--distances {T},{2 * T} --examples 2 --eval-streams 2 --set data.segment_len={T} "
         "--set model.d_model=32 --set model.num_layers=1 --set model.num_heads=2 --set data.num_streams=2 "
-        f"--memory-noise 0.1 --carry-reset 0.5 --cooldown 0.5 --save --out {tmp_path}"
+        f"--memory-noise 0.1 --carry-reset 0.5 --cooldown 0.5 --seed 3 --save --out {tmp_path}"
     )
     r = _cli(*args.split())
     (path,) = tmp_path.glob("recall-*.json")
     result = json.loads(path.read_text())
     training = result["training"]
     assert (training["carry_reset"], training["cooldown"], training["memory_noise"]) == (0.5, 0.5, 0.1)
-    assert training["max_steps"] == 2 and "model.d_model=32" in training["overrides"]
+    assert (
+        training["max_steps"] == 2 and training["seed"] == 3 and "model.d_model=32" in training["overrides"]
+    )
     assert [row["kind"] for row in result["rows"]] == ["none", "rmt"]
     for row in result["rows"]:
         assert [a["distance"] for a in row["recall"]] == [T, 2 * T]

@@ -314,6 +314,7 @@ def main(args) -> int:
                 stationarity=args.stationarity,
                 carry_reset=args.carry_reset,
                 cooldown=args.cooldown,
+                seed=args.seed,
             )
             saved = _save(model, cfg, trained, f"{args.out}/recall-{kind}") if args.save else None
         val = RecallLoader(cfg, "val", infinite=False, text=texts["val"])
@@ -360,6 +361,7 @@ def main(args) -> int:
             "stationarity": args.stationarity,
             "carry_reset": args.carry_reset,
             "cooldown": args.cooldown,
+            "seed": args.seed,
             "overrides": args.overrides,
             "loaded_from": args.load,
         },
