@@ -575,10 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument(
         "--cooldown",
         type=_probability,
-        default=0.0,
+        default=0.15,
         metavar="F",
         help="anneal the learning rate linearly toward zero over the last F x --max-steps steps of the last "
-        "curriculum stage (default 0: constant rate)",
+        "curriculum stage (default 0.15; 0: a constant rate, the probe's schedule before 2026-12-03)",
     )
     rc.add_argument(
         "--load",
