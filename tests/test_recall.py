@@ -260,6 +260,25 @@ def test_training_window_regularisers():
         torch.testing.assert_close(g_two_held[n], g_two[n], rtol=1e-6, atol=1e-7)
 
 
+def _train_two_stages(data_dir, texts, **kw):
+    """A tiny rmt through the probe's training: 6 steps, stages of 1 and 2 segments (3 steps each)."""
+    from memscale.bench import recall as bench
+
+    return bench.train_recall(
+        "rmt",
+        segments=2,
+        max_steps=6,
+        advance_at=2.0,
+        eval_every=100,
+        data_dir=str(data_dir),
+        overrides=["model.d_model=32", "model.num_layers=1", "model.num_heads=2", f"data.segment_len={T}"],
+        texts=texts,
+        mixed_lengths=False,
+        log=lambda *a: None,
+        **kw,
+    )
+
+
 @pytest.mark.parametrize("carry_reset", [0.0, 1.0])
 def test_training_carries_memory_between_documents(data_dir, texts, monkeypatch, carry_reset):
     """--carry-reset P: from stage 2 on, a training document starts from the memory the previous one left, its
@@ -275,19 +294,7 @@ def test_training_carries_memory_between_documents(data_dir, texts, monkeypatch,
         return out
 
     monkeypatch.setattr(bench, "_train_window", spy)
-    bench.train_recall(
-        "rmt",
-        segments=2,
-        max_steps=6,
-        advance_at=2.0,
-        eval_every=100,
-        data_dir=str(data_dir),
-        overrides=["model.d_model=32", "model.num_layers=1", "model.num_heads=2", f"data.segment_len={T}"],
-        texts=texts,
-        mixed_lengths=False,
-        carry_reset=carry_reset,
-        log=lambda *a: None,
-    )
+    _train_two_stages(data_dir, texts, carry_reset=carry_reset)
     assert [n for n, *_ in seen] == [1, 1, 1, 2, 2, 2]
     assert all(state is None for _, state, _, _ in seen[:3])
     for (_, _, _, before), (_, state, reset, _) in zip(seen[2:-1], seen[3:], strict=True):
@@ -336,19 +343,7 @@ def test_training_cools_down_in_the_last_stage_only(data_dir, texts, monkeypatch
 
     monkeypatch.setattr(bench, "_train_window", spy)
     monkeypatch.setattr(bench, "build_optimizer", build)
-    _, trained = bench.train_recall(
-        "rmt",
-        segments=2,
-        max_steps=6,
-        advance_at=2.0,
-        eval_every=100,
-        data_dir=str(data_dir),
-        overrides=["model.d_model=32", "model.num_layers=1", "model.num_heads=2", f"data.segment_len={T}"],
-        texts=texts,
-        mixed_lengths=False,
-        cooldown=0.5,
-        log=lambda *a: None,
-    )
+    _, trained = _train_two_stages(data_dir, texts, cooldown=0.5)
     lr = 1e-3  # RECALL_SHAPE's train.lr
     assert [r[0] for r in rates] == pytest.approx([lr, lr, lr, lr, lr * 2 / 3, lr / 3])
     assert all(len(set(r)) == 1 for r in rates)
