@@ -296,6 +296,17 @@ def main(args) -> int:
     distances = parse_distances(args.distances, shape.data.segment_len)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # How the models are trained: passed to train_recall and recorded in the result as it is.
+    recipe = {
+        "max_steps": args.max_steps,
+        "advance_at": args.advance_at,
+        "mixed_lengths": not args.fixed_lengths,
+        "memory_noise": args.memory_noise,
+        "stationarity": args.stationarity,
+        "carry_reset": args.carry_reset,
+        "cooldown": args.cooldown,
+        "seed": args.seed,
+    }
     rows = []
     for kind in kinds:
         cfg = recall_config(kind, args.segments, args.data_dir, texts["val"].vocab_size, args.overrides)
@@ -305,18 +316,11 @@ def main(args) -> int:
             model, trained = train_recall(
                 kind,
                 segments=args.segments,
-                max_steps=args.max_steps,
-                advance_at=args.advance_at,
                 eval_every=args.eval_every,
                 data_dir=args.data_dir,
                 overrides=args.overrides,
                 texts=texts,
-                mixed_lengths=not args.fixed_lengths,
-                memory_noise=args.memory_noise,
-                stationarity=args.stationarity,
-                carry_reset=args.carry_reset,
-                cooldown=args.cooldown,
-                seed=args.seed,
+                **recipe,
             )
             saved = _save(model, cfg, trained, f"{args.out}/recall-{kind}") if args.save else None
         val = RecallLoader(cfg, "val", infinite=False, text=texts["val"])
@@ -355,18 +359,7 @@ def main(args) -> int:
         "chance_exact": 1.0 / len(texts["val"].values) ** VALUE_LEN,
         "data_dir": args.data_dir,
         # How the models were trained, so that a variant's row can be told from the default's.
-        "training": {
-            "max_steps": args.max_steps,
-            "advance_at": args.advance_at,
-            "mixed_lengths": not args.fixed_lengths,
-            "memory_noise": args.memory_noise,
-            "stationarity": args.stationarity,
-            "carry_reset": args.carry_reset,
-            "cooldown": args.cooldown,
-            "seed": args.seed,
-            "overrides": args.overrides,
-            "loaded_from": args.load,
-        },
+        "training": {**recipe, "overrides": args.overrides, "loaded_from": args.load},
         "config": dataclasses.asdict(shape.model),
         "rows": rows,
     }
