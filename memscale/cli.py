@@ -607,6 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--num-basis", type=_positive_int, default=128, help="basis functions of the read")
     kn.add_argument("--slots", type=_positive_int, default=16, help="memory slots of the Memformer write")
     kn.add_argument(
+        "--mem-len",
+        type=_positive_int,
+        default=None,
+        help="cached positions of the relative attention (default: the segment, tokens / streams)",
+    )
+    kn.add_argument(
         "--rounds", type=_positive_int, default=5, help="timed calls per implementation (best kept)"
     )
     kn.add_argument("--out", default="bench/results", help="directory for the JSON result")

@@ -101,9 +101,11 @@ def test_bench_prepare(tmp_path):
 
 def test_bench_kernels_cpu(tmp_path):
     """On CPU the torch paths are timed against eager and the Triton rows say "needs cuda" (the interpreter is
-    not timed); the loss and read shapes are tiny but the loss spans several chunks (64 rows, chunks of 16)."""
-    args = "kernels --device cpu --tokens 64 --streams 2 --d-model 32 --heads 2 --vocab 300 --chunk 16"
-    out = _run(*args.split(), "--num-basis", "40", "--slots", "4", "--rounds", "1", "--out", str(tmp_path))
+    not timed); the loss and read shapes are tiny but the loss spans several chunks (256 rows, chunks of 64) and
+    the relative attention several query blocks (T = 128 queries over M + T = 160 keys, blocks of 64)."""
+    args = "kernels --device cpu --tokens 256 --streams 2 --d-model 32 --heads 2 --vocab 300 --chunk 64"
+    extra = ["--num-basis", "40", "--slots", "4", "--mem-len", "32", "--rounds", "1", "--out", str(tmp_path)]
+    out = _run(*args.split(), *extra)
     assert "needs cuda" in out
     (path,) = tmp_path.glob("kernels-*.json")
     rows = {(r["kernel"], r["impl"]): r for r in json.loads(path.read_text())["rows"]}
@@ -115,7 +117,17 @@ def test_bench_kernels_cpu(tmp_path):
         ("gaussian read", "triton"),
         ("memformer slot write", "eager"),
         ("memformer slot write", "triton"),
+        ("relative attention", "eager"),
+        ("relative attention", "blockwise"),
+        ("relative attention + lse", "eager"),
+        ("relative attention + lse", "blockwise"),
     }
     timed = [r for r in rows.values() if "triton" not in r["impl"]]
     assert all(r["fwd_bwd_ms"] > 0 and r["vs_eager"] > 0 for r in timed)
     assert all(r["status"] == "needs cuda" for r in rows.values() if "triton" in r["impl"])
+    # The bench compares what it times: the blockwise kernel's gradients are eager's (float32 sums in another
+    # order: within 1e-5 of the largest entry).
+    for kernel in ("relative attention", "relative attention + lse"):
+        assert rows[(kernel, "blockwise")]["shape"] == "B=2 H=2 T=128 M=32 K=16"
+        assert rows[(kernel, "eager")]["max_grad_diff"] == 0
+        assert 0 < rows[(kernel, "blockwise")]["max_grad_diff"] < 1e-5

@@ -11,7 +11,12 @@ Rows (memscale/kernels/):
   - ∞-former Gaussian read, B x H x T queries against N basis functions (4 x 8 x 512, N 128, head width 64):
     `eager` = the model's torch read (keeps the B x H x T x N weights); `triton` = the fused kernels;
   - Memformer slot write, M slots over [own slot; T tokens] (4 x 8 heads, M 16, T 512, head width 64): `eager` =
-    the model's masked SDPA; `triton` = the fused kernels.
+    the model's masked SDPA; `triton` = the fused kernels;
+  - relative-position attention (Transformer-XL's score, the CPU kernel of `model.attention=fused`), T queries over
+    [M memory; T segment] keys (4 x 8 heads, T 512, M 512, head width 64): `eager` = the reference path of xl.py
+    (AC and `rel_shift`ed BD materialised, BD handed to SDPA as a float mask that needs a gradient); `blockwise` =
+    memscale/kernels/relative_attention.py. The `+ lse` row is LaMemo's use of the same attention: its
+    log-normaliser enters the loss too (eager: lamemo.py's hand softmax, which keeps it), so its gradient flows.
 The implementations of a row are timed in alternation, `--rounds` times each, and the best time is kept (absolute
 times wander on a shared machine; ratios within one run do not). The Triton interpreter is not timed: on CPU the
 Triton rows say "needs cuda". With CUDA, the peak memory allocated during a call is reported too.
@@ -117,6 +122,64 @@ def _slot_attention_cases(args, device, dtype):
     return {"eager": case("torch"), "triton": case("triton")}
 
 
+def _relative_attention_cases(args, device, dtype, *, with_lse: bool):
+    from memscale.kernels.relative_attention import relative_attention
+    from memscale.models.layers import sdpa
+    from memscale.models.memory.lamemo import softmax_attend
+    from memscale.models.memory.xl import causal_mask, rel_shift
+
+    g = torch.Generator().manual_seed(3)
+    B, H, K = args.streams, args.heads, args.d_model // args.heads
+    T = args.tokens // args.streams
+    M = T if args.mem_len is None else args.mem_len
+    C = M + T
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
+
+    qu, qv = leaf(B, H, T, K), leaf(B, H, T, K)
+    k, v = leaf(B, H, C, K), leaf(B, H, C, K)
+    r_CHK = leaf(C, H, K)  # distances C-1 .. 0, Transformer-XL's order
+    dout = torch.randn(B, H, T, K, generator=g).to(device, dtype)
+    dlse = torch.randn(B, H, T, generator=g).to(device, torch.float32)
+    mask = causal_mask(torch.ones(B, M, dtype=torch.bool, device=device), T, same_length=False, dtype=dtype)
+    leaves = (qu, qv, k, v, r_CHK)
+
+    def backward(o, lse):
+        torch.autograd.backward([o, lse] if with_lse else [o], [dout, dlse] if with_lse else [dout])
+
+    def eager():
+        for t in leaves:
+            t.grad = None
+        bd = rel_shift(torch.einsum("bhtk,chk->bhtc", qv, r_CHK))
+        if with_lse:  # lamemo.py's reference: materialised logits, hand softmax with its log-normaliser
+            logits = (torch.einsum("bhtk,bhck->bhtc", qu, k) + bd) * K**-0.5 + mask
+            backward(*softmax_attend(logits, v, dropout=0.0))
+        else:  # xl.py's reference: BD * scale + mask as SDPA's float mask
+            backward(sdpa(qu, k, v, attn_mask=bd * K**-0.5 + mask), None)
+
+    def blockwise():
+        for t in leaves:
+            t.grad = None
+        backward(*relative_attention(qu, qv, k, v, r_CHK, shift=M))
+
+    return {"eager": eager, "blockwise": blockwise}, leaves
+
+
+def _gradient_differences(cases: dict, leaves) -> dict[str, float]:
+    """Each implementation's largest gradient difference from eager's, relative to the gradient's largest entry."""
+    cases["eager"]()
+    want = [t.grad.float().clone() for t in leaves]
+    out = {}
+    for name, fn in cases.items():
+        fn()
+        out[name] = max(
+            float((t.grad.float() - w).abs().max() / w.abs().max().clamp_min(1e-30))
+            for t, w in zip(leaves, want, strict=True)
+        )
+    return out
+
+
 def main(args) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -150,6 +213,17 @@ def main(args) -> int:
             f"K={args.d_model // args.heads}",
         ),
     }
+    T = args.tokens // args.streams
+    rel_shape = (
+        f"B={args.streams} H={args.heads} T={T} M={T if args.mem_len is None else args.mem_len} "
+        f"K={args.d_model // args.heads}"
+    )
+    # Rows whose implementations share their inputs (leaves): after timing, each one's gradients are compared with
+    # eager's, so the table cannot time two different computations.
+    checked: dict[str, tuple] = {}
+    for name, with_lse in (("relative attention", False), ("relative attention + lse", True)):
+        cases, checked[name] = _relative_attention_cases(args, device, dtype, with_lse=with_lse)
+        groups[name] = (cases, rel_shape)
     rows = []
     for kernel, (cases, shape) in groups.items():
         runnable = {name: fn for name, fn in cases.items() if triton_ok or "triton" not in name}
@@ -163,6 +237,7 @@ def main(args) -> int:
                 seconds, mb = timer()
                 best[name] = min(best.get(name, seconds), seconds)
                 peak[name] = mb
+        diff = _gradient_differences(runnable, checked[kernel]) if kernel in checked else {}
         for name in cases:
             row = {"kernel": kernel, "impl": name, "shape": shape}
             if name in best:
@@ -171,24 +246,30 @@ def main(args) -> int:
                     "vs_eager": best["eager"] / best[name],
                     "peak_mb": peak[name],
                 }
+                if name in diff:
+                    row["max_grad_diff"] = diff[name]
             else:
                 row["status"] = NEEDS_CUDA if device.type != "cuda" else "triton does not import"
             rows.append(row)
-    print(f"{'kernel':<22} {'impl':<16} {'fwd+bwd ms':>11} {'x eager':>8} {'peak MB':>8}  shape")
+    print(f"{'kernel':<24} {'impl':<16} {'fwd+bwd ms':>11} {'x eager':>8} {'peak MB':>8}  shape")
     for r in rows:
         if "fwd_bwd_ms" in r:
             mb = f"{r['peak_mb']:>8.1f}" if r["peak_mb"] is not None else f"{'-':>8}"
+            check = (
+                f"  (gradients within {r['max_grad_diff']:.1e} of eager's)" if "max_grad_diff" in r else ""
+            )
             print(
-                f"{r['kernel']:<22} {r['impl']:<16} {r['fwd_bwd_ms']:>11.2f} {r['vs_eager']:>8.2f} {mb}  {r['shape']}"
+                f"{r['kernel']:<24} {r['impl']:<16} {r['fwd_bwd_ms']:>11.2f} {r['vs_eager']:>8.2f} {mb}  "
+                f"{r['shape']}{check}"
             )
         else:
-            print(f"{r['kernel']:<22} {r['impl']:<16} {r['status']:>11} {'':>8} {'':>8}  {r['shape']}")
+            print(f"{r['kernel']:<24} {r['impl']:<16} {r['status']:>11} {'':>8} {'':>8}  {r['shape']}")
     result = {
         "benchmark": "kernels",
         "date": now(),
         "machine": machine_info() | {"device": str(device), "dtype": args.dtype},
         "settings": {k: getattr(args, k) for k in ("tokens", "streams", "d_model", "heads", "vocab", "chunk")}
-        | {"num_basis": args.num_basis, "slots": args.slots, "rounds": args.rounds},
+        | {"num_basis": args.num_basis, "slots": args.slots, "mem_len": args.mem_len, "rounds": args.rounds},
         "rows": rows,
     }
     write_result(result, args.out, "kernels")
