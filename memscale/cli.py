@@ -433,8 +433,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     tp = bench_sub.add_parser("throughput", help="training tokens/s and MFU per memory kind")
     tp.add_argument("--config", default=None, help="base config (default: the named benchmark shape)")
+    tp.add_argument(
+        "--shape",
+        default="default",
+        choices=["default", "rmt-1b"],
+        help="named benchmark shape: default (the CPU table's) or rmt-1b (~1B parameters, for a GPU)",
+    )
     tp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    tp.add_argument("--kinds", default="none,rmt", help="comma-separated memory kinds")
+    tp.add_argument("--kinds", default="none,rmt", help="comma-separated memory kinds, or all")
+    tp.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    tp.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="train.dtype of the timed steps; bfloat16 is the GPU path (refused on cpu)",
+    )
+    tp.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense peak for --dtype, in TFLOP/s, where its name is not in the built-in table",
+    )
     tp.add_argument("--steps", type=int, default=3, help="timed optimizer steps per kind and round")
     tp.add_argument("--rounds", type=int, default=2, help="alternating rounds over the kinds")
     tp.add_argument(

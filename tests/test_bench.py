@@ -2,8 +2,12 @@
 measurements, compared only within one run)."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 TINY = "--set model.d_model=32 --set model.num_layers=1 --set model.num_heads=2".split()
 
@@ -22,6 +26,69 @@ def test_bench_throughput(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert [r["kind"] for r in rows] == ["none", "rmt", "xl"]
     assert all(r["fwd_bwd_tokens_per_s"] > 0 and 0 < r["mfu_fwd_bwd"] for r in rows)
+
+
+def test_bench_throughput_sequential_and_out_of_memory(monkeypatch):
+    """The GPU order (each kind built, timed and freed in turn), run on CPU: every kind gets its row, and a kind
+    that runs out of device memory gets a row saying so while the others are still timed."""
+    from memscale.bench import throughput
+
+    class Runner(throughput._MemscaleRunner):
+        def __init__(self, cfg, **kw):
+            if cfg.model.memory.kind == "xl":
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            super().__init__(cfg, **kw)
+
+    monkeypatch.setattr(throughput, "_MemscaleRunner", Runner)
+    tiny = ["model.vocab_size=100", "model.d_model=32", "model.num_layers=1", "model.num_heads=2"]
+    result = throughput.run(
+        base=None,
+        overrides=[*tiny, "data.segment_len=16"],
+        kinds=["none", "xl", "rmt"],
+        steps=1,
+        rounds=2,
+        hf="off",
+        interleave=False,
+        log=lambda *_: None,
+    )
+    assert result["order"] == "sequential" and result["mfu_denominator"] == "matmul"
+    rows = {r["kind"]: r for r in result["rows"]}
+    assert list(rows) == ["none", "xl", "rmt"]
+    assert rows["xl"] == {"kind": "xl", "status": "out of memory"}
+    assert all(rows[k]["step_tokens_per_s"] > 0 and rows[k]["mfu_step"] > 0 for k in ("none", "rmt"))
+    assert "out of memory" in throughput.format_table(result)
+
+
+def test_bench_throughput_shapes_and_peaks():
+    """The GPU shape is a ~1B-parameter RMT (counted on the meta device), and MFU's nominal peaks are found by
+    device name, the PCIe H100 before the SXM one."""
+    from memscale.bench.throughput import _kind_config, _non_embedding_params, device_peak
+
+    cfg = _kind_config(None, [], "rmt", "rmt-1b")
+    assert cfg.model.memory.kind == "rmt" and cfg.data.segment_len == 2048
+    assert 0.95e9 < _non_embedding_params(cfg) < 1.1e9
+    assert device_peak("NVIDIA H200", "bfloat16") == 989.4e12
+    assert device_peak("NVIDIA H100 80GB HBM3", "float32") == 494.7e12
+    assert device_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert device_peak("NVIDIA GeForce RTX 4090", "bfloat16") is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ("--dtype bfloat16", "bf16 matmuls are ~100x slower there"),
+        ("--config configs/quickstart.yaml --shape rmt-1b", "give one"),
+        ("--kinds none,rnn", "not among"),
+    ]
+    + ([] if torch.cuda.is_available() else [("--device cuda", "no CUDA device here")]),
+)
+def test_bench_throughput_refuses(args, message):
+    r = subprocess.run(
+        [sys.executable, "-m", "memscale.cli", "bench", "throughput", *args.split()],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_bench_tasks(tmp_path):
@@ -131,3 +198,18 @@ def test_bench_kernels_cpu(tmp_path):
         assert rows[(kernel, "blockwise")]["shape"] == "B=2 H=2 T=128 M=32 K=16"
         assert rows[(kernel, "eager")]["max_grad_diff"] == 0
         assert 0 < rows[(kernel, "blockwise")]["max_grad_diff"] < 1e-5
+
+
+def test_gpu_check_script_refuses_without_cuda(tmp_path):
+    """tools/gpu_check.sh, the one command for a GPU machine, stops with one line and writes nothing where no CUDA
+    device is visible (on a GPU machine it is run, not tested)."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the script would run")
+    out = tmp_path / "gpu"
+    r = subprocess.run(
+        ["bash", "tools/gpu_check.sh", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert r.returncode == 2 and "sees no CUDA device" in r.stderr and not out.exists(), r.stderr
