@@ -112,10 +112,12 @@ class ModelConfig:
     fused_loss: bool = True
     """Training loss by the chunked fused projection + cross-entropy (memscale/kernels/cross_entropy.py), which
     keeps no logits for backward; false uses the plain head and F.cross_entropy (the reference)."""
-    attention: Literal["fused", "reference"] = "fused"
-    """xl / lamemo: relative-position attention by the blockwise kernel (memscale/kernels/relative_attention.py),
-    which keeps no score matrix for backward; reference: the papers' formula with materialised scores. Attention
-    dropout (model.dropout > 0 in training) always takes the reference path: the kernel has no dropout."""
+    attention: Literal["fused", "flex", "reference"] = "fused"
+    """xl / lamemo / infinity's short-term memory: relative-position attention by the blockwise kernel
+    (memscale/kernels/relative_attention.py), which keeps no score matrix for backward; flex: by FlexAttention
+    (memscale/kernels/flex_relative_attention.py), the GPU path (train.device=cuda: on CPU torch compiles it for
+    inference only); reference: the papers' formula with materialised scores. Attention dropout (model.dropout > 0
+    in training) always takes the reference path: neither kernel has dropout."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
@@ -312,6 +314,11 @@ class Config:
         if t.dtype == "bfloat16" and t.device == "cpu":
             raise ConfigError(
                 "train.dtype=bfloat16 on train.device=cpu is ~100x slower than float32: use float32 on CPU"
+            )
+        if m.attention == "flex" and not t.device.startswith("cuda"):
+            raise ConfigError(
+                f"model.attention=flex needs train.device=cuda (got {t.device}): FlexAttention has no backward on "
+                "CPU; use model.attention=fused (the blockwise kernel, the same model)"
             )
         if (
             t.kernels == "triton"

@@ -186,12 +186,15 @@ def test_bench_kernels_cpu(tmp_path):
         ("memformer slot write", "triton"),
         ("relative attention", "eager"),
         ("relative attention", "blockwise"),
+        ("relative attention", "flex"),
         ("relative attention + lse", "eager"),
         ("relative attention + lse", "blockwise"),
+        ("relative attention + lse", "flex"),
     }
-    timed = [r for r in rows.values() if "triton" not in r["impl"]]
+    cuda_only = {r["impl"] for r in rows.values() if "triton" in r["impl"]} | {"flex"}
+    timed = [r for r in rows.values() if r["impl"] not in cuda_only]
     assert all(r["fwd_bwd_ms"] > 0 and r["vs_eager"] > 0 for r in timed)
-    assert all(r["status"] == "needs cuda" for r in rows.values() if "triton" in r["impl"])
+    assert all(r["status"] == "needs cuda" for r in rows.values() if r["impl"] in cuda_only)
     # The bench compares what it times: the blockwise kernel's gradients are eager's (float32 sums in another
     # order: within 1e-5 of the largest entry).
     for kernel in ("relative attention", "relative attention + lse"):

@@ -85,13 +85,16 @@ def test_training_window_bf16_close_to_fp32(kind):
         assert cos >= 0.99, (name, float(cos))
 
 
-@pytest.mark.parametrize("kind", ["xl", "lamemo"])
-def test_relative_attention_fused_matches_reference(kind):
-    """The blockwise relative attention (`model.attention=fused`, plain torch ops) on CUDA tensors against the
-    reference path with materialised scores, fp32, at T = M = 160: three query blocks of 64, the last a partial
-    one, so the window's second and third segments attend over a full memory. Loss within 1e-5, every gradient
-    within 1e-4 of its own largest entry (the kernel sums in another order)."""
-    loss_f, grads_f = train_window(kind, "model.attention=fused", backend="torch", T=160)
+@pytest.mark.parametrize("attention", ["fused", "flex"])
+@pytest.mark.parametrize("kind", ["xl", "lamemo", "infinity"])
+def test_relative_attention_fused_matches_reference(kind, attention):
+    """The fused relative attention on CUDA against the reference path with materialised scores, fp32, at
+    T = M = 160, so the window's second and third segments attend over a full memory: the blockwise kernel
+    (`model.attention=fused`, plain torch ops: three query blocks of 64, the last partial) and FlexAttention
+    (`flex`: two 128-wide tiles, the last partial; its backward and LaMemo's log-normaliser run only here). Loss
+    within 1e-5, every gradient within 1e-4 of its own largest entry (the kernels sum in another order)."""
+    extra = ("train.device=cuda",) if attention == "flex" else ()
+    loss_f, grads_f = train_window(kind, f"model.attention={attention}", *extra, backend="torch", T=160)
     loss_r, grads_r = train_window(kind, "model.attention=reference", backend="torch", T=160)
     assert abs(loss_f - loss_r) <= 1e-5 * abs(loss_r)
     assert grads_f.keys() == grads_r.keys()

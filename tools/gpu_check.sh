@@ -5,13 +5,14 @@
 #      kernels compiled (tests/test_gpu.py, tests/test_triton_kernels.py);
 #   2. `memscale bench kernels --device cuda`, fp32 and bf16: each kernel against its eager reference;
 #   3. `memscale bench throughput --device cuda --dtype bfloat16 --shape rmt-1b --kinds all`: tokens/s, MFU
-#      against the device's bf16 peak and peak memory for every kind at a ~1B-parameter RMT shape.
+#      against the device's bf16 peak and peak memory for every kind at a ~1B-parameter RMT shape; then xl,
+#      lamemo and infinity again with FlexAttention (`model.attention=flex`) in place of the blockwise kernel.
 #
 #     bash tools/gpu_check.sh [OUT_DIR]        # default bench/results/gpu-<date>
 #
 # OUT_DIR gets gpu-check.log (the device, the versions, every step's output and exit status) and the benches'
-# JSON (kernels-fp32/, kernels-bf16/, throughput-1b/). Runs from the checkout without installing it (PYTHONPATH),
-# so a GPU image whose Python or torch differs from the pins can run it. It needs torch with CUDA, triton, pytest,
+# JSON (kernels-fp32/, kernels-bf16/, throughput-1b/, throughput-1b-flex/). Runs from the checkout without
+# installing it (PYTHONPATH), so a GPU image whose Python or torch differs from the pins can run it. It needs torch with CUDA, triton, pytest,
 # pyyaml, numpy, psutil, safetensors and sentencepiece (transformers for the GPT-2 row); nothing here imports
 # megatron-core, DeepSpeed or webdataset. Each step has a time limit and a failed step does not stop the next;
 # the exit status is 0 only if every step passed. Set PYTHON to choose the interpreter.
@@ -55,5 +56,7 @@ step kernels-fp32 90 "$python" -m memscale.cli bench kernels --device cuda --out
 step kernels-bf16 90 "$python" -m memscale.cli bench kernels --device cuda --dtype bfloat16 --out "$out/kernels-bf16"
 step throughput-1b 300 "$python" -m memscale.cli bench throughput --device cuda --dtype bfloat16 --shape rmt-1b \
   --kinds all --steps 3 --rounds 1 --out "$out/throughput-1b"
+step throughput-1b-flex 180 "$python" -m memscale.cli bench throughput --device cuda --dtype bfloat16 --shape rmt-1b \
+  --kinds xl,lamemo,infinity --set model.attention=flex --hf off --steps 3 --rounds 1 --out "$out/throughput-1b-flex"
 echo "== $failed step(s) failed; log and results in $out" | tee -a "$log"
 [ "$failed" -eq 0 ]

@@ -15,7 +15,8 @@ Rows (memscale/kernels/):
   - relative-position attention (Transformer-XL's score, the CPU kernel of `model.attention=fused`), T queries over
     [M memory; T segment] keys (4 x 8 heads, T 512, M 512, head width 64): `eager` = the reference path of xl.py
     (AC and `rel_shift`ed BD materialised, BD handed to SDPA as a float mask that needs a gradient); `blockwise` =
-    memscale/kernels/relative_attention.py. The `+ lse` row is LaMemo's use of the same attention: its
+    memscale/kernels/relative_attention.py; `flex` = FlexAttention (memscale/kernels/flex_relative_attention.py,
+    `model.attention=flex`, CUDA only). The `+ lse` row is LaMemo's use of the same attention: its
     log-normaliser enters the loss too (eager: lamemo.py's hand softmax, which keeps it), so its gradient flows.
 The implementations of a row are timed in alternation, `--rounds` times each, and the best time is kept (absolute
 times wander on a shared machine; ratios within one run do not). The Triton interpreter is not timed: on CPU the
@@ -123,6 +124,7 @@ def _slot_attention_cases(args, device, dtype):
 
 
 def _relative_attention_cases(args, device, dtype, *, with_lse: bool):
+    from memscale.kernels.flex_relative_attention import flex_relative_attention
     from memscale.kernels.relative_attention import relative_attention
     from memscale.models.layers import sdpa
     from memscale.models.memory.lamemo import softmax_attend
@@ -145,7 +147,7 @@ def _relative_attention_cases(args, device, dtype, *, with_lse: bool):
     mask = causal_mask(torch.ones(B, M, dtype=torch.bool, device=device), T, same_length=False, dtype=dtype)
     leaves = (qu, qv, k, v, r_CHK)
 
-    def backward(o, lse):
+    def backward(o, lse=None):
         torch.autograd.backward([o, lse] if with_lse else [o], [dout, dlse] if with_lse else [dout])
 
     def eager():
@@ -158,12 +160,23 @@ def _relative_attention_cases(args, device, dtype, *, with_lse: bool):
         else:  # xl.py's reference: BD * scale + mask as SDPA's float mask
             backward(sdpa(qu, k, v, attn_mask=bd * K**-0.5 + mask), None)
 
-    def blockwise():
-        for t in leaves:
-            t.grad = None
-        backward(*relative_attention(qu, qv, k, v, r_CHK, shift=M))
+    def kernel(fn):
+        def run():
+            for t in leaves:
+                t.grad = None
+            backward(*fn(qu, qv, k, v, r_CHK, shift=M, return_lse=with_lse))
 
-    return {"eager": eager, "blockwise": blockwise}, leaves
+        return run
+
+    return {
+        "eager": eager,
+        "blockwise": kernel(relative_attention),
+        "flex": kernel(flex_relative_attention),
+    }, leaves
+
+
+def _needs_cuda(impl: str) -> bool:
+    return "triton" in impl or impl == "flex"
 
 
 def _gradient_differences(cases: dict, leaves) -> dict[str, float]:
@@ -226,7 +239,8 @@ def main(args) -> int:
         groups[name] = (cases, rel_shape)
     rows = []
     for kernel, (cases, shape) in groups.items():
-        runnable = {name: fn for name, fn in cases.items() if triton_ok or "triton" not in name}
+        # The Triton kernels and FlexAttention (compiled by inductor into Triton) run on CUDA only.
+        runnable = {name: fn for name, fn in cases.items() if triton_ok or not _needs_cuda(name)}
         timers = {name: _timer(fn, device) for name, fn in runnable.items()}
         for fn in runnable.values():  # warm-up: Triton compiles, allocators settle
             fn()

@@ -232,6 +232,8 @@ def run(
     after round with every model built at once, else each kind is built, timed and freed in turn."""
     dev = torch.device(device)
     interleave = dev.type == "cpu" if interleave is None else interleave
+    # The config says where and how it runs (`model.attention=flex` checks train.device), then the caller's.
+    overrides = [f"train.device={dev.type}", f"train.dtype={dtype}", *overrides]
     factories = {
         kind: (
             lambda kind=kind: _MemscaleRunner(

@@ -224,12 +224,14 @@ def relative_attention(
     key_valid_BN: Tensor | None = None,
     block: int | None = None,
     keep: bool | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_lse: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """softmax(scale * (qu k^T + qv r[dist]^T) + mask) v and its log-sum-exp, each query's normaliser.
 
     See the module docstring for the score, the mask and the layouts. Returns o [B, H, Q, K] and lse [B, H, Q]
     (float32, or float64 for float64 inputs). `block`: queries per block (DEFAULT_BLOCK). `keep`: keep each
-    block's probabilities for backward instead of recomputing them (KEEP_PROBABILITIES).
+    block's probabilities for backward instead of recomputing them (KEEP_PROBABILITIES). `return_lse=False`
+    returns (o, None) (the signature FlexAttention's path shares; the kernel forms the log-sum-exp anyway).
     """
     B, H, Q, K = qu.shape
     N = k.shape[2]
@@ -247,7 +249,7 @@ def relative_attention(
         raise ValueError(f"relative_attention: block={block} must be >= 1")
     if key_valid_BN is not None and bool(key_valid_BN.all()):
         key_valid_BN = None  # every key valid (a full memory): no per-key mask pass
-    return _RelativeAttention.apply(
+    o, lse = _RelativeAttention.apply(
         qu.contiguous(),
         qv.contiguous(),
         k.contiguous(),
@@ -259,3 +261,4 @@ def relative_attention(
         min(block, Q),
         keep,
     )
+    return o, (lse if return_lse else None)

@@ -180,7 +180,7 @@ class MemoryKind(nn.Module):
         self.dropout = dropout
         """The model's dropout rate (`model.dropout`), for the kinds that drop something of their own."""
         self.attention = attention
-        """`model.attention`: "fused" or "reference", for the kinds with an attention kernel of their own."""
+        """`model.attention`: "fused", "flex" or "reference", for the kinds with an attention kernel of their own."""
         self.layers = range(num_layers) if layers is None else layers
         self.first = self.layers.start == 0
         """This model holds the first layer (and the embedding): it runs `enter`."""

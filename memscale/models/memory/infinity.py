@@ -227,11 +227,14 @@ class LongTermAttention(LayerMemory):
         kl_lambda: float = 0.0,
         sigma_0: float = 0.05,
         fused: bool = True,
+        flex: bool = False,
         same_length: bool = False,
     ):
         super().__init__()
         self.fused = fused
-        """`model.attention == "fused"`: the short-term attention by the blockwise kernel, as in xl."""
+        """`model.attention` is fused or flex: the short-term attention by a fused kernel, as in xl."""
+        self.flex = flex
+        """`model.attention == "flex"`: FlexAttention, else the blockwise kernel (as in xl.py)."""
         self.same_length = same_length
         self.sticky = sticky
         self.num_samples = num_samples
@@ -262,6 +265,7 @@ class LongTermAttention(LayerMemory):
             mem_BAD[:, T:],
             ctx,
             fused=use_fused(self, attn),
+            flex=self.flex,
             same_length=self.same_length,
         )
         # The block that leaves the short-term memory now enters the long-term one, through the gate.
@@ -392,7 +396,8 @@ class InfinityMemory(MemoryKind):
                 gate=cfg.gate,
                 kl_lambda=cfg.kl_lambda,
                 sigma_0=cfg.sigma_0,
-                fused=self.attention == "fused",
+                fused=self.attention != "reference",
+                flex=self.attention == "flex",
                 same_length=cfg.same_length,
             )
             for _ in self.layers

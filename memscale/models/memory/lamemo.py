@@ -19,9 +19,9 @@ the next layer). Per layer:
 
     which is exactly one softmax over [old keys; new keys]; the state keeps logaddexp(d_old, d_new), in float32.
 
-Both attentions run by the blockwise kernel (memscale/kernels/relative_attention.py, `model.attention=fused`),
-which also returns the log-normalisers, or by the official formula with materialised scores and a hand softmax
-(`reference`); see `LookAheadLayer.attend_fused` for how the look-ahead becomes a causal attention.
+Both attentions run by the blockwise kernel (memscale/kernels/relative_attention.py, `model.attention=fused`) or
+FlexAttention (`flex`, the GPU path), which also return the log-normalisers, or by the official formula with
+materialised scores and a hand softmax (`reference`); see `LookAheadLayer.attend_fused` for how the look-ahead becomes a causal attention.
 
 Disentangled relative positions (paper eq. 12, attn_type 3): future distances use the same sinusoid of |i - j|
 and the same per-layer `r_net` as past ones, and only the position bias tells the direction apart: v (`r_r_bias`)
@@ -60,12 +60,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memscale.kernels.relative_attention import relative_attention
 from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState, layer_state_name
 from memscale.models.memory.xl import (
     causal_mask,
     clamp_distances,
     rel_shift,
+    relative_kernel,
     relative_positions,
     slide,
     use_fused,
@@ -115,11 +115,13 @@ class LookAheadLayer(LayerMemory):
     state_names = ("attn", "lognorm")
     head_sharded_state = ("attn", "lognorm")
 
-    def __init__(self, d_model: int, *, fused: bool = True, same_length: bool = False):
+    def __init__(self, d_model: int, *, fused: bool = True, flex: bool = False, same_length: bool = False):
         super().__init__()
         self.r_net = nn.Linear(d_model, d_model, bias=False)
         self.fused = fused
-        """`model.attention == "fused"`: the blockwise kernel (memscale/kernels/relative_attention.py)."""
+        """`model.attention` is fused or flex: a fused kernel, not the reference formula."""
+        self.flex = flex
+        """`model.attention == "flex"`: FlexAttention, else the blockwise kernel (as in xl.py)."""
         self.same_length = same_length
 
     def attend_fused(self, q_BHSK, k_BHSK, v_BHSK, r_past_SHK, r_future_MHK, ctx, M):
@@ -136,7 +138,8 @@ class LookAheadLayer(LayerMemory):
         u_HK, v_HK, v_future_HK = ctx["u"][:, None], ctx["v"][:, None], ctx["v_future"][:, None]
         valid_BM = ctx["valid"]
         q_BHTK = q_BHSK[:, :, M:]
-        o_BHTK, lse_BHT = relative_attention(
+        kernel = relative_kernel(self.flex)
+        o_BHTK, lse_BHT = kernel(
             q_BHTK + u_HK,
             q_BHTK + v_HK,
             k_BHSK,
@@ -149,7 +152,7 @@ class LookAheadLayer(LayerMemory):
         q_rev_BHMK = q_BHSK[:, :, :M].flip(2)
         window = slice(M - W + 1, M + 1)
         key_valid_BW = torch.cat([valid_BM, valid_BM.new_ones(B, 1)], dim=1)[:, window]
-        ahead_rev_BHMK, lse_rev_BHM = relative_attention(
+        ahead_rev_BHMK, lse_rev_BHM = kernel(
             q_rev_BHMK + u_HK,
             q_rev_BHMK + v_future_HK,
             k_BHSK[:, :, window].flip(2),
@@ -245,8 +248,8 @@ class LookAheadMemory(MemoryKind):
         super().__init__(**kw)
         D, H = self.d_model, self.num_heads
         self.mem_len = self.cfg.mem_len or self.segment_len
-        fused, same = self.attention == "fused", self.cfg.same_length
-        self._layer_parts = [LookAheadLayer(D, fused=fused, same_length=same) for _ in self.layers]
+        fused, flex, same = self.attention != "reference", self.attention == "flex", self.cfg.same_length
+        self._layer_parts = [LookAheadLayer(D, fused=fused, flex=flex, same_length=same) for _ in self.layers]
         self.u_HK = nn.Parameter(torch.empty(H, D // H))  # r_w_bias: content bias, past and future
         self.v_HK = nn.Parameter(torch.empty(H, D // H))  # r_r_bias: position bias towards the past
         # r_r_bias_future: position bias towards the future (the "disentangled" direction term, eq. 12)

@@ -12,11 +12,13 @@ live on `MemTransformerLM`; the TF code unties them only with --untie_r, default
 for every distance once and moved into place by `rel_shift` (paper appendix B). The new memory is the last M rows
 of cat(old memory, this segment's layer inputs), detached (`_update_mems`).
 
-Two paths compute that attention (`model.attention`): `fused`, the blockwise kernel of
+Three paths compute that attention (`model.attention`): `fused`, the blockwise kernel of
 memscale/kernels/relative_attention.py (no T x C score matrix, BD per query block from a band of distances, the
-memory rows projected to keys and values only); `reference`, the official formula above with `rel_shift` and SDPA
-given BD + mask as a float mask. They agree to fp32 rounding (tests/test_relative_attention.py); attention
-dropout always takes the reference path.
+memory rows projected to keys and values only); `flex`, the GPU path, FlexAttention with BD read by a score
+modification (memscale/kernels/flex_relative_attention.py, same projections); `reference`, the official formula
+above with `rel_shift` and SDPA given BD + mask as a float mask. They agree to fp32 rounding
+(tests/test_relative_attention.py, tests/test_flex_relative_attention.py, tests/test_gpu.py); attention dropout
+always takes the reference path.
 
 What is cached. The official pre-norm layer computes `qkv_net(layer_norm(cat(mems, w)))` with `mems` the raw layer
 inputs; our Block hands the hook h = norm1(x), already normed. LayerNorm acts on each position alone, so caching h
@@ -50,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memscale.kernels.flex_relative_attention import flex_relative_attention
 from memscale.kernels.relative_attention import relative_attention
 from memscale.models.layers import reference_attention_active
 from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState, layer_state_name
@@ -112,6 +115,12 @@ def relative_positions(dist_C: Tensor, d_model: int, *, dropout: float, training
     return F.dropout(sinusoid(dist_C, d_model).to(dtype), dropout, training)
 
 
+def relative_kernel(flex: bool):
+    """The fused relative attention of `model.attention`: FlexAttention (flex, the GPU path) or the blockwise
+    kernel (fused). Both take the same arguments and return (o, lse)."""
+    return flex_relative_attention if flex else relative_attention
+
+
 def use_fused(layer: LayerMemory, attn: nn.Module) -> bool:
     """Whether `layer` runs the blockwise kernel: `model.attention=fused`, outside `reference_attention()`, and no
     attention dropout this step (the kernel has none; the reference path draws it as before)."""
@@ -139,11 +148,14 @@ class RelativeLayer(LayerMemory):
     context_names = ("mask", "pos", "u", "v", "valid")
     state_names = ("mem",)
 
-    def __init__(self, d_model: int, *, fused: bool = True, same_length: bool = False):
+    def __init__(self, d_model: int, *, fused: bool = True, flex: bool = False, same_length: bool = False):
         super().__init__()
         self.r_net = nn.Linear(d_model, d_model, bias=False)
         self.fused = fused
-        """`model.attention == "fused"`: the blockwise kernel (memscale/kernels/relative_attention.py)."""
+        """`model.attention` is fused or flex: a fused kernel, not the reference formula."""
+        self.flex = flex
+        """`model.attention == "flex"`: FlexAttention (memscale/kernels/flex_relative_attention.py), else the
+        blockwise kernel (memscale/kernels/relative_attention.py)."""
         self.same_length = same_length
 
     def attention(self, attn, h_BTD, ctx, state):
@@ -154,6 +166,7 @@ class RelativeLayer(LayerMemory):
             state["mem"],
             ctx,
             fused=use_fused(self, attn),
+            flex=self.flex,
             same_length=self.same_length,
         )
         return out_BTD, (slide(state["mem"], h_BTD.detach(), dim=1).detach(),)
@@ -167,6 +180,7 @@ def xl_attention(
     ctx: dict[str, Tensor],
     *,
     fused: bool,
+    flex: bool = False,
     same_length: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Relative attention of the segment over [memory; segment] (`RelPartialLearnableMultiHeadAttn.forward`):
@@ -174,7 +188,7 @@ def xl_attention(
 
     `ctx` holds the additive `mask` (`causal_mask`), the key validity `valid` of the memory rows, the sinusoids
     `pos` of the M + T distances and the biases `u`, `v`; `r_net` is the layer's position projection W_r.
-    `fused`: the blockwise kernel (memscale/kernels/relative_attention.py), else the official formula.
+    `fused`: a fused kernel (FlexAttention with `flex`, else the blockwise kernel), else the official formula.
     """
     M, K = mem_BMD.shape[1], attn.head_dim
     mem_BMD = mem_BMD.to(h_BTD.dtype)
@@ -191,7 +205,7 @@ def xl_attention(
         # kernel's descending order (distances C-1 .. 0). The mask is rebuilt from `valid` per block.
         B, T = h_BTD.shape[:2]
         key_valid_BC = torch.cat([ctx["valid"], ctx["valid"].new_ones(B, T)], dim=1)
-        o_BHTK, _ = relative_attention(
+        o_BHTK, _ = relative_kernel(flex)(
             q_BHTK + u_HK[:, None],
             q_BHTK + v_HK[:, None],
             k_BHCK,
@@ -200,6 +214,7 @@ def xl_attention(
             shift=M,
             window=M if same_length else 0,
             key_valid_BN=key_valid_BC,
+            return_lse=False,
         )
         return attn.merge(o_BHTK), q_BHTK
     # Like the official code, q/k/v come from one fused projection of cat(mem, h); memory queries are dropped.
@@ -223,8 +238,8 @@ class TransformerXLMemory(MemoryKind):
         super().__init__(**kw)
         D, H = self.d_model, self.num_heads
         self.mem_len = self.cfg.mem_len or self.segment_len
-        fused, same = self.attention == "fused", self.cfg.same_length
-        self._layer_parts = [RelativeLayer(D, fused=fused, same_length=same) for _ in self.layers]
+        fused, flex, same = self.attention != "reference", self.attention == "flex", self.cfg.same_length
+        self._layer_parts = [RelativeLayer(D, fused=fused, flex=flex, same_length=same) for _ in self.layers]
         self.u_HK = nn.Parameter(torch.empty(H, D // H))  # r_w_bias: content bias, shared by all layers
         self.v_HK = nn.Parameter(torch.empty(H, D // H))  # r_r_bias: position bias, shared by all layers
         self.reset_parameters(self._layer_parts)
