@@ -9,8 +9,10 @@ Shapes (`--shape`):
            16 memory tokens/slots, 4 streams x 2048 tokens per optimizer step (4 segments).
   rmt-1b   a ~1B-parameter RMT (configs/plan-1b.yaml's model: d_model 2048, 20 layers, 16 heads, vocab 32000,
            1.01B non-embedding parameters), 4 streams x 2 segments of 2048 tokens per step: the GPU shape. The
-           segment is half the plan's 4096 so that every kind fits one 80 GB GPU without activation
-           checkpointing (xl and lamemo also hold M = 2048 cached positions per layer).
+           segment is half the plan's 4096 to leave room, without activation checkpointing, for what xl and
+           lamemo add (M = 2048 cached positions per layer; lamemo runs them through every block). Estimated,
+           not measured: ~17 GB of weights and Adam state plus ~25 GB of bf16 activations for rmt, about twice
+           the activations for lamemo.
 
 Precision (`--dtype`): float32, or bfloat16 on CUDA, which is `train.dtype=bfloat16`: bf16 compute under autocast
 with float32 weights, gradients, optimizer and memory state (memscale/train/precision.py). On CPU bfloat16 is
