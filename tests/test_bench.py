@@ -30,7 +30,7 @@ def test_bench_throughput(tmp_path):
 
 def test_bench_throughput_sequential_and_out_of_memory(monkeypatch):
     """The GPU order (each kind built, timed and freed in turn), run on CPU: every kind gets its row, and a kind
-    that runs out of device memory gets a row saying so while the others are still timed."""
+    that runs out of device memory or fails gets a row saying so while the others are still timed."""
     from memscale.bench import throughput
 
     class Runner(throughput._MemscaleRunner):
@@ -39,12 +39,17 @@ def test_bench_throughput_sequential_and_out_of_memory(monkeypatch):
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             super().__init__(cfg, **kw)
 
+        def fwd_bwd(self):
+            if self.cfg.model.memory.kind == "memformer":
+                raise RuntimeError("a kernel failed (simulated)")
+            super().fwd_bwd()
+
     monkeypatch.setattr(throughput, "_MemscaleRunner", Runner)
     tiny = ["model.vocab_size=100", "model.d_model=32", "model.num_layers=1", "model.num_heads=2"]
     result = throughput.run(
         base=None,
         overrides=[*tiny, "data.segment_len=16"],
-        kinds=["none", "xl", "rmt"],
+        kinds=["none", "xl", "memformer", "rmt"],
         steps=1,
         rounds=2,
         hf="off",
@@ -53,8 +58,9 @@ def test_bench_throughput_sequential_and_out_of_memory(monkeypatch):
     )
     assert result["order"] == "sequential" and result["mfu_denominator"] == "matmul"
     rows = {r["kind"]: r for r in result["rows"]}
-    assert list(rows) == ["none", "xl", "rmt"]
+    assert list(rows) == ["none", "xl", "memformer", "rmt"]
     assert rows["xl"] == {"kind": "xl", "status": "out of memory"}
+    assert rows["memformer"]["status"] == "failed: RuntimeError: a kernel failed (simulated)"
     assert all(rows[k]["step_tokens_per_s"] > 0 and rows[k]["mfu_step"] > 0 for k in ("none", "rmt"))
     assert "out of memory" in throughput.format_table(result)
 

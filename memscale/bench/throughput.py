@@ -22,9 +22,10 @@ Method on CPU. The matmul rate wanders by ~1.5x within minutes, so (1) kinds are
 round, and each kind keeps its best step; (2) the matmul peak is sampled between timed steps and the best sample is
 the MFU denominator. On CUDA the rate is steady and a 1B model's weights and Adam state take ~17 GB per kind, so
 kinds are timed one after another (each built, warmed up, timed `--rounds x --steps` times, freed); a kind that
-runs out of device memory gets a row saying so and the others still run. MFU there is against the device's
-nominal dense bf16 (or tf32, for float32) peak (`DEVICE_PEAKS`, or `--peak-tflops` for a device not listed), and
-also against the best sample of a large matmul in the same dtype (`mfu_vs_matmul`).
+runs out of device memory, or fails, gets a row saying so and the others still run (a failure makes the command
+exit 1 after writing the result). MFU there is against the device's nominal dense bf16 (or tf32, for float32)
+peak (`DEVICE_PEAKS`, or `--peak-tflops` for a device not listed), and also against the best sample of a large
+matmul in the same dtype (`mfu_vs_matmul`).
 
 Model FLOPs per token:
 
@@ -38,7 +39,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 import time
+import traceback
 from typing import get_args
 
 import torch
@@ -296,6 +299,9 @@ def run(
                     info[name]["peak_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
             except torch.OutOfMemoryError:
                 info[name] = {"status": "out of memory"}
+            except Exception as e:  # one kind's failure must not lose the others' timings (one-shot GPU runs)
+                log(traceback.format_exc())
+                info[name] = {"status": f"failed: {type(e).__name__}: {e}"[:300]}
             finally:
                 del r
                 _free(dev)
@@ -438,4 +444,8 @@ def main(args) -> int:
         )
     print(format_table(result))
     write_result(result, args.out, "throughput")
+    failed = [r["kind"] for r in result["rows"] if r.get("status", "").startswith("failed")]
+    if failed:
+        print(f"bench throughput: {', '.join(failed)} failed (see the tracebacks above)", file=sys.stderr)
+        return 1
     return 0
