@@ -13,7 +13,10 @@ and score_mod reads it at the pair's distance: raw[b, h, i, R - 1 - dist(i, j)] 
 distance order). That is Transformer-XL's own first step (the BD matrix before `rel_shift`), but the shift, the
 mask, the softmax and P v are fused: the scores and probabilities are never written out, and backward recomputes
 them per tile from the saved log-sum-exp (FlashAttention's scheme, FlexAttention's backward). The gradient of
-`raw` (FlexAttention differentiates captured tensors) flows back through the GEMM to qv and r. What is kept for
+`raw` flows back through the GEMM to qv and r: FlexAttention differentiates captured tensors since torch 2.6 (its
+backward kernel scatters d score into them with atomic adds; each entry of `raw` is read by at most one visible
+(query, key) pair and hidden pairs add zero, so the gradient does not depend on the order of the adds, as
+activation checkpointing and memory replay need). What is kept for
 backward beyond q, k, v and the output is `raw` itself: one B x H x Q x R tensor in the compute dtype (bf16 on the
 GPU path), where the reference path keeps about six float tensors of that size and the blockwise kernel one
 (its probabilities).
