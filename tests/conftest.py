@@ -3,6 +3,12 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run under Triton's CPU interpreter. `@triton.jit` (ours and triton.language's
+# own helpers) reads TRITON_INTERPRET when triton is first imported, so it is set here, before any test module or
+# torch.compile can import triton (tests/test_triton_kernels.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 VOCAB = 512
 """Tokenizer size of the session's prepared bundled corpus (small: fast to train, enough for every test)."""
 

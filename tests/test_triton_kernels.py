@@ -1,7 +1,8 @@
 """Triton kernels against their torch references, forward and backward.
 
-Without a GPU the kernels run on CPU tensors under Triton's interpreter: `TRITON_INTERPRET=1` is set below, before
-anything imports memscale/kernels/triton/ (`@triton.jit` reads it at import). With a GPU the same tests run the
+Without a GPU the kernels run on CPU tensors under Triton's interpreter: `TRITON_INTERPRET=1` is set by
+tests/conftest.py (and below, for a run of this file alone), before anything imports triton (`@triton.jit` reads it
+at import). With a GPU the same tests run the
 compiled kernels on it. The interpreter runs each program in Python, so the shapes are small but every one spans
 several program blocks and ends in a masked tail (the tiling is passed in to make that so at small sizes).
 """

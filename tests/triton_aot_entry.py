@@ -10,7 +10,7 @@ the ptxas that ships in the triton wheel; no driver is touched. This catches wha
 the GPU compiler rejects (tl.dot shapes, dtypes, layouts, register limits at the chosen block sizes).
 
 Run in its own process (tests/test_triton_compile.py): `@triton.jit` decides at import whether a kernel is
-interpreted, and the interpreter tests set TRITON_INTERPRET=1 in theirs.
+interpreted, and tests/conftest.py sets TRITON_INTERPRET=1 for the interpreter tests in theirs.
 """
 
 from __future__ import annotations
