@@ -44,6 +44,8 @@ import functools
 import torch
 from torch import Tensor
 
+from memscale.kernels.relative_attention import check_arguments
+
 
 @functools.cache
 def _compiled_flex():
@@ -82,18 +84,9 @@ def flex_relative_attention(
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
+    check_arguments("flex_relative_attention", qu, qv, k, v, r_RHK, shift=shift)
     B, H, Q, K = qu.shape
     N, R = k.shape[2], r_RHK.shape[0]
-    if qv.shape != qu.shape or k.shape != (B, H, N, K) or v.shape != k.shape:
-        raise ValueError(
-            f"flex_relative_attention: shapes qu {qu.shape}, qv {qv.shape}, k {k.shape}, v {v.shape}"
-        )
-    if r_RHK.dim() != 3 or r_RHK.shape[1:] != (H, K):
-        raise ValueError(f"flex_relative_attention: r must be [R, {H}, {K}], got {tuple(r_RHK.shape)}")
-    if Q - 1 + shift > R - 1:
-        raise ValueError(
-            f"flex_relative_attention: distances reach {Q - 1 + shift} but r has {R} rows (0 .. R-1)"
-        )
     # One dtype for FlexAttention: the values' (under bf16 autocast the projections come out bf16, while q + u
     # is promoted to float32 by the float32 bias).
     dt = v.dtype

@@ -212,6 +212,22 @@ class _RelativeAttention(torch.autograd.Function):
         return dqu.mul_(scale), dqv, dk, dv, dr_RHK, None, None, None, None, None
 
 
+def check_arguments(
+    name: str, qu: Tensor, qv: Tensor, k: Tensor, v: Tensor, r_RHK: Tensor, *, shift: int
+) -> None:
+    """The layouts of the module docstring, and a distance table long enough for every visible pair."""
+    B, H, Q, K = qu.shape
+    N = k.shape[2]
+    if qv.shape != qu.shape or k.shape != (B, H, N, K) or v.shape != k.shape:
+        raise ValueError(f"{name}: shapes qu {qu.shape}, qv {qv.shape}, k {k.shape}, v {v.shape}")
+    if r_RHK.dim() != 3 or r_RHK.shape[1:] != (H, K):
+        raise ValueError(f"{name}: r must be [R, {H}, {K}], got {tuple(r_RHK.shape)}")
+    if Q - 1 + shift > r_RHK.shape[0] - 1:
+        raise ValueError(
+            f"{name}: distances reach {Q - 1 + shift} but r has {r_RHK.shape[0]} rows (0 .. R-1)"
+        )
+
+
 def relative_attention(
     qu: Tensor,
     qv: Tensor,
@@ -233,16 +249,8 @@ def relative_attention(
     block's probabilities for backward instead of recomputing them (KEEP_PROBABILITIES). `return_lse=False`
     returns (o, None) (the signature FlexAttention's path shares; the kernel forms the log-sum-exp anyway).
     """
-    B, H, Q, K = qu.shape
-    N = k.shape[2]
-    if qv.shape != qu.shape or k.shape != (B, H, N, K) or v.shape != k.shape:
-        raise ValueError(f"relative_attention: shapes qu {qu.shape}, qv {qv.shape}, k {k.shape}, v {v.shape}")
-    if r_RHK.dim() != 3 or r_RHK.shape[1:] != (H, K):
-        raise ValueError(f"relative_attention: r must be [R, {H}, {K}], got {tuple(r_RHK.shape)}")
-    if Q - 1 + shift > r_RHK.shape[0] - 1:
-        raise ValueError(
-            f"relative_attention: distances reach {Q - 1 + shift} but r has {r_RHK.shape[0]} rows (0 .. R-1)"
-        )
+    Q = qu.shape[2]
+    check_arguments("relative_attention", qu, qv, k, v, r_RHK, shift=shift)
     block = DEFAULT_BLOCK if block is None else block
     keep = KEEP_PROBABILITIES if keep is None else keep
     if block < 1:
