@@ -222,3 +222,28 @@ def test_gpu_check_script_refuses_without_cuda(tmp_path):
         env={**os.environ, "PYTHON": sys.executable},
     )
     assert r.returncode == 2 and "sees no CUDA device" in r.stderr and not out.exists(), r.stderr
+
+
+def test_gpu_check_script_runs_its_steps_and_reports_failures(tmp_path):
+    """The script's plumbing, on CPU: with an interpreter that claims a GPU (a wrapper answering the script's CUDA
+    probe), a chosen step (STEPS) runs, fails here for want of CUDA, and the script logs it, goes on and exits 1."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1" = -c ] && [[ "$2" == *cuda.is_available* ]]; then exit 0; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    out = tmp_path / "gpu"
+    r = subprocess.run(
+        ["bash", "tools/gpu_check.sh", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": str(wrapper), "STEPS": "kernels-fp32 throughput-1b-flex"},
+    )
+    log = (out / "gpu-check.log").read_text()
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "== kernels-fp32: exit 1" in log and "no CUDA device here" in log
+    assert "== throughput-1b-flex: exit 1" in log
+    assert "== tests" not in log and "== kernels-bf16" not in log
+    assert "2 step(s) failed" in log
