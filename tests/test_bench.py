@@ -68,11 +68,11 @@ def test_bench_throughput_sequential_and_out_of_memory(monkeypatch):
 def test_bench_throughput_shapes_and_peaks():
     """The GPU shape is a ~1B-parameter RMT (counted on the meta device), and MFU's nominal peaks are found by
     device name, the PCIe H100 before the SXM one."""
-    from memscale.bench.throughput import _kind_config, _non_embedding_params, device_peak
+    from memscale.bench.throughput import _kind_config, _meta_model, device_peak
 
     cfg = _kind_config(None, [], "rmt", "rmt-1b")
     assert cfg.model.memory.kind == "rmt" and cfg.data.segment_len == 2048
-    assert 0.95e9 < _non_embedding_params(cfg) < 1.1e9
+    assert 0.95e9 < _meta_model(cfg).num_params(non_embedding=True) < 1.1e9
     assert device_peak("NVIDIA H200", "bfloat16") == 989.4e12
     assert device_peak("NVIDIA H100 80GB HBM3", "float32") == 494.7e12
     assert device_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12

@@ -123,10 +123,10 @@ def _random_batches(cfg: Config, *, seed: int, device: torch.device) -> list[Bat
     return out
 
 
-def _flops_per_token(cfg: Config) -> float:
-    """Model FLOPs per token of `cfg`'s model, counted on the meta device (no memory, no initialisation)."""
+def _meta_model(cfg: Config) -> MemoryTransformer:
+    """`cfg`'s model on the meta device: its parameter and FLOP counts without memory or initialisation."""
     with torch.device("meta"):
-        return MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len).flops_per_token()
+        return MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len)
 
 
 class _MemscaleRunner:
@@ -184,7 +184,8 @@ class _HFRunner:
         self.tokens = cfg.train.bptt_segments * d.num_streams * d.segment_len
         self.dtype, self.device = dtype, device
         # Same formula as memscale's model, from the same shape: causal attention over the segment.
-        self.flops_per_token = _flops_per_token(config_from_dict(to_dict(cfg), ["model.memory.kind=none"]))
+        none_cfg = config_from_dict(to_dict(cfg), ["model.memory.kind=none"])
+        self.flops_per_token = _meta_model(none_cfg).flops_per_token()
 
     def fwd_bwd(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -309,12 +310,13 @@ def run(
             log(f"{name}: {done}; best matmul sample so far {peak.best / 1e9:.0f} GFLOP/s")
     peak.sample()
     nominal = None
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        nominal = peak_tflops * 1e12 if peak_tflops else device_peak(name, dtype)
+        nominal = peak_tflops * 1e12 if peak_tflops else device_peak(device_name, dtype)
         if nominal is None:
             log(
-                f"no nominal peak known for {name!r}: MFU is against the measured matmul (--peak-tflops to set one)"
+                f"no nominal peak known for {device_name!r}: MFU is against the measured matmul "
+                "(--peak-tflops to set one)"
             )
     denominator = nominal or peak.best
     rows = []
@@ -347,8 +349,7 @@ def run(
     return {
         "benchmark": "throughput",
         "date": now(),
-        "machine": machine_info()
-        | {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
+        "machine": machine_info() | {"device": device_name},
         "shape": {
             "name": shape if base is None else "config",
             "d_model": shape_cfg.model.d_model,
@@ -359,7 +360,7 @@ def run(
             "num_streams": shape_cfg.data.num_streams,
             "bptt_segments": shape_cfg.train.bptt_segments,
             "memory_tokens": shape_cfg.model.memory.num_tokens,
-            "non_embedding_params": _non_embedding_params(shape_cfg),
+            "non_embedding_params": _meta_model(shape_cfg).num_params(non_embedding=True),
             "dtype": dtype,
         },
         "order": "interleaved" if interleave else "sequential",
@@ -369,11 +370,6 @@ def run(
         "flops_formula": "6 x (non-embedding params + output projection) + 12 x layers x d_model x mean attended keys",
         "rows": rows,
     }
-
-
-def _non_embedding_params(cfg: Config) -> int:
-    with torch.device("meta"):
-        return MemoryTransformer(cfg.model, segment_len=cfg.data.segment_len).num_params(non_embedding=True)
 
 
 def format_table(result: dict) -> str:
