@@ -26,6 +26,13 @@ def test_bench_throughput(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert [r["kind"] for r in rows] == ["none", "rmt", "xl"]
     assert all(r["fwd_bwd_tokens_per_s"] > 0 and 0 < r["mfu_fwd_bwd"] for r in rows)
+    # The executed work is counted on CPU: xl attends over its memory too, so it does more than none, whose
+    # bound against itself is 1.
+    work = {r["kind"]: r["executed_flops_per_token"] for r in rows}
+    assert 0 < work["none"] < work["xl"]
+    assert rows[0]["work_bound_vs_none"] == 1.0 and rows[0]["vs_none"] == 1.0
+    assert rows[2]["work_bound_vs_none"] == work["none"] / work["xl"]
+    assert "bound x none" in out
 
 
 def test_bench_throughput_sequential_and_out_of_memory(monkeypatch):

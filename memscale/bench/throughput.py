@@ -53,7 +53,7 @@ from memscale.models import MemoryTransformer
 from memscale.train.bptt import run_window
 from memscale.train.optim import build_optimizer
 from memscale.train.precision import autocast
-from memscale.utils.flops import PeakMeter
+from memscale.utils.flops import PeakMeter, executed_flops
 
 SHAPES = {
     "default": [
@@ -213,6 +213,14 @@ def _time(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def _count(r, device: torch.device) -> float | None:
+    """Matmul FLOPs per token that one untimed fwd+bwd of `r` executes (memscale/utils/flops.py), on CPU; None on
+    CUDA, where FlexAttention runs compiled and the dispatcher does not see its products."""
+    if device.type != "cpu":
+        return None
+    return executed_flops(r.fwd_bwd) / r.tokens
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -276,13 +284,18 @@ def run(
         runners = {name: make() for name, make in factories.items()}
         for r in runners.values():  # warm-up: allocator, thread pool, first-call costs
             r.step()
+        executed = {name: _count(r, dev) for name, r in runners.items()}
         for rnd in range(rounds):
             for name, r in runners.items():
                 peak.sample()
                 measure(name, r)
             log(f"round {rnd + 1}/{rounds} done; best matmul sample so far {peak.best / 1e9:.0f} GFLOP/s")
         for name, r in runners.items():
-            info[name] = {"tokens": r.tokens, "flops_per_token": r.flops_per_token}
+            info[name] = {
+                "tokens": r.tokens,
+                "flops_per_token": r.flops_per_token,
+                "executed": executed[name],
+            }
         del runners
     else:
         for name, make in factories.items():
@@ -292,10 +305,11 @@ def run(
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 r.step()  # warm-up: allocator, kernel selection, Triton compiles
+                executed = _count(r, dev)
                 for _ in range(rounds):
                     peak.sample()
                     measure(name, r)
-                info[name] = {"tokens": r.tokens, "flops_per_token": r.flops_per_token}
+                info[name] = {"tokens": r.tokens, "flops_per_token": r.flops_per_token, "executed": executed}
                 if dev.type == "cuda":
                     info[name]["peak_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
             except torch.OutOfMemoryError:
@@ -320,15 +334,21 @@ def run(
             )
     denominator = nominal or peak.best
     rows = []
-    hf_tps = None
+    hf_tps = none_tps = None
     if "tokens" in info.get("hf-gpt2", {}):
         hf_tps = info["hf-gpt2"]["tokens"] / best["hf-gpt2"]["fwd_bwd"]
+    if "tokens" in info.get("none", {}):
+        none_tps = info["none"]["tokens"] / best["none"]["fwd_bwd"]
+    none_executed = info.get("none", {}).get("executed")
     for name in factories:
         if "status" in info[name]:
             rows.append({"kind": name, "status": info[name]["status"]})
             continue
-        tokens, fpt = info[name]["tokens"], info[name]["flops_per_token"]
+        tokens, fpt, executed = info[name]["tokens"], info[name]["flops_per_token"], info[name]["executed"]
         tps_fb, tps_step = tokens / best[name]["fwd_bwd"], tokens / best[name]["step"]
+        # What the kind could reach against `none` if it ran its executed matmuls at none's rate: the bound for
+        # "x none" that the arithmetic sets, whatever the kernels.
+        bound = none_executed / executed if executed and none_executed else None
         rows.append(
             {
                 "kind": name,
@@ -342,6 +362,10 @@ def run(
                 "mfu_step": tps_step * fpt / denominator,
                 "mfu_vs_matmul": tps_step * fpt / peak.best,
                 "vs_hf_gpt2": tps_fb / hf_tps if hf_tps else None,
+                "vs_none": tps_fb / none_tps if none_tps else None,
+                "executed_flops_per_token": executed,
+                "executed_flops_per_s": executed * tps_fb if executed else None,
+                "work_bound_vs_none": bound,
             }
             | ({"peak_memory_gb": info[name]["peak_memory_gb"]} if "peak_memory_gb" in info[name] else {})
         )
@@ -368,26 +392,42 @@ def run(
         "nominal_peak_flops": nominal,
         "mfu_denominator": "nominal" if nominal else "matmul",
         "flops_formula": "6 x (non-embedding params + output projection) + 12 x layers x d_model x mean attended keys",
+        "executed_flops": "matmul FLOPs one fwd+bwd dispatches, per token (memscale.utils.flops.executed_flops); "
+        "work_bound_vs_none = none's executed / the kind's",
         "rows": rows,
     }
 
 
 def format_table(result: dict) -> str:
     cuda = result["machine"].get("device", "cpu") != "cpu"
+    counted = any(r.get("executed_flops_per_token") for r in result["rows"])
     head = (
         f"{'kind':<10} {'fwd+bwd tok/s':>14} {'MFU fwd+bwd':>12} {'step tok/s':>11} {'MFU step':>9} "
-        f"{'vs HF GPT-2':>12}" + (f" {'peak GB':>8}" if cuda else "")
+        f"{'vs HF GPT-2':>12} {'x none':>7}"
+        + (f" {'executed MFLOP/tok':>19} {'GFLOP/s':>8} {'bound x none':>13}" if counted else "")
+        + (f" {'peak GB':>8}" if cuda else "")
     )
     lines = [head, "-" * len(head)]
+
+    def ratio(x):
+        return f"{x:.2f}x" if x is not None else "-"
+
     for r in result["rows"]:
         if "status" in r:
             lines.append(f"{r['kind']:<10} {r['status']}")
             continue
-        vs = f"{r['vs_hf_gpt2']:.2f}x" if r["vs_hf_gpt2"] is not None else "-"
+        work = ""
+        if counted:
+            fpt, rate = r.get("executed_flops_per_token"), r.get("executed_flops_per_s")
+            work = (
+                f" {fpt / 1e6 if fpt else float('nan'):>19.1f} {rate / 1e9 if rate else float('nan'):>8.0f}"
+                f" {ratio(r.get('work_bound_vs_none')):>13}"
+            )
         mem = f" {r['peak_memory_gb']:>8.1f}" if "peak_memory_gb" in r else ""
         lines.append(
             f"{r['kind']:<10} {r['fwd_bwd_tokens_per_s']:>14.0f} {r['mfu_fwd_bwd']:>12.3f} "
-            f"{r['step_tokens_per_s']:>11.0f} {r['mfu_step']:>9.3f} {vs:>12}{mem}"
+            f"{r['step_tokens_per_s']:>11.0f} {r['mfu_step']:>9.3f} {ratio(r['vs_hf_gpt2']):>12} "
+            f"{ratio(r.get('vs_none')):>7}{work}{mem}"
         )
     dtype = result["shape"]["dtype"]
     if result["mfu_denominator"] == "nominal":
@@ -398,6 +438,11 @@ def format_table(result: dict) -> str:
     else:
         lines.append(f"matmul peak (best sample): {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s {dtype}")
     lines.append(f"FLOPs/token = {result['flops_formula']}")
+    if counted:
+        lines.append(
+            "executed = the matmul FLOPs one fwd+bwd dispatches (memory rows, position terms, recomputation "
+            "included); bound x none = none's executed / the kind's: its 'x none' at none's FLOP rate"
+        )
     return "\n".join(lines)
 
 
