@@ -32,6 +32,13 @@ Model FLOPs per token:
     6 x (non-embedding params + output projection) + 12 x layers x d_model x (mean attended key length)
 
 i.e. PaLM's formula; memory tokens that are written but not read by the segment are overhead, not model FLOPs.
+
+Executed FLOPs (CPU). Model FLOPs say what a kind is worth, not what it costs: xl also projects its cached
+positions and forms a position term, lamemo runs its memory through every block. On CPU one untimed fwd+bwd per
+kind is counted op by op (`memscale.utils.flops.executed_flops`), and the table gives each kind's executed
+MFLOP/token, its rate, and "bound x none", none's count over the kind's: the `x none` the kind would reach at
+none's FLOP rate. A kind short of it runs its work slower than none does; one at it can only go faster by doing
+less.
 "fwd+bwd" times `run_window` (forward and backward over one BPTT window); "step" adds gradient clipping and AdamW.
 """
 
