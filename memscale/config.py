@@ -117,7 +117,10 @@ class ModelConfig:
     (memscale/kernels/relative_attention.py), which keeps no score matrix for backward; flex: by FlexAttention
     (memscale/kernels/flex_relative_attention.py), the GPU path (train.device=cuda: on CPU torch compiles it for
     inference only); reference: the papers' formula with materialised scores. Attention dropout (model.dropout > 0
-    in training) always takes the reference path: neither kernel has dropout."""
+    in training) always takes the reference path: neither kernel has dropout.
+    rmt: fused or flex run its read/write mask on CUDA as three attentions with no mask tensor (flash kernels that
+    skip the hidden tiles; `memscale.models.memory.rmt.read_write_attention`), and on CPU as one masked SDPA call
+    (measured faster there); reference: one masked call everywhere."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 

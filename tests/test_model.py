@@ -1,5 +1,7 @@
 """The segment step and the memory contract of the control (`none`) and `rmt`."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -58,6 +60,71 @@ def test_rmt_mask_read_write_structure():
     assert m[K : K + T, :K].all() and not m[K : K + T, K + T :].any()  # segment: read block, causal, no write
     assert torch.equal(m[K : K + T, K : K + T], torch.ones(T, T, dtype=torch.bool).tril())
     assert m[K + T :].all()  # write block sees everything
+
+
+def test_rmt_read_write_attention_equals_the_masked_one():
+    """The split attention (read block, segment with the causal triangle aligned to the last key, write block)
+    against one SDPA call under the explicit mask, outputs and q/k/v gradients: fp32 rounding (the forward came
+    out bit-equal on CPU; the gradients within 3e-6 of O(1) values), checked at 1e-5."""
+    from memscale.models.layers import Attention
+    from memscale.models.memory.rmt import read_write_attention
+
+    model = tiny_model("rmt")
+    K, T, H, D = 4, 8, 2, 8
+    attn = Attention(H * D, H)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, H, 2 * K + T, D, generator=g, requires_grad=True) for _ in range(3))
+    mask = model.memory.mask(T, torch.device("cpu"))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = read_write_attention(attn, q, k, v, K)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    w = torch.randn(want.shape, generator=g)
+    got_grads = torch.autograd.grad((got * w).sum(), (q, k, v))
+    for a, b in zip(got_grads, torch.autograd.grad((want * w).sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # The mask matters: the segment's first query over all of [read; segment] is not what it gets.
+    wrong = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, K : K + 1], k[:, :, : K + T], v[:, :, : K + T]
+    )
+    assert (wrong - want[:, :, K : K + 1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("split_on_cpu", [True, False])
+def test_rmt_split_attention_trains_as_the_reference(split_on_cpu, monkeypatch):
+    """A BPTT window of three segments through the split attention (forced on CPU) and through the masked
+    reference formula: loss, memory state and every gradient within fp32 rounding. Without the switch, CPU takes
+    the single masked call (measured faster there) and the split is not called."""
+    from memscale.models.layers import reference_attention
+    from memscale.models.memory import rmt
+    from memscale.train.bptt import run_window
+    from tests.helpers import random_batches
+
+    monkeypatch.setattr(rmt, "SPLIT_ON_CPU", split_on_cpu)
+    calls = [0]
+    split = rmt.read_write_attention
+
+    def counted(*args):
+        calls[0] += 1
+        return split(*args)
+
+    monkeypatch.setattr(rmt, "read_write_attention", counted)
+    model = tiny_model("rmt")
+    batches = random_batches(3, reset_at={2: [1]})
+    results = []
+    for reference in (False, True):
+        model.zero_grad(set_to_none=True)
+        with reference_attention() if reference else contextlib.nullcontext():
+            out = run_window(model, batches, model.init_state(2), memory_grad="truncated")
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        if not reference:
+            assert calls[0] == (3 * model.cfg.num_layers if split_on_cpu else 0)
+    (fast, g_fast), (ref, g_ref) = results
+    tol = {"atol": 1e-6, "rtol": 1e-5}
+    torch.testing.assert_close(torch.tensor(fast.loss_sum), torch.tensor(ref.loss_sum), **tol)
+    torch.testing.assert_close(fast.state["mem"], ref.state["mem"], **tol)
+    assert g_fast.keys() == g_ref.keys() and len(g_ref) > 0
+    for name, g in g_ref.items():
+        torch.testing.assert_close(g_fast[name], g, **tol, msg=f"grad {name}")
 
 
 def test_rmt_next_memory_is_write_positions():

@@ -5,7 +5,8 @@ K memory tokens are placed twice around the segment: `[mem_read; x; mem_write]`.
   - segment tokens see the read block and the causal past of the segment,
   - write tokens see everything (read block, whole segment, write block),
 and the next memory is the final hidden states at the write positions. The initial memory is a learned K x D
-parameter, so reset rows restart from it and gradient reaches it.
+parameter, so reset rows restart from it and gradient reaches it. On CUDA the mask is not handed to attention as
+a tensor: `read_write_attention` runs it as three attentions the flash kernels take whole (`model.attention`).
 
 Its initialisation follows the authors' later RMT (Hugging Face wrapper): independent normal entries at the scale
 of the token embeddings, N(0, 0.02), the scale of everything else the first layer reads. LM-RMT's
@@ -28,8 +29,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
+from memscale.models.layers import reference_attention_active
 from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState
+
+SPLIT_ON_CPU = False
+"""Run the read/write mask as three unmasked or causal attentions on CPU too (always on CUDA). Off: SDPA's CPU
+kernel takes the mask at no loss, and measured fwd+bwd at the default shape (B 4, H 8, T 512, K 16, two threads,
+alternating, three rounds) the one masked call took 35-38 ms per layer, the split 40-43 ms. Tests switch it on to
+check the split on CPU."""
+
+
+def read_write_attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, num_tokens: int) -> Tensor:
+    """Attention under rmt's read/write mask (`RecurrentMemory.mask`) as three attentions that need no mask
+    tensor: the read block over itself, the segment over [read; segment] with the causal triangle aligned to the
+    last key (query t sees keys 0 .. K + t), the write block over everything. Each row's softmax runs over the same
+    keys as under the mask, so the result is the same up to rounding; on CUDA each piece is one flash (or
+    memory-efficient) kernel that skips the hidden tiles, where an explicit mask would send the whole S x S score
+    matrix through the memory-efficient kernel, mask read and all. q, k, v, result: B x H x S x K."""
+    K = num_tokens
+    T = q.shape[2] - 2 * K
+    read = attn.attend(q[:, :, :K], k[:, :, :K], v[:, :, :K])
+    segment = attn.attend(
+        q[:, :, K : K + T], k[:, :, : K + T], v[:, :, : K + T], attn_mask=causal_lower_right(T, K + T)
+    )
+    write = attn.attend(q[:, :, K + T :], k, v)
+    return torch.cat([read, segment, write], dim=2)
 
 
 class MaskedLayer(LayerMemory):
@@ -37,7 +63,16 @@ class MaskedLayer(LayerMemory):
 
     context_names = ("mask",)
 
+    def __init__(self, num_tokens: int, *, split: bool = True):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.split = split
+        """`model.attention` is not reference: `read_write_attention` on CUDA (and on CPU with SPLIT_ON_CPU)."""
+
     def attention(self, attn, h_BSD, ctx, state):
+        if self.split and (h_BSD.is_cuda or SPLIT_ON_CPU) and not reference_attention_active():
+            q, k, v = attn.project(h_BSD)
+            return attn.merge(read_write_attention(attn, q, k, v, self.num_tokens)), ()
         return attn(h_BSD, attn_mask=ctx["mask"]), ()
 
 
@@ -61,7 +96,7 @@ class RecurrentMemory(MemoryKind):
             self.read_pos_KD = nn.Parameter(torch.empty(K, D))
             self.write_pos_KD = nn.Parameter(torch.empty(K, D))
         self._masks: dict[tuple[int, torch.device], Tensor] = {}
-        self._layer_parts = [MaskedLayer() for _ in self.layers]
+        self._layer_parts = [MaskedLayer(K, split=self.attention != "reference") for _ in self.layers]
         self.reset_parameters(self._layer_parts)
 
     def reset_parameters(self, parts) -> None:
