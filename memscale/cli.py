@@ -624,7 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--vocab", type=_positive_int, default=16000)
     kn.add_argument("--chunk", type=_positive_int, default=1024, help="rows per chunk of the cross-entropy")
     kn.add_argument("--num-basis", type=_positive_int, default=128, help="basis functions of the read")
-    kn.add_argument("--slots", type=_positive_int, default=16, help="memory slots of the Memformer write")
+    kn.add_argument(
+        "--slots",
+        type=_positive_int,
+        default=16,
+        help="memory slots of the Memformer write, memory tokens of the rmt rows",
+    )
     kn.add_argument(
         "--mem-len",
         type=_positive_int,

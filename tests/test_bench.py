@@ -203,6 +203,8 @@ def test_bench_kernels_cpu(tmp_path):
         ("relative attention + lse", "eager"),
         ("relative attention + lse", "blockwise"),
         ("relative attention + lse", "flex"),
+        ("rmt read/write attention", "eager"),
+        ("rmt read/write attention", "split"),
     }
     cuda_only = {r["impl"] for r in rows.values() if "triton" in r["impl"]} | {"flex"}
     timed = [r for r in rows.values() if r["impl"] not in cuda_only]
@@ -214,6 +216,9 @@ def test_bench_kernels_cpu(tmp_path):
         assert rows[(kernel, "blockwise")]["shape"] == "B=2 H=2 T=128 M=32 K=16"
         assert rows[(kernel, "eager")]["max_grad_diff"] == 0
         assert 0 < rows[(kernel, "blockwise")]["max_grad_diff"] < 1e-5
+    # rmt's split attention (the CUDA path) runs on CPU too: K = 4 read and write tokens around T = 128.
+    assert rows[("rmt read/write attention", "split")]["shape"] == "B=2 H=2 K=4 T=128 head=16"
+    assert rows[("rmt read/write attention", "split")]["max_grad_diff"] < 1e-5
 
 
 def test_gpu_check_script_refuses_without_cuda(tmp_path):

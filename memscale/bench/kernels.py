@@ -12,6 +12,9 @@ Rows (memscale/kernels/):
     `eager` = the model's torch read (keeps the B x H x T x N weights); `triton` = the fused kernels;
   - Memformer slot write, M slots over [own slot; T tokens] (4 x 8 heads, M 16, T 512, head width 64): `eager` =
     the model's masked SDPA; `triton` = the fused kernels;
+  - rmt read/write attention, [K read; T segment; K write] under rmt's mask (4 x 8 heads, K 16, T 512, head
+    width 64): `eager` = one SDPA call with the S x S mask (the CPU path and `model.attention=reference`);
+    `split` = `read_write_attention`, three attentions with no mask tensor (the CUDA path);
   - relative-position attention (Transformer-XL's score, the CPU kernel of `model.attention=fused`), T queries over
     [M memory; T segment] keys (4 x 8 heads, T 512, M 512, head width 64): `eager` = the reference path of xl.py
     (AC and `rel_shift`ed BD materialised, BD handed to SDPA as a float mask that needs a gradient); `blockwise` =
@@ -175,6 +178,37 @@ def _relative_attention_cases(args, device, dtype, *, with_lse: bool):
     }, leaves
 
 
+def _read_write_attention_cases(args, device, dtype):
+    from memscale.models.layers import Attention, sdpa
+    from memscale.models.memory.rmt import read_write_attention
+
+    g = torch.Generator().manual_seed(4)
+    B, H, K = args.streams, args.heads, args.d_model // args.heads
+    M, T = args.slots, args.tokens // args.streams
+    S = M + T + M
+    q, k, v = (torch.randn(B, H, S, K, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    dout = torch.randn(B, H, S, K, generator=g).to(device, dtype)
+    mask = torch.zeros(S, S, dtype=torch.bool)
+    mask[:M, :M] = True
+    mask[M : M + T, :M] = True
+    mask[M : M + T, M : M + T] = torch.ones(T, T, dtype=torch.bool).tril()
+    mask[M + T :] = True
+    mask = mask.to(device)
+    attn = Attention(args.d_model, args.heads).to(device)  # only its (dropout-free) `attend` is used
+
+    def case(fn):
+        def run():
+            q.grad = k.grad = v.grad = None
+            fn().backward(dout)
+
+        return run
+
+    return {
+        "eager": case(lambda: sdpa(q, k, v, attn_mask=mask)),
+        "split": case(lambda: read_write_attention(attn, q, k, v, M)),
+    }, (q, k, v)
+
+
 def _needs_cuda(impl: str) -> bool:
     return "triton" in impl or impl == "flex"
 
@@ -237,6 +271,11 @@ def main(args) -> int:
     for name, with_lse in (("relative attention", False), ("relative attention + lse", True)):
         cases, checked[name] = _relative_attention_cases(args, device, dtype, with_lse=with_lse)
         groups[name] = (cases, rel_shape)
+    cases, checked["rmt read/write attention"] = _read_write_attention_cases(args, device, dtype)
+    groups["rmt read/write attention"] = (
+        cases,
+        f"B={args.streams} H={args.heads} K={args.slots} T={T} head={args.d_model // args.heads}",
+    )
     rows = []
     for kernel, (cases, shape) in groups.items():
         # The Triton kernels and FlexAttention (compiled by inductor into Triton) run on CUDA only.
