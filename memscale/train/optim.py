@@ -33,8 +33,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
         {"params": no_decay, "weight_decay": 0.0, "decay": False},
     ]
-    # foreach=True is the fast multi-tensor path on CPU and GPU alike; fused= is GPU only.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    # fused=True: one kernel per parameter group (CPU and CUDA since torch 2.4). Measured on this CPU for the default
+    # 33.7M-parameter model, alternating, best of three: 20 ms a step against 96 ms for foreach=True (the
+    # multi-tensor path, several passes over the state); after three steps the two differ by 1.5e-8 (rounding).
+    # On a GPU it is the one-pass update that keeps the step off the critical path at 1B parameters.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
