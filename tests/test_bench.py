@@ -72,6 +72,29 @@ def test_bench_throughput_sequential_and_out_of_memory(monkeypatch):
     assert "out of memory" in throughput.format_table(result)
 
 
+def test_bench_throughput_without_a_count(monkeypatch):
+    """Where the executed work is not counted (CUDA: FlexAttention runs compiled), rows say None and the table
+    leaves the work columns out rather than printing a bound it does not have."""
+    from memscale.bench import throughput
+
+    monkeypatch.setattr(throughput, "_count", lambda r, device: None)
+    tiny = ["model.vocab_size=100", "model.d_model=32", "model.num_layers=1", "model.num_heads=2"]
+    result = throughput.run(
+        base=None,
+        overrides=[*tiny, "data.segment_len=16"],
+        kinds=["none", "xl"],
+        steps=1,
+        rounds=1,
+        hf="off",
+        log=lambda *_: None,
+    )
+    for row in result["rows"]:
+        assert row["executed_flops_per_token"] is None and row["work_bound_vs_none"] is None
+        assert row["vs_none"] > 0
+    table = throughput.format_table(result)
+    assert "x none" in table and "bound x none" not in table and "executed" not in table
+
+
 def test_bench_throughput_shapes_and_peaks():
     """The GPU shape is a ~1B-parameter RMT (counted on the meta device), and MFU's nominal peaks are found by
     device name, the PCIe H100 before the SXM one."""
