@@ -37,8 +37,8 @@ from memscale.models.memory.base import LayerMemory, MemoryKind, MemoryState
 SPLIT_ON_CPU = False
 """Run the read/write mask as three unmasked or causal attentions on CPU too (always on CUDA). Off: SDPA's CPU
 kernel takes the mask at no loss, and measured fwd+bwd at the default shape (B 4, H 8, T 512, K 16, two threads,
-alternating, three rounds) the one masked call took 35-38 ms per layer, the split 40-43 ms. Tests switch it on to
-check the split on CPU."""
+alternating, three rounds) the one masked call took 34-38 ms, the split 40-43 ms (`bench kernels`: 0.90x).
+Tests switch it on to check the split on CPU."""
 
 
 def read_write_attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, num_tokens: int) -> Tensor:
