@@ -227,7 +227,11 @@ def _stages_worker(kinds):
         ref_grads = {n: p.grad for n, p in full.named_parameters()}
         summed = {}
         for stage in stages:
-            local = {n: p.grad for n, p in stage.named_parameters()}
+            # A stage of lamemo's last layer alone never reaches v_future (that layer's look-ahead only writes the
+            # detached state): no gradient there, zero in the sum (as the pipeline runtime counts it).
+            local = {
+                n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in stage.named_parameters()
+            }
             for n, g in gather_tensor_parallel(stage, local, groups.tp).items():
                 # Parameters shared by all layers (xl/lamemo's u, v) have a replica on every stage, whose
                 # gradients the pipeline runtime sums.

@@ -193,6 +193,10 @@ class Block(nn.Module):
             a_BSD, *new_state = recomputed(self.attention_sublayer, x_BSD, *inputs)
         else:
             a_BSD, *new_state = self.attention_sublayer(x_BSD, *inputs)
+        if a_BSD.shape[1] != x_BSD.shape[1]:
+            # The kind's attention returned only the last rows: all that the model needs after this layer (lamemo's
+            # last layer, whose memory positions `exit` would drop); the residual stream keeps those rows alone.
+            x_BSD = x_BSD[:, x_BSD.shape[1] - a_BSD.shape[1] :]
         x_BSD = x_BSD + self.drop(a_BSD)
         if self.memory is not None:
             names = self.memory.context_names

@@ -3,7 +3,8 @@
 
 The memory positions go through every block again together with the segment, so that their states are refreshed
 with the new context (the official layer runs `pos_ff` on cat(memory, segment) and passes the refreshed memory to
-the next layer). Per layer:
+the next layer; after the last layer's attention only the segment's rows go on, as nothing reads the memory's).
+Per layer:
 
   * segment tokens attend causally over [memory; segment] with Transformer-XL's relative attention (xl.py);
   * memory position r looks ahead: it attends to the keys on its right that it has not seen yet, the window of
@@ -115,9 +116,22 @@ class LookAheadLayer(LayerMemory):
     state_names = ("attn", "lognorm")
     head_sharded_state = ("attn", "lognorm")
 
-    def __init__(self, d_model: int, *, fused: bool = True, flex: bool = False, same_length: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        fused: bool = True,
+        flex: bool = False,
+        same_length: bool = False,
+        last: bool = False,
+    ):
         super().__init__()
         self.r_net = nn.Linear(d_model, d_model, bias=False)
+        self.last = last
+        """The model's last layer: its output is the segment rows alone. The memory positions' rows would go
+        through the output projection and the MLP only to be dropped by `exit` (their state, `attn.l`, is taken
+        before the projection), so they stop here: at M = T and 8 layers, 1/16 of the blocks' projection work,
+        forward and backward."""
         self.fused = fused
         """`model.attention` is fused or flex: a fused kernel, not the reference formula."""
         self.flex = flex
@@ -235,7 +249,7 @@ class LookAheadLayer(LayerMemory):
             torch.where(keep_BM1, attn_BMD, 0.0).to(state["attn"].dtype),
             torch.where(keep_BM1, lognorm_BMH, 0.0),
         )
-        return attn.merge(o_BHSK), new
+        return attn.merge(o_BHTK if self.last else o_BHSK), new
 
 
 class LookAheadMemory(MemoryKind):
@@ -249,7 +263,10 @@ class LookAheadMemory(MemoryKind):
         D, H = self.d_model, self.num_heads
         self.mem_len = self.cfg.mem_len or self.segment_len
         fused, flex, same = self.attention != "reference", self.attention == "flex", self.cfg.same_length
-        self._layer_parts = [LookAheadLayer(D, fused=fused, flex=flex, same_length=same) for _ in self.layers]
+        self._layer_parts = [
+            LookAheadLayer(D, fused=fused, flex=flex, same_length=same, last=layer == self.num_layers - 1)
+            for layer in self.layers
+        ]
         self.u_HK = nn.Parameter(torch.empty(H, D // H))  # r_w_bias: content bias, past and future
         self.v_HK = nn.Parameter(torch.empty(H, D // H))  # r_r_bias: position bias towards the past
         # r_r_bias_future: position bias towards the future (the "disentangled" direction term, eq. 12)
