@@ -176,8 +176,10 @@ def test_lamemo_last_layer_keeps_only_the_segment_rows():
         assert trimmed.blocks["1"].memory.last and not trimmed.blocks["0"].memory.last
         full.blocks["1"].memory.last = False
         rows = {}
-        full.blocks["1"].register_forward_hook(lambda m, i, o: rows.update(full=o[0].shape[1]))
-        trimmed.blocks["1"].register_forward_hook(lambda m, i, o: rows.update(trimmed=o[0].shape[1]))
+        full.blocks["1"].register_forward_hook(lambda m, i, o, rows=rows: rows.update(full=o[0].shape[1]))
+        trimmed.blocks["1"].register_forward_hook(
+            lambda m, i, o, rows=rows: rows.update(trimmed=o[0].shape[1])
+        )
         results = []
         for model in (trimmed, full):
             state, total = model.init_state(2), 0.0

@@ -154,7 +154,9 @@ class Block(nn.Module):
 
     `block(x_BSD, *ctx, *state) -> (x_BSD, *new_state)`: the per-segment tensors named by `context_names` and
     this layer's state named by `state_names` come in as explicit tensors, and the layer's new state goes out as
-    explicit tensors, so that `torch.utils.checkpoint` can replay the block by itself.
+    explicit tensors, so that `torch.utils.checkpoint` can replay the block by itself. The kind's attention may
+    return fewer rows than came in, the last ones (lamemo's last layer: its memory positions end there); the block
+    then carries only those rows on.
     """
 
     def __init__(

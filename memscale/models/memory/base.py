@@ -120,7 +120,8 @@ class LayerMemory(nn.Module):
     attention and the MLP residual branches. `context_names` are the per-segment tensors the layer reads from the
     kind's `begin` (masks, positions, shared parameters such as xl's u and v); `state_names` are the layer's own
     carried tensors, stored as `<name>.<layer>`; both arrive as dicts of explicit tensors, and `attention` returns
-    the layer's new state in the order of `state_names` (then its auxiliary loss, when `aux_loss`).
+    the layer's new state in the order of `state_names` (then its auxiliary loss, when `aux_loss`). Its output may
+    keep only the last rows of h, when nothing after the layer reads the others (the block drops them too).
     """
 
     context_names: ClassVar[tuple[str, ...]] = ()
