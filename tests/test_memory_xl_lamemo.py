@@ -176,10 +176,10 @@ def test_lamemo_last_layer_keeps_only_the_segment_rows():
         assert trimmed.blocks["1"].memory.last and not trimmed.blocks["0"].memory.last
         full.blocks["1"].memory.last = False
         rows = {}
-        full.blocks["1"].register_forward_hook(lambda m, i, o, rows=rows: rows.update(full=o[0].shape[1]))
-        trimmed.blocks["1"].register_forward_hook(
-            lambda m, i, o, rows=rows: rows.update(trimmed=o[0].shape[1])
-        )
+        for name, model in (("trimmed", trimmed), ("full", full)):
+            model.blocks["1"].register_forward_hook(
+                lambda m, i, o, n=name, r=rows: r.update({n: o[0].shape[1]})
+            )
         results = []
         for model in (trimmed, full):
             state, total = model.init_state(2), 0.0
@@ -195,7 +195,7 @@ def test_lamemo_last_layer_keeps_only_the_segment_rows():
         torch.testing.assert_close(loss_t, loss_f, atol=1e-5, rtol=1e-6)
         for name in state_f:
             torch.testing.assert_close(state_t[name], state_f[name], atol=1e-6, rtol=0)
-        # Gradients: fp32 rounding, sums over rows that run in another order (measured up to 1.5e-6 on entries
+        # Gradients: fp32 rounding, sums over rows that run in another order (measured up to 1.4e-6 on entries
         # of ~3e-2); a wrong row would differ by the size of the entries themselves.
         assert grads_t.keys() == grads_f.keys()
         for name in grads_f:
